@@ -1,0 +1,1 @@
+"""Training of the LSTM models: reference LSTM, models, data, trainer and the lstm-train CLI."""

@@ -1,0 +1,117 @@
+"""``lstm-train charlm ...`` and ``lstm-train sentiment ...``; run under ``torchrun`` for data parallelism."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import fields
+
+import torch
+
+from .checkpoint import CheckpointError
+from .data import CharVocab, DataError, read_sst2, resolve_corpus, sha256_file, split_text
+from .models import CharLMConfig, ClassifierConfig
+from .tasks import ClassificationTask, LanguageModelTask
+from .tokenizer import train_tokenizer
+from .trainer import Trainer, TrainConfig, TrainingDiverged, init_distributed
+
+SENTIMENT_LABELS = ["negative", "positive"]
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per dataclass field, defaulting to the field's default."""
+    for field in fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        elif field.type in ("int | None",):
+            parser.add_argument(flag, type=int, default=field.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[field.type]
+            parser.add_argument(flag, type=kind, default=field.default)
+
+
+def _pick(args: argparse.Namespace, cls, **overrides):
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstm-train", description=__doc__)
+    commands = parser.add_subparsers(dest="model", required=True)
+
+    charlm = commands.add_parser("charlm", help="character language model on a text corpus")
+    charlm.add_argument("--data", default="tinyshakespeare", help="a text file, or a corpus name to download")
+    charlm.add_argument("--batch-size", type=int, default=64, help="streams per step (per process under torchrun)")
+    charlm.add_argument("--seq-len", type=int, default=128, help="characters per window (truncated BPTT length)")
+    _add_dataclass_options(charlm, CharLMConfig, skip=("vocab_size",))
+
+    sentiment = commands.add_parser("sentiment", help="sentiment classifier on SST-2 TSV files")
+    sentiment.add_argument("--train", required=True, help="SST-2 training TSV")
+    sentiment.add_argument("--dev", required=True, help="SST-2 dev TSV")
+    sentiment.add_argument("--batch-size", type=int, default=64)
+    sentiment.add_argument("--tokenizer-vocab-size", type=int, default=16000)
+    _add_dataclass_options(sentiment, ClassifierConfig, skip=("vocab_size", "num_labels", "pad_id"))
+
+    for sub in (charlm, sentiment):
+        sub.add_argument("--out", required=True, help="directory for best.pt, last.pt, metrics.jsonl, curves.png")
+        sub.add_argument("--resume", help="continue from this last.pt")
+        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+        sub.add_argument("--threads", type=int, help="torch CPU threads per process")
+        _add_dataclass_options(sub, TrainConfig)
+    return parser
+
+
+def make_task(args: argparse.Namespace, rank: int, world_size: int):
+    """The task and the sha256 of its training data."""
+    if args.model == "charlm":
+        path = resolve_corpus(args.data)
+        text = path.read_text(encoding="utf-8")
+        train_text, val_text = split_text(text)
+        vocab = CharVocab.from_text(text)
+        config = _pick(args, CharLMConfig, vocab_size=len(vocab))
+        ids = torch.tensor(vocab.encode(text), dtype=torch.long)
+        train_ids, val_ids = ids[: len(train_text)], ids[len(train_text) :]
+        task = LanguageModelTask(train_ids, val_ids, vocab, config, args.batch_size, args.seq_len, rank, world_size)
+        return task, sha256_file(path)
+    train, dev = read_sst2(args.train), read_sst2(args.dev)
+    tokenizer = train_tokenizer((text for text, _ in train), vocab_size=args.tokenizer_vocab_size)
+    config = _pick(args, ClassifierConfig, vocab_size=tokenizer.get_vocab_size(), num_labels=len(SENTIMENT_LABELS))
+    task = ClassificationTask(train, dev, tokenizer, SENTIMENT_LABELS, config, args.batch_size, rank, world_size)
+    return task, sha256_file(args.train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("lstm-train: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    distributed = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank)
+    command = shlex.join(["lstm-train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        task, data_sha256 = make_task(args, distributed.rank, distributed.world_size)
+        trainer = Trainer(task, _pick(args, TrainConfig), args.out, device, distributed, data_sha256, command)
+        if args.resume:
+            trainer.resume(args.resume)
+        best = trainer.fit()
+    except (DataError, CheckpointError, TrainingDiverged, ValueError) as error:
+        print(f"lstm-train: {error}", file=sys.stderr)
+        return 3 if isinstance(error, TrainingDiverged) else 2
+    finally:
+        if distributed.world_size > 1:
+            torch.distributed.destroy_process_group()
+    if distributed.is_main:
+        print(f"best: {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The training loop shared by both tasks.
+
+AdamW with linear warmup then exponential decay (a factor per epoch, so the
+schedule does not depend on how many epochs are planned and a resumed run
+continues it exactly), gradient clipping, gradient-health checks, validation
+every epoch, early stopping, atomic checkpoints (``best.pt`` for shipping,
+``last.pt`` for resuming), a JSONL metrics log and a PNG of the curves.
+
+Reproducibility: the model is initialised from ``seed``, and every epoch
+reseeds torch and the data order from (seed, epoch), so training N epochs
+equals training k, resuming, and training N - k more.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .checkpoint import FORMAT, git_commit, load_checkpoint, save_atomic
+from .plots import plot_metrics
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    lr_decay: float = 0.9
+    clip: float = 1.0
+    patience: int = 3
+    seed: int = 1337
+    log_every: int = 10
+    max_steps_per_epoch: int | None = None
+    explode_threshold: float = 100.0
+    vanish_threshold: float = 1e-6
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite; no checkpoint was written for that step."""
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    warmup = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    return config.lr * warmup * config.lr_decay ** (step / max(1, steps_per_epoch))
+
+
+class Trainer:
+    """Trains ``task`` and writes ``best.pt``, ``last.pt``, ``metrics.jsonl`` and ``curves.png`` to ``out_dir``."""
+
+    def __init__(
+        self,
+        task,
+        config: TrainConfig,
+        out_dir: str | os.PathLike,
+        device: torch.device,
+        distributed: Distributed | None = None,
+        data_sha256: str = "",
+        command: str = "",
+    ) -> None:
+        self.task = task
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.device = device
+        self.distributed = distributed or Distributed()
+        self.data_sha256 = data_sha256
+        self.command = command
+        torch.manual_seed(config.seed)
+        self.model = task.build_model().to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        self.epoch = 0
+        self.best: dict[str, float] | None = None
+        self.bad_epochs = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- checkpoints -------------------------------------------------------
+
+    def _payload(self, with_training_state: bool) -> dict[str, Any]:
+        payload = {
+            "format": FORMAT,
+            "kind": self.task.kind,
+            "config": asdict(self.task.config),
+            "state_dict": self.model.state_dict(),
+            **self.task.metadata(),
+            "metrics": self.history,
+            "best": self.best,
+            "data_sha256": self.data_sha256,
+            "git_commit": git_commit(),
+            "command": self.command,
+        }
+        if with_training_state:
+            payload["training"] = {
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "bad_epochs": self.bad_epochs,
+                "train_config": asdict(self.config),
+            }
+        return payload
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Continue from a ``last.pt``: weights, optimizer, step, epoch and early-stopping state."""
+        payload = load_checkpoint(path, expected_kind=self.task.kind)
+        if "training" not in payload:
+            raise ValueError(f"{path} has no training state; resume from last.pt, not best.pt")
+        if self.data_sha256 and payload["data_sha256"] != self.data_sha256:
+            raise ValueError(f"{path} was trained on data with sha256 {payload['data_sha256']}, not {self.data_sha256}")
+        self.model.load_state_dict(payload["state_dict"])
+        training = payload["training"]
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.step, self.epoch, self.bad_epochs = training["step"], training["epoch"], training["bad_epochs"]
+        self.best, self.history = payload["best"], payload["metrics"]
+
+    # -- logging -----------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.distributed.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _event(self, event: str, grad_norm: float, loss: float) -> None:
+        record = {"type": "event", "event": event, "step": self.step, "epoch": self.epoch + 1, "grad_norm": grad_norm, "loss": loss}
+        self._log(record)
+        if self.distributed.is_main:
+            tqdm.write(f"{event} at step {self.step} (epoch {self.epoch + 1}): grad norm {grad_norm:.3g}, loss {loss:.4g}")
+
+    # -- the loop ------------------------------------------------------------
+
+    def _improved(self, metrics: dict[str, float]) -> bool:
+        if self.best is None:
+            return True
+        new, old = metrics[self.task.metric], self.best[self.task.metric]
+        return new > old if self.task.higher_is_better else new < old
+
+    def _train_step(self, model: nn.Module, batch, steps_per_epoch: int) -> tuple[float, float]:
+        lr = learning_rate(self.config, self.step, steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.task.loss(model, batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip).item()
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self._event("non_finite", grad_norm, loss_value)
+            raise TrainingDiverged(
+                f"loss {loss_value} / gradient norm {grad_norm} at step {self.step} (epoch {self.epoch + 1}); "
+                "stopped without writing a checkpoint. Lower --lr or --clip and resume from last.pt"
+            )
+        if grad_norm > self.config.explode_threshold:
+            self._event("exploding_gradient", grad_norm, loss_value)
+        elif grad_norm < self.config.vanish_threshold:
+            self._event("vanishing_gradient", grad_norm, loss_value)
+        self.optimizer.step()
+        self.step += 1
+        return loss_value, grad_norm
+
+    def fit(self) -> dict[str, float] | None:
+        """Train until ``epochs`` or early stopping; returns the best validation metrics."""
+        model: nn.Module = self.model
+        if self.distributed.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(self.model, device_ids=device_ids)
+        steps_per_epoch = self.task.steps_per_epoch()
+        if self.config.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, self.config.max_steps_per_epoch)
+        while self.epoch < self.config.epochs and self.bad_epochs < self.config.patience:
+            epoch_seed = self.config.seed * 1000 + self.epoch
+            torch.manual_seed(epoch_seed)
+            rng = random.Random(epoch_seed)
+            started, losses = time.time(), []
+            model.train()
+            progress = tqdm(
+                self.task.batches(rng),
+                total=steps_per_epoch,
+                desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                disable=not self.distributed.is_main,
+                leave=False,
+            )
+            for i, batch in enumerate(progress):
+                if i == steps_per_epoch:
+                    break
+                loss, grad_norm = self._train_step(model, batch, steps_per_epoch)
+                losses.append(loss)
+                if self.step % self.config.log_every == 0:
+                    self._log({"type": "step", "step": self.step, "epoch": self.epoch + 1, "loss": loss, "grad_norm": grad_norm,
+                               "lr": self.optimizer.param_groups[0]["lr"]})
+                    progress.set_postfix(loss=f"{loss:.3f}", grad=f"{grad_norm:.2f}")
+            self.epoch += 1
+            metrics = {"epoch": self.epoch, "step": self.step, "train_loss": sum(losses) / max(1, len(losses)),
+                       **self.task.evaluate(self.model, self.device), "seconds": time.time() - started}
+            self.history.append(metrics)
+            improved = self._improved(metrics)
+            self.bad_epochs = 0 if improved else self.bad_epochs + 1
+            if improved:
+                self.best = metrics
+            self._log({"type": "epoch", **metrics})
+            if self.distributed.is_main:
+                if improved:
+                    save_atomic(self._payload(with_training_state=False), self.out_dir / "best.pt")
+                save_atomic(self._payload(with_training_state=True), self.out_dir / "last.pt")
+                plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+                summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
+                tqdm.write(f"epoch {self.epoch}: {summary}" + (" (best)" if improved else ""))
+        if self.distributed.is_main and self.bad_epochs >= self.config.patience:
+            tqdm.write(f"early stop: no improvement of {self.task.metric} in {self.config.patience} epochs")
+        return self.best
