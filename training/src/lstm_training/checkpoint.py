@@ -57,7 +57,9 @@ def load_checkpoint(path: str | os.PathLike, expected_kind: str | None = None) -
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {path} does not exist") from error
     except Exception as error:  # torch raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({error}); is it truncated or not a checkpoint?") from error
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({error}); is it truncated or not a checkpoint?"
+        ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
     if expected_kind is not None and payload["kind"] != expected_kind:

@@ -14,7 +14,7 @@ from .data import CharVocab, DataError, read_sst2, resolve_corpus, sha256_file, 
 from .models import CharLMConfig, ClassifierConfig
 from .tasks import ClassificationTask, LanguageModelTask
 from .tokenizer import train_tokenizer
-from .trainer import Trainer, TrainConfig, TrainingDiverged, init_distributed
+from .trainer import TrainConfig, Trainer, TrainingDiverged, init_distributed
 
 SENTIMENT_LABELS = ["negative", "positive"]
 
@@ -70,7 +70,7 @@ def make_task(args: argparse.Namespace, rank: int, world_size: int):
     if args.model == "charlm":
         path = resolve_corpus(args.data)
         text = path.read_text(encoding="utf-8")
-        train_text, val_text = split_text(text)
+        train_text, _ = split_text(text)
         vocab = CharVocab.from_text(text)
         config = _pick(args, CharLMConfig, vocab_size=len(vocab))
         ids = torch.tensor(vocab.encode(text), dtype=torch.long)

@@ -154,7 +154,9 @@ def read_sst2(path: str | os.PathLike) -> list[tuple[str, int]]:
     return rows
 
 
-def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random, bucket_batches: int = 50) -> list[list[int]]:
+def bucketed_batches(
+    lengths: list[int], batch_size: int, rng: random.Random, bucket_batches: int = 50
+) -> list[list[int]]:
     """Shuffled batches of indices whose lengths are close: shuffle, sort within buckets, cut, shuffle batches."""
     order = list(range(len(lengths)))
     rng.shuffle(order)

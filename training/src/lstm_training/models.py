@@ -34,7 +34,9 @@ class ClassifierConfig:
     pad_id: int = 0
 
 
-def zero_state(num_layers: int, num_directions: int, batch: int, hidden_size: int, device=None) -> tuple[Tensor, Tensor]:
+def zero_state(
+    num_layers: int, num_directions: int, batch: int, hidden_size: int, device=None
+) -> tuple[Tensor, Tensor]:
     """(h, c) of a fresh sequence: zeros of shape [layers * directions, batch, hidden]."""
     shape = (num_layers * num_directions, batch, hidden_size)
     return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
@@ -107,7 +109,7 @@ class SentimentClassifier(nn.Module):
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, (hn, cn) = self.lstm(packed, (h0, c0))
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=time)
-        mask = (torch.arange(time, device=tokens.device).unsqueeze(0) < lengths.to(tokens.device).unsqueeze(1))
+        mask = torch.arange(time, device=tokens.device).unsqueeze(0) < lengths.to(tokens.device).unsqueeze(1)
         mask = mask.unsqueeze(-1)
         pooled_max = out.masked_fill(~mask, float("-inf")).amax(dim=1)
         pooled_mean = out.sum(dim=1) / lengths.to(out.device, out.dtype).unsqueeze(1)

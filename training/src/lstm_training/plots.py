@@ -8,7 +8,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt
 
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
@@ -33,7 +33,8 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     grad_axis.plot([r["step"] for r in steps], [r["grad_norm"] for r in steps], color="tab:red", alpha=0.7)
     for event in events:
         grad_axis.axvline(event["step"], color="black", linestyle=":", alpha=0.5)
-    grad_axis.set_yscale("log")
+    if any(r["grad_norm"] > 0 for r in steps):
+        grad_axis.set_yscale("log")
     grad_axis.set_ylabel("gradient norm (before clipping)")
     grad_axis.set_xlabel("step")
     figure.tight_layout()

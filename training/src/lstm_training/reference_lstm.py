@@ -27,7 +27,7 @@ class ReferenceLSTMDirection(nn.Module):
         self.hidden_size = hidden_size
         self.weight = nn.Parameter(torch.empty(4 * hidden_size, input_size + hidden_size))
         self.bias = nn.Parameter(torch.zeros(4 * hidden_size))
-        nn.init.uniform_(self.weight, -hidden_size**-0.5, hidden_size**-0.5)
+        nn.init.uniform_(self.weight, -(hidden_size**-0.5), hidden_size**-0.5)
 
     def step(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """One time step: x [batch, input], h and c [batch, hidden]."""
@@ -38,11 +38,11 @@ class ReferenceLSTMDirection(nn.Module):
         return h, c
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Run x [batch, time, input]; rows where ``mask[:, t]`` is False keep their state."""
+        """Run x [batch, time, input]; rows where ``mask[:, t]`` ([batch, time, 1]) is False keep their state."""
         outputs = []
         for t in range(x.shape[1]):
             h_new, c_new = self.step(x[:, t], h, c)
-            valid = mask[:, t : t + 1]
+            valid = mask[:, t]
             h = torch.where(valid, h_new, h)
             c = torch.where(valid, c_new, c)
             outputs.append(torch.where(valid, h_new, torch.zeros_like(h_new)))

@@ -87,7 +87,9 @@ class LanguageModelTask:
         total, count = 0.0, 0
         for x, y in stream_windows(rows, 256):
             logits, *state = model(x.to(device), *state)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1), reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1), reduction="sum"
+            ).item()
             count += y.numel()
         model.train()
         return {"val_loss": total / count}

@@ -19,7 +19,9 @@ UNK = "[UNK]"
 
 # One token per match: a stem before "n't", "n't", a clitic ('s 're 've 'll 'd 'm),
 # a word (letters/digits, inner hyphens or apostrophes allowed), or any other single character.
-SST_TOKEN = r"[\p{L}\p{N}]+(?=n't\b|'(?:s|re|ve|ll|d|m)\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|[\p{L}\p{N}]+(?:[-'][\p{L}\p{N}]+)*|\S"
+SST_TOKEN = (
+    r"[\p{L}\p{N}]+(?=n't\b|'(?:s|re|ve|ll|d|m)\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|[\p{L}\p{N}]+(?:[-'][\p{L}\p{N}]+)*|\S"
+)
 
 
 def _pipeline(tokenizer: Tokenizer) -> Tokenizer:

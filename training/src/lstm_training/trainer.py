@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +98,7 @@ class Trainer:
         self.distributed = distributed or Distributed()
         self.data_sha256 = data_sha256
         self.command = command
+        self.git_commit = git_commit()  # the code that runs, even if the checkout moves on meanwhile
         torch.manual_seed(config.seed)
         self.model = task.build_model().to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -118,7 +120,7 @@ class Trainer:
             "metrics": self.history,
             "best": self.best,
             "data_sha256": self.data_sha256,
-            "git_commit": git_commit(),
+            "git_commit": self.git_commit,
             "command": self.command,
         }
         if with_training_state:
@@ -154,10 +156,20 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     def _event(self, event: str, grad_norm: float, loss: float) -> None:
-        record = {"type": "event", "event": event, "step": self.step, "epoch": self.epoch + 1, "grad_norm": grad_norm, "loss": loss}
+        record = {
+            "type": "event",
+            "event": event,
+            "step": self.step,
+            "epoch": self.epoch + 1,
+            "grad_norm": grad_norm,
+            "loss": loss,
+        }
         self._log(record)
         if self.distributed.is_main:
-            tqdm.write(f"{event} at step {self.step} (epoch {self.epoch + 1}): grad norm {grad_norm:.3g}, loss {loss:.4g}")
+            message = (
+                f"{event} at step {self.step} (epoch {self.epoch + 1}): grad norm {grad_norm:.3g}, loss {loss:.4g}"
+            )
+            tqdm.write(message, file=sys.stderr)
 
     # -- the loop ------------------------------------------------------------
 
@@ -218,12 +230,25 @@ class Trainer:
                 loss, grad_norm = self._train_step(model, batch, steps_per_epoch)
                 losses.append(loss)
                 if self.step % self.config.log_every == 0:
-                    self._log({"type": "step", "step": self.step, "epoch": self.epoch + 1, "loss": loss, "grad_norm": grad_norm,
-                               "lr": self.optimizer.param_groups[0]["lr"]})
+                    self._log(
+                        {
+                            "type": "step",
+                            "step": self.step,
+                            "epoch": self.epoch + 1,
+                            "loss": loss,
+                            "grad_norm": grad_norm,
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                        }
+                    )
                     progress.set_postfix(loss=f"{loss:.3f}", grad=f"{grad_norm:.2f}")
             self.epoch += 1
-            metrics = {"epoch": self.epoch, "step": self.step, "train_loss": sum(losses) / max(1, len(losses)),
-                       **self.task.evaluate(self.model, self.device), "seconds": time.time() - started}
+            metrics = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "train_loss": sum(losses) / max(1, len(losses)),
+                **self.task.evaluate(self.model, self.device),
+                "seconds": time.time() - started,
+            }
             self.history.append(metrics)
             improved = self._improved(metrics)
             self.bad_epochs = 0 if improved else self.bad_epochs + 1

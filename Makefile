@@ -1,0 +1,38 @@
+# make install | test | serve | lint | train-charlm | train-sentiment
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIECES := training export server client
+STAMP := $(VENV)/.installed
+
+.PHONY: install test serve lint train-charlm train-sentiment clean
+
+install: $(STAMP)
+
+$(STAMP): constraints.txt requirements-dev.txt $(foreach p,$(PIECES),$(p)/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements-dev.txt $(foreach p,$(PIECES),-e ./$(p))
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+serve: install
+	$(BIN)/lstm-server --models models
+
+# The commands that trained the shipped checkpoints (models/README.md); DATA points at the real data.
+DATA ?= ../shared/data
+train-charlm: install
+	$(BIN)/lstm-train charlm --data $(DATA)/tinyshakespeare/input.txt --out runs/charlm \
+	  --num-layers 3 --hidden-size 448 --embedding-dim 64 --dropout 0.25 --batch-size 64 --seq-len 128 \
+	  --lr 2e-3 --lr-decay 0.93 --warmup-steps 200 --epochs 60 --patience 4
+
+train-sentiment: install
+	$(BIN)/lstm-train sentiment --train $(DATA)/sst2/train.tsv --dev $(DATA)/sst2/dev.tsv --out runs/sentiment
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Export of LSTM checkpoints to TorchScript and ONNX (built in the issue "Export")."""

@@ -1,0 +1,1 @@
+"""gRPC server for the LSTM models (built in the issue "gRPC server")."""

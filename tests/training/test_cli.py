@@ -1,0 +1,96 @@
+"""``lstm-train`` end to end on tiny files: a few steps, a checkpoint that loads, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lstm_training.checkpoint import load_checkpoint, model_from_checkpoint
+from lstm_training.cli import main
+from lstm_training.data import sha256_file
+from lstm_training.tokenizer import encode, load_tokenizer
+
+SMALL = ["--embedding-dim", "8", "--hidden-size", "16", "--device", "cpu"]
+
+
+def test_charlm_cli_writes_a_checkpoint_that_loads(tmp_path, corpus_file) -> None:
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "charlm",
+                "--data",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "16",
+                "--max-steps-per-epoch",
+                "5",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    payload = load_checkpoint(out / "best.pt", expected_kind="charlm")
+    assert payload["data_sha256"] == sha256_file(corpus_file)
+    assert payload["command"].startswith("lstm-train charlm --data")
+    model = model_from_checkpoint(payload)
+    vocab = payload["vocab"]
+    tokens = torch.tensor([[vocab.index(ch) for ch in "KING:"]])
+    logits, hn, _ = model(tokens, *model.initial_state(1))
+    assert logits.shape == (1, 5, len(vocab)) and hn.shape == (2, 1, 16)
+    assert {"metrics.jsonl", "curves.png", "last.pt"} <= {p.name for p in out.iterdir()}
+
+
+def test_sentiment_cli_writes_a_checkpoint_that_loads(tmp_path, sst_files) -> None:
+    train, dev = sst_files
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "sentiment",
+                "--train",
+                str(train),
+                "--dev",
+                str(dev),
+                "--out",
+                str(out),
+                "--epochs",
+                "6",
+                "--batch-size",
+                "16",
+                "--warmup-steps",
+                "1",
+                "--tokenizer-vocab-size",
+                "80",
+                "--lr",
+                "1e-2",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    payload = load_checkpoint(out / "best.pt", expected_kind="sentiment")
+    assert payload["labels"] == ["negative", "positive"]
+    model = model_from_checkpoint(payload)
+    tokenizer = load_tokenizer(payload["tokenizer"])
+    ids = encode(tokenizer, "A gorgeous, moving film!")
+    logits, _, _ = model(torch.tensor([ids]), torch.tensor([len(ids)]), *model.initial_state(1))
+    assert logits.shape == (1, 2)
+    assert payload["best"]["val_accuracy"] > 0.9  # the toy task is separable
+
+
+def test_cli_reports_a_missing_corpus(tmp_path, capsys) -> None:
+    assert main(["charlm", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert "neither a file nor a known corpus" in capsys.readouterr().err
+
+
+def test_cli_refuses_cuda_without_a_gpu(tmp_path, corpus_file, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["charlm", "--data", str(corpus_file), "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
