@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from lstm_training.data import CharVocab
 from lstm_training.models import CharLMConfig
 from lstm_training.tasks import LanguageModelTask

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lstm_training.checkpoint import load_checkpoint, model_from_checkpoint
 from lstm_training.cli import main
 from lstm_training.data import sha256_file

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from lstm_training import data
 from lstm_training.data import (
     CharVocab,

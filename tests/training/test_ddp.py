@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from lstm_training.checkpoint import load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lstm_training.reference_lstm import ReferenceLSTM, reverse_within_lengths
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lstm_training.reference_lstm import ReferenceLSTM, reverse_within_lengths
 
 
 def random_lstm_and_inputs(num_layers: int, bidirectional: bool, batch: int, time: int = 11):

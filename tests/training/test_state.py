@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from lstm_training.models import CharLM, CharLMConfig, ClassifierConfig, SentimentClassifier
 from lstm_training.reference_lstm import ReferenceLSTM
 

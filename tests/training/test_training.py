@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+
 from lstm_training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from lstm_training.data import CharVocab
 from lstm_training.models import CharLM, CharLMConfig, ClassifierConfig, SentimentClassifier

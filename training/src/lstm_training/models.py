@@ -82,6 +82,7 @@ class SentimentClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
+        self.num_directions = 2 if config.bidirectional else 1
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_id)
         self.lstm = nn.LSTM(
             config.embedding_dim,
@@ -94,10 +95,6 @@ class SentimentClassifier(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         features = 2 * self.num_directions * config.hidden_size
         self.head = nn.Linear(features, config.num_labels)
-
-    @property
-    def num_directions(self) -> int:
-        return 2 if self.config.bidirectional else 1
 
     def initial_state(self, batch: int, device=None) -> tuple[Tensor, Tensor]:
         return zero_state(self.config.num_layers, self.num_directions, batch, self.config.hidden_size, device)

@@ -1,0 +1,50 @@
+"""``lstm-export CHECKPOINT --out models/<name>/<version>``: TorchScript + ONNX + manifest, verified."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from lstm_server.model_repository import ModelRepositoryError
+from lstm_training.checkpoint import CheckpointError
+
+from .exporter import DEFAULT_OPSET
+from .pipeline import ExportError, export_checkpoint
+from .verify import VerificationError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstm-export", description=__doc__)
+    parser.add_argument("checkpoint", type=Path, help="a best.pt written by lstm-train")
+    parser.add_argument("--out", type=Path, required=True, help="models/<name>/<version>")
+    parser.add_argument("--name", help="model name (default: the directory above the version)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {DEFAULT_OPSET} or newer")
+    parser.add_argument(
+        "--eval-data", type=Path, help="measure quality with onnxruntime: the corpus (language model) or a dev TSV"
+    )
+    parser.add_argument("--quantize", action="store_true", help="write the int8 dynamic quantization (ONNX only)")
+    parser.add_argument("--force", action="store_true", help="replace an existing entry")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["lstm-export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        manifest = export_checkpoint(
+            args.checkpoint, args.out, args.name, args.opset, args.eval_data, args.quantize, args.force, command
+        )
+    except (CheckpointError, ExportError, VerificationError, ModelRepositoryError, ValueError) as error:
+        print(f"lstm-export: {error}", file=sys.stderr)
+        return 2
+    quality = manifest["quality"]
+    print(f"wrote {args.out}: {manifest['task']} model, {quality['metric']} {quality['value']} ({quality['backend']})")
+    for check in manifest["export"]["verified"]:
+        print(f"  verified: {check}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Checkpoint in, verified model repository entry out: ``<root>/<name>/<version>/``.
+
+Everything is written into a temporary directory beside the target, verified,
+and only then moved into place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from lstm_server.model_repository import (
+    FORMAT,
+    MANIFEST,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    TORCHSCRIPT_FILE,
+    expected_signature,
+    list_entries,
+    load_entry,
+    sha256_file,
+)
+from lstm_training.checkpoint import git_commit, load_checkpoint, model_from_checkpoint
+
+from .evaluate import measure_quality, step_seconds
+from .exporter import DEFAULT_OPSET, export_onnx, export_torchscript
+from .verify import verify_export
+
+TASK_OF_KIND = {"charlm": "generation", "sentiment": "classification"}
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported as asked; the message says why."""
+
+
+def _task_of(payload: dict[str, Any], checkpoint: Path) -> str:
+    if payload["kind"] not in TASK_OF_KIND:
+        raise ExportError(f"{checkpoint}: unknown model kind {payload['kind']!r}; expected one of {list(TASK_OF_KIND)}")
+    return TASK_OF_KIND[payload["kind"]]
+
+
+def _check_target(out: Path, name: str, task: str, force: bool) -> int:
+    if not out.name.isdigit():
+        raise ExportError(f"--out {out}: the last directory must be the version number, as in models/{name}/1")
+    root = out.parent.parent
+    for version in list_entries(root).get(name, []):
+        if version == int(out.name):
+            continue
+        other = json.loads((root / name / str(version) / MANIFEST).read_text())
+        if other["task"] != task:
+            raise ExportError(
+                f"{root / name} holds {other['task']} models (version {version}); this checkpoint is a {task} "
+                "model: export it under another name"
+            )
+    if out.exists() and not force:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    return int(out.name)
+
+
+def _base_manifest(payload: dict[str, Any], task: str, name: str, version: int, opset: int) -> dict[str, Any]:
+    config = payload["config"]
+    directions = 2 if config.get("bidirectional") else 1
+    labels = payload.get("labels", [])
+    vocab = payload.get("vocab")
+    inputs, outputs = expected_signature(
+        task, config["num_layers"], directions, config["hidden_size"], len(vocab or []), len(labels)
+    )
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "task": task,
+        "labels": labels,
+        "num_layers": config["num_layers"],
+        "hidden_size": config["hidden_size"],
+        "num_directions": directions,
+        "vocab_size": config["vocab_size"],
+        "signature": {"inputs": [t.to_json() for t in inputs], "outputs": [t.to_json() for t in outputs]},
+    }
+    if task == "generation":
+        manifest["vocab"] = vocab
+    else:
+        manifest["tokenizer"] = TOKENIZER_FILE
+        manifest["pad_id"] = config["pad_id"]
+    manifest["model_config"] = config
+    manifest["training"] = {
+        "data_sha256": payload["data_sha256"],
+        "command": payload["command"],
+        "git_commit": payload["git_commit"],
+        "best_epoch": payload["best"],
+    }
+    manifest["export"] = {
+        "opset": opset,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "git_commit": git_commit(),
+        "machine": platform.machine(),
+    }
+    return manifest
+
+
+def _training_quality(payload: dict[str, Any], task: str) -> dict[str, Any]:
+    best = payload["best"]
+    if task == "generation":
+        return {
+            "metric": "val_loss",
+            "value": round(best["val_loss"], 5),
+            "unit": "nats per character",
+            "data": "last 10% of the corpus",
+            "data_sha256": payload["data_sha256"],
+            "backend": "eager PyTorch",
+        }
+    return {"metric": "dev_accuracy", "value": round(best["val_accuracy"], 5), "backend": "eager PyTorch"}
+
+
+def _quantize(work: Path, manifest: dict[str, Any], eval_data: Path | None, tokenizer_json: str | None) -> None:
+    """Replace the fp32 ONNX model in ``work`` by its int8 dynamic quantization; record quality and speed."""
+    fp32, int8 = work / "fp32.onnx", work / ONNX_FILE
+    (work / ONNX_FILE).rename(fp32)
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    onnx.checker.check_model(str(int8))
+    (work / TORCHSCRIPT_FILE).unlink()
+    sessions = {"fp32": _session(fp32), "int8": _session(int8)}
+    block: dict[str, Any] = {
+        "method": "onnxruntime.quantization.quantize_dynamic, weights int8 (QInt8)",
+        "backends": ["onnxruntime"],
+    }
+    if eval_data is not None:
+        block["quality"] = {k: measure_quality(s, manifest, eval_data, tokenizer_json) for k, s in sessions.items()}
+        manifest["quality"] = block["quality"]["int8"]
+    block["step_ms"] = {
+        f"batch_{batch}": {k: round(v * 1e3, 4) for k, v in step_seconds(sessions, manifest, batch).items()}
+        for batch in (1, 64)
+    }
+    block["size_bytes"] = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+    manifest["quantization"] = block
+    fp32.unlink()
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    name: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    eval_data: Path | None = None,
+    quantize: bool = False,
+    force: bool = False,
+    command: str = "",
+) -> dict[str, Any]:
+    """Export, verify and write one model repository entry; returns its manifest."""
+    payload = load_checkpoint(checkpoint)
+    task = _task_of(payload, checkpoint)
+    name = name or out.parent.name
+    version = _check_target(out, name, task, force)
+    if quantize and eval_data is None:
+        raise ExportError("--quantize needs --eval-data to measure the quality change")
+    model = model_from_checkpoint(payload)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        scripted = export_torchscript(model, work / TORCHSCRIPT_FILE)
+        export_onnx(model, task, work / ONNX_FILE, opset)
+        manifest = _base_manifest(payload, task, name, version, opset)
+        manifest["export"]["command"] = command
+        manifest["export"]["checkpoint_sha256"] = sha256_file(checkpoint)
+        manifest["export"]["verified"] = verify_export(model, task, scripted, _session(work / ONNX_FILE))
+        tokenizer_json = payload.get("tokenizer")
+        if tokenizer_json is not None:
+            (work / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+        if eval_data is not None:
+            manifest["quality"] = measure_quality(_session(work / ONNX_FILE), manifest, eval_data, tokenizer_json)
+        else:
+            manifest["quality"] = _training_quality(payload, task)
+        manifest["backends"] = ["onnxruntime", "torchscript"]
+        if quantize:
+            _quantize(work, manifest, eval_data, tokenizer_json)
+            manifest["backends"] = ["onnxruntime"]
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(work.iterdir())}
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        work.chmod(0o755)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        load_entry(out)  # read back exactly as the server will
+    except Exception:
+        shutil.rmtree(out)
+        raise
+    return manifest
