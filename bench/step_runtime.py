@@ -19,6 +19,7 @@ import argparse
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +65,20 @@ def runners(entry_path: Path, threads: int):
         _, h, c = session.run(None, {"tokens": tokens, "h0": h, "c0": c})
         return h, c
 
-    def torch_runner(module):
+    def torch_runner(module, onednn: bool = True):
         def run(tokens, h, c):
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=onednn):
                 _, h, c = module(torch.from_numpy(tokens), torch.from_numpy(h), torch.from_numpy(c))
             return h.numpy(), c.numpy()
 
         return run
 
-    return entry, {"onnxruntime": run_onnx, "torchscript": torch_runner(scripted), "eager": torch_runner(eager)}
+    return entry, {
+        "onnxruntime": run_onnx,
+        "torchscript": torch_runner(scripted),
+        "eager": torch_runner(eager),
+        "eager, oneDNN off": torch_runner(eager, onednn=False),
+    }
 
 
 def time_steps(runs: dict, entry, batch: int, steps: int) -> dict[str, float]:
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="TF32 acceleration")
     torch.set_num_threads(args.threads)
     entry, runs = runners(args.model, args.threads)
     flops = flops_per_token(entry.manifest)
