@@ -1,1 +1,43 @@
-"""Python client for the LSTM serving API (built in the issue "gRPC server")."""
+"""Python client for the LSTM serving API (grpcio and protobuf only).
+
+from lstm_client import Client
+with Client("localhost:50051") as client:
+    client.classify(["a gorgeous film"], model="sentiment")[0].label
+    with client.session(model="charlm") as session:
+        for chunk in session.generate("ROMEO:", max_tokens=200, temperature=0.8, seed=7):
+            print(chunk.text, end="", flush=True)
+"""
+
+from .aio import AsyncClient, AsyncSession
+from .client import Client, Session
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LstmError,
+    NotFound,
+    ResourceExhausted,
+    SessionBusy,
+    Unavailable,
+)
+from .results import Chunk, ClassifyResult, StepResult
+
+__all__ = [
+    "AsyncClient",
+    "AsyncSession",
+    "Cancelled",
+    "Chunk",
+    "ClassifyResult",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "LstmError",
+    "NotFound",
+    "ResourceExhausted",
+    "Session",
+    "SessionBusy",
+    "StepResult",
+    "Unavailable",
+]

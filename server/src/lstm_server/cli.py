@@ -1,13 +1,25 @@
-"""``lstm-server``: not built yet; it says so instead of pretending to serve."""
+"""``lstm-server --models models --port 50051 ...``; ``lstm-server --help`` lists every option."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+
+from .app import serve
+from .config import load_config
+from .logs import configure_logging
+from .model_repository import ModelRepositoryError
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("lstm-server: the gRPC server is not built yet (issue 'gRPC server'); nothing is served.", file=sys.stderr)
-    return 1
+    config = load_config(argv)
+    configure_logging(config.log_level, config.replica_name)
+    try:
+        asyncio.run(serve(config))
+    except ModelRepositoryError as error:
+        print(f"lstm-server: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""The asyncio client: ``AsyncClient`` and its ``AsyncSession``, the twins of ``Client`` and ``Session``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from lstm.v1 import lstm_pb2 as pb
+from lstm.v1 import lstm_pb2_grpc as rpc
+
+from .client import RETRYABLE, backoff_delays
+from .errors import from_rpc_error
+from .results import UNKNOWN, Chunk, ClassifyResult, chunk_of, classify_results, replica_of, sampling_params
+
+
+class AsyncClient:
+    """``async with AsyncClient("localhost:50051") as client: ...``; same rules as ``Client``."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=options or [])
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.sessions = rpc.SessionsStub(self.channel)
+        self.generation = rpc.GenerationStub(self.channel)
+        self.classification = rpc.ClassificationStub(self.channel)
+        self.models_stub = rpc.ModelsStub(self.channel)
+        self.last_replica: str | None = None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def call(self, method, request, *, idempotent: bool, timeout: float | None = None, metadata=None):
+        delays = backoff_delays(self.retries if idempotent else 0, self.backoff)
+        while True:
+            call = method(request, timeout=timeout or self.timeout, metadata=metadata)
+            try:
+                response = await call
+                self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
+                return response
+            except grpc.RpcError as error:
+                delay = next(delays, None) if error.code() == RETRYABLE else None
+                if delay is None:
+                    raise from_rpc_error(error) from None
+                await asyncio.sleep(delay)
+
+    async def classify(
+        self, texts: list[str], model: str = "sentiment", timeout: float | None = None
+    ) -> list[ClassifyResult]:
+        request = pb.ClassifyRequest(model=model, texts=texts)
+        return classify_results(
+            await self.call(self.classification.Classify, request, idempotent=True, timeout=timeout)
+        )
+
+    async def models(self) -> list[pb.ModelInfo]:
+        return list((await self.call(self.models_stub.ListModels, pb.ListModelsRequest(), idempotent=True)).models)
+
+    def session(
+        self, model: str = "charlm", prompt: str = "", unknown_characters: str = "reject", **defaults: Any
+    ) -> AsyncSession:
+        """Use as ``async with client.session(...) as session``: created on entry, closed on exit."""
+        request = pb.CreateSessionRequest(
+            model=model,
+            prompt=prompt,
+            defaults=sampling_params(**defaults),
+            unknown_characters=UNKNOWN[unknown_characters],
+        )
+        return AsyncSession(self, request)
+
+
+class AsyncSession:
+    def __init__(self, client: AsyncClient, create: pb.CreateSessionRequest) -> None:
+        self.client = client
+        self._create = create
+        self.info: pb.Session | None = None
+        self.id = ""
+        self.last_replica: str | None = None
+
+    async def open(self) -> AsyncSession:
+        self.info = await self.client.call(self.client.sessions.CreateSession, self._create, idempotent=False)
+        self.id = self.info.session_id
+        self.last_replica = self.client.last_replica
+        return self
+
+    async def __aenter__(self) -> AsyncSession:
+        return await self.open()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _metadata(self):
+        return (("x-session-id", self.id),)
+
+    async def generate(
+        self, prompt: str = "", *, timeout: float | None = None, unknown_characters: str = "reject", **sampling: Any
+    ) -> AsyncIterator[Chunk]:
+        request = pb.GenerateRequest(
+            session_id=self.id,
+            prompt=prompt,
+            sampling=sampling_params(**sampling),
+            unknown_characters=UNKNOWN[unknown_characters],
+        )
+        call = self.client.generation.Generate(request, timeout=timeout, metadata=self._metadata())
+        try:
+            self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
+            async for response in call:
+                yield chunk_of(response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def refresh(self) -> pb.Session:
+        request = pb.GetSessionRequest(session_id=self.id)
+        self.info = await self.client.call(
+            self.client.sessions.GetSession, request, idempotent=True, metadata=self._metadata()
+        )
+        return self.info
+
+    async def close(self) -> None:
+        request = pb.CloseSessionRequest(session_id=self.id)
+        await self.client.call(self.client.sessions.CloseSession, request, idempotent=False, metadata=self._metadata())

@@ -1,0 +1,212 @@
+"""The synchronous client: ``Client`` and its ``Session``."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from lstm.v1 import lstm_pb2 as pb
+from lstm.v1 import lstm_pb2_grpc as rpc
+
+from .errors import LstmError, from_rpc_error
+from .results import (
+    UNKNOWN,
+    Chunk,
+    ClassifyResult,
+    StepResult,
+    chunk_of,
+    classify_results,
+    replica_of,
+    sampling_params,
+)
+
+RETRYABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def backoff_delays(retries: int, base: float) -> Iterator[float]:
+    """Exponential backoff with full jitter: the waits before retries 1..n."""
+    for attempt in range(retries):
+        yield random.uniform(0, base * 2**attempt)
+
+
+class Client:
+    """A connection to an lstm-server (or a gateway in front of several).
+
+    ``timeout`` is the default deadline in seconds of every call; idempotent
+    calls (classify, step, describe, get, export) are retried ``retries`` times
+    with backoff when the server is UNAVAILABLE. Failures raise ``LstmError``
+    subclasses carrying the status code.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.channel = grpc.insecure_channel(target, options=options or [])
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.sessions = rpc.SessionsStub(self.channel)
+        self.generation = rpc.GenerationStub(self.channel)
+        self.classification = rpc.ClassificationStub(self.channel)
+        self.models_stub = rpc.ModelsStub(self.channel)
+        self.last_replica: str | None = None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, method, request, *, idempotent: bool, timeout: float | None = None, metadata=None):
+        """One unary call with the deadline, the retry rule and typed errors; records the replica."""
+        delays = backoff_delays(self.retries if idempotent else 0, self.backoff)
+        while True:
+            try:
+                response, call = method.with_call(request, timeout=timeout or self.timeout, metadata=metadata)
+                self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
+                return response
+            except grpc.RpcError as error:
+                delay = next(delays, None) if error.code() == RETRYABLE else None
+                if delay is None:
+                    raise from_rpc_error(error) from None
+                time.sleep(delay)
+
+    # -- stateless calls -----------------------------------------------------
+
+    def classify(
+        self, texts: list[str], model: str = "sentiment", timeout: float | None = None
+    ) -> list[ClassifyResult]:
+        request = pb.ClassifyRequest(model=model, texts=texts)
+        return classify_results(self.call(self.classification.Classify, request, idempotent=True, timeout=timeout))
+
+    def step(
+        self,
+        model: str,
+        text: str | None = None,
+        tokens: list[int] | None = None,
+        state: tuple[pb.Tensor, pb.Tensor] | None = None,
+        unknown_characters: str = "reject",
+    ) -> StepResult:
+        request = pb.StepRequest(model=model, unknown_characters=UNKNOWN[unknown_characters])
+        if tokens is not None:
+            request.tokens.ids.extend(tokens)
+        else:
+            request.text = text or ""
+        if state is not None:
+            request.h.CopyFrom(state[0])
+            request.c.CopyFrom(state[1])
+        response = self.call(self.generation.Step, request, idempotent=True)
+        return StepResult(list(response.probabilities), response.h, response.c)
+
+    def models(self) -> list[pb.ModelInfo]:
+        return list(self.call(self.models_stub.ListModels, pb.ListModelsRequest(), idempotent=True).models)
+
+    def describe(self, model: str) -> pb.ModelInfo:
+        return self.call(self.models_stub.DescribeModel, pb.DescribeModelRequest(model=model), idempotent=True)
+
+    # -- sessions --------------------------------------------------------------
+
+    def session(
+        self, model: str = "charlm", prompt: str = "", unknown_characters: str = "reject", **defaults: Any
+    ) -> Session:
+        """A new session (closed when used as a context manager); ``defaults`` are sampling parameters."""
+        request = pb.CreateSessionRequest(
+            model=model,
+            prompt=prompt,
+            defaults=sampling_params(**defaults),
+            unknown_characters=UNKNOWN[unknown_characters],
+        )
+        return Session(self, self.call(self.sessions.CreateSession, request, idempotent=False))
+
+    def attach(self, session_id: str) -> Session:
+        """An existing session, by id."""
+        return Session(
+            self, self.call(self.sessions.GetSession, pb.GetSessionRequest(session_id=session_id), idempotent=True)
+        )
+
+    def import_session(self, state: pb.SessionState) -> Session:
+        request = pb.ImportSessionRequest(state=state)
+        return Session(self, self.call(self.sessions.ImportSession, request, idempotent=False))
+
+    def list_sessions(self, model: str = "") -> list[pb.Session]:
+        request = pb.ListSessionsRequest(model=model)
+        return list(self.call(self.sessions.ListSessions, request, idempotent=True).sessions)
+
+
+class Session:
+    """A server-held session: its text so far lives in the server's (h, c)."""
+
+    def __init__(self, client: Client, info: pb.Session) -> None:
+        self.client = client
+        self.info = info
+        self.id = info.session_id
+        self.last_replica: str | None = client.last_replica
+        self.closed = False
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.closed:
+            self.close()
+
+    def _metadata(self):
+        return (("x-session-id", self.id),)  # lets a gateway route every call of a session to one replica
+
+    def _unary(self, method, request, idempotent: bool):
+        response = self.client.call(method, request, idempotent=idempotent, metadata=self._metadata())
+        self.last_replica = self.client.last_replica
+        return response
+
+    def generate(
+        self, prompt: str = "", *, timeout: float | None = None, unknown_characters: str = "reject", **sampling: Any
+    ) -> Iterator[Chunk]:
+        """Append ``prompt``, then stream the generated characters (sampling: temperature, top_k, top_p,
+        seed, max_tokens, stop). Leaving the loop early cancels the turn."""
+        request = pb.GenerateRequest(
+            session_id=self.id,
+            prompt=prompt,
+            sampling=sampling_params(**sampling),
+            unknown_characters=UNKNOWN[unknown_characters],
+        )
+        call = self.client.generation.Generate(request, timeout=timeout, metadata=self._metadata())
+        try:
+            self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
+            for response in call:
+                yield chunk_of(response)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def refresh(self) -> pb.Session:
+        self.info = self._unary(self.client.sessions.GetSession, pb.GetSessionRequest(session_id=self.id), True)
+        return self.info
+
+    def fork(self) -> Session:
+        info = self._unary(self.client.sessions.ForkSession, pb.ForkSessionRequest(session_id=self.id), False)
+        return Session(self.client, info)
+
+    def export(self) -> pb.SessionState:
+        return self._unary(self.client.sessions.ExportSession, pb.ExportSessionRequest(session_id=self.id), True)
+
+    def close(self) -> None:
+        try:
+            self._unary(self.client.sessions.CloseSession, pb.CloseSessionRequest(session_id=self.id), False)
+        finally:
+            self.closed = True
+
+
+__all__ = ["Client", "LstmError", "Session"]

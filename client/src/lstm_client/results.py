@@ -1,0 +1,67 @@
+"""Plain results of the client (no protobuf types needed to use them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lstm.v1 import lstm_pb2 as pb
+
+FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"}
+UNKNOWN = {
+    "reject": pb.UNKNOWN_CHARACTERS_REJECT,
+    "skip": pb.UNKNOWN_CHARACTERS_SKIP,
+    "replace": pb.UNKNOWN_CHARACTERS_REPLACE,
+}
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    label: str
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part of a generated turn. ``finish_reason`` ('length' or 'stop') is set on the last chunk."""
+
+    text: str
+    tokens_seen: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    probabilities: list[float]
+    h: pb.Tensor
+    c: pb.Tensor
+
+
+def sampling_params(
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    stop: list[str] | tuple[str, ...] | str | None = None,
+) -> pb.SamplingParams:
+    """Only the arguments given are set; the rest fall back to the session's and the server's defaults."""
+    values = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "max_tokens": max_tokens}
+    params = pb.SamplingParams(**{k: v for k, v in values.items() if v is not None})
+    if stop:
+        params.stop.extend([stop] if isinstance(stop, str) else stop)
+    return params
+
+
+def chunk_of(response: pb.GenerateResponse | pb.ChatResponse) -> Chunk:
+    return Chunk(response.text, response.tokens_seen, FINISH.get(response.finish_reason))
+
+
+def classify_results(response: pb.ClassifyResponse) -> list[ClassifyResult]:
+    return [ClassifyResult(r.label, dict(r.probabilities)) for r in response.results]
+
+
+def replica_of(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "x-replica":
+            return value
+    return None

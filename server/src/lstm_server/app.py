@@ -1,0 +1,99 @@
+"""Assemble and run the server: models, services, health, reflection, metrics, idle expiry, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from lstm.v1 import lstm_pb2 as pb
+from lstm.v1 import lstm_pb2_grpc as rpc
+
+from .config import ServerConfig
+from .interceptors import ServiceInterceptor
+from .metrics import Metrics
+from .registry import ModelRegistry
+from .servicers import (
+    ClassificationService,
+    Core,
+    GenerationService,
+    ModelsService,
+    SessionsService,
+    reap_idle_sessions,
+)
+from .sessions import SessionTable
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = [
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Sessions", "Generation", "Classification", "Models")
+]
+
+
+class LstmServer:
+    """One server process's gRPC server and everything it holds."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(config, self.metrics)
+        self.core = Core(config, self.registry, SessionTable(config.max_sessions, config.idle_timeout_s), self.metrics)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self.server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics, config.replica_name)], options=options
+        )
+        rpc.add_SessionsServicer_to_server(SessionsService(self.core), self.server)
+        rpc.add_GenerationServicer_to_server(GenerationService(self.core), self.server)
+        rpc.add_ClassificationServicer_to_server(ClassificationService(self.core), self.server)
+        rpc.add_ModelsServicer_to_server(ModelsService(self.core), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self._http = None
+        self._reaper: asyncio.Task | None = None
+
+    async def _set_health(self, status) -> None:
+        for name in ["", *SERVICE_NAMES]:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        self.registry.start()
+        await self.server.start()
+        if self.config.metrics_port:
+            self._http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        every = max(0.05, min(60.0, self.config.idle_timeout_s / 4))
+        self._reaper = asyncio.get_running_loop().create_task(reap_idle_sessions(self.core, every))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving", extra={"address": f"{self.config.host}:{self.port}", "models": sorted(self.registry.models)}
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let running ones finish within the grace period, then stop."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining", extra={"grace_s": self.config.grace_period_s if grace is None else grace})
+        await self.server.stop(self.config.grace_period_s if grace is None else grace)
+        if self._reaper:
+            self._reaper.cancel()
+        await self.registry.stop()
+        if self._http:
+            self._http.shutdown()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = LstmServer(config)
+    await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    await server.stop()

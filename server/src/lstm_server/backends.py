@@ -1,0 +1,96 @@
+"""Runtimes behind one interface: numpy in, numpy out, state explicit.
+
+``onnxruntime`` is the default (CPU, and CUDA when onnxruntime-gpu and a GPU
+are present); ``torchscript`` runs ``model.pt`` with torch on CPU or CUDA and
+is imported only when asked for, so a server without torch works.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+
+from .model_repository import ONNX_FILE, TORCHSCRIPT_FILE, ModelEntry, ModelRepositoryError, check_onnx_session
+
+BACKENDS = ("onnxruntime", "torchscript")
+DEVICES = ("cpu", "cuda")
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+
+    def run(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, hn, cn) for the model's named inputs."""
+
+
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, entry: ModelEntry, device: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelRepositoryError(
+                    f"{entry.name}: device cuda asked for, but this onnxruntime has no CUDA provider "
+                    "(install onnxruntime-gpu on a machine with a GPU, or use --device cpu)"
+                )
+            providers = ["CUDAExecutionProvider", *providers]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(entry.file(ONNX_FILE)), options, providers=providers)
+        check_onnx_session(entry, self.session)
+        self.device = device
+        self._outputs = ["logits", "hn", "cn"]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, h, c = self.session.run(self._outputs, inputs)
+        return logits, h, c
+
+
+class TorchScriptBackend:
+    name = "torchscript"
+
+    def __init__(self, entry: ModelEntry, device: str, threads: int) -> None:
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ModelRepositoryError(f"{entry.name}: device cuda asked for, but torch sees no GPU")
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self._device = torch.device(device)
+        self.module = torch.jit.load(str(entry.file(TORCHSCRIPT_FILE)), map_location=self._device).eval()
+        self._order = [t.name for t in entry.inputs]
+        self.device = device
+
+    def run(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            args = []
+            for name in self._order:
+                tensor = torch.from_numpy(inputs[name])
+                # lengths stay on the CPU: pack_padded_sequence wants them there
+                args.append(tensor if name == "lengths" else tensor.to(self._device))
+            logits, h, c = self.module(*args)
+        return logits.cpu().numpy(), h.cpu().numpy(), c.cpu().numpy()
+
+
+def load_backend(entry: ModelEntry, backend: str, device: str, threads: int | None = None) -> Backend:
+    """Open ``entry`` with the named runtime on ``device``."""
+    if backend not in BACKENDS:
+        raise ModelRepositoryError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    if device not in DEVICES:
+        raise ModelRepositoryError(f"unknown device {device!r}: expected one of {DEVICES}")
+    if backend not in entry.manifest.get("backends", BACKENDS):
+        raise ModelRepositoryError(
+            f"{entry.path}: {entry.name}/{entry.version} ships only {entry.manifest['backends']}, not {backend}"
+        )
+    threads = threads or os.cpu_count() or 1
+    if backend == "onnxruntime":
+        return OnnxBackend(entry, device, threads)
+    return TorchScriptBackend(entry, device, threads)

@@ -1,0 +1,112 @@
+"""The models a server holds: the latest version of each entry in the repository, opened and with its engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from .backends import Backend, load_backend
+from .classification import ClassifierEngine
+from .codec import CharCodec
+from .config import ServerConfig
+from .errors import ServiceError
+from .generation import GenerationEngine
+from .metrics import Metrics
+from .model_repository import ModelEntry, ModelRepositoryError, list_entries, load_latest
+from .state import StateSlots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    backend: Backend
+    engine: GenerationEngine | ClassifierEngine
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def version(self) -> int:
+        return self.entry.version
+
+    @property
+    def task(self) -> str:
+        return self.entry.task
+
+
+def _open(entry: ModelEntry, config: ServerConfig, metrics: Metrics) -> LoadedModel:
+    backend = load_backend(entry, config.backend_for(entry.name), config.device, config.threads or None)
+    layers = entry.num_layers * entry.num_directions
+    if entry.task == "generation":
+        codec = CharCodec(entry.vocab)
+        slots = StateSlots(layers, entry.hidden_size, len(codec), config.max_sessions)
+        engine = GenerationEngine(
+            entry.name, backend, codec, slots, config.max_batch, config.stream_buffer_chars, metrics
+        )
+    else:
+        from tokenizers import Tokenizer
+
+        engine = ClassifierEngine(
+            entry.name,
+            backend,
+            Tokenizer.from_str(entry.tokenizer_json()),
+            entry.labels,
+            (layers, entry.hidden_size),
+            entry.manifest.get("pad_id", 0),
+            config.classify_max_batch,
+            config.classify_max_delay_ms,
+            metrics,
+        )
+    return LoadedModel(entry, backend, engine)
+
+
+class ModelRegistry:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        root = Path(config.models)
+        names = list_entries(root)
+        if not names:
+            raise ModelRepositoryError(f"{root}: no models found (expected <name>/<version>/manifest.json)")
+        self.models: dict[str, LoadedModel] = {}
+        for name in names:
+            model = _open(load_latest(root, name), config, metrics)
+            self.models[name] = model
+            log.info(
+                "loaded model",
+                extra={
+                    "model": name,
+                    "version": model.version,
+                    "task": model.task,
+                    "backend": model.backend.name,
+                    "device": model.backend.device,
+                },
+            )
+
+    def start(self) -> None:
+        for model in self.models.values():
+            model.engine.start()
+
+    async def stop(self) -> None:
+        for model in self.models.values():
+            await model.engine.stop()
+
+    def get(self, name: str) -> LoadedModel:
+        if name not in self.models:
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND, f"no model {name!r}; this server has {', '.join(sorted(self.models))}"
+            )
+        return self.models[name]
+
+    def of_task(self, name: str, task: str) -> LoadedModel:
+        model = self.get(name)
+        if model.task != task:
+            hint = "use Classify" if model.task == "classification" else "use sessions, Generate or Step"
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"model {name!r} is a {model.task} model, not {task}: {hint}"
+            )
+        return model

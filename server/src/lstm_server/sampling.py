@@ -1,0 +1,81 @@
+"""Vectorised next-token sampling where every row has its own parameters and its own random stream.
+
+A row's random number depends only on its session's seed and position (the
+number of characters the session has seen), never on the batch: a
+counter-based generator (two rounds of the splitmix64 finaliser) turns
+(seed, position) into a uniform in [0, 1), and the token is drawn by inverting
+the row's cumulative distribution after temperature, top-k and top-p. The
+same session therefore samples the same text alone, in any batch, across
+turns, and after an export and import of its state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One uniform in [0, 1) per row, a pure function of (seed, position)."""
+    with np.errstate(over="ignore"):
+        key = _mix(seeds.astype(np.uint64) + _GOLDEN)
+        z = _mix(key + (positions.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved sampling parameters of one turn."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_tokens: int = 200
+    stop: tuple[str, ...] = ()
+
+
+def sample(
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    seeds: np.ndarray,
+    positions: np.ndarray,
+) -> np.ndarray:
+    """Token ids [batch] from logits [batch, vocab]; temperature 0 is greedy."""
+    batch, vocab = logits.shape
+    greedy = temperature <= 0
+    scaled = logits.astype(np.float64) / np.where(greedy, 1.0, temperature)[:, None]
+    scaled -= scaled.max(axis=1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=1)
+    limit = np.where(top_k > 0, top_k, vocab)[:, None]
+    before = np.cumsum(ranked, axis=1) - ranked
+    keep = (np.arange(vocab)[None, :] < limit) & (before < top_p[:, None])
+    keep[:, 0] = True
+    ranked = np.where(keep, ranked, 0.0)
+    cumulative = np.cumsum(ranked, axis=1)
+    threshold = uniforms(seeds, positions) * cumulative[:, -1]
+    index = np.minimum((cumulative <= threshold[:, None]).sum(axis=1), vocab - 1)
+    drawn = order[np.arange(batch), index]
+    return np.where(greedy, logits.argmax(axis=1), drawn)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -1,0 +1,61 @@
+"""Preallocated, contiguous session state for one model.
+
+Every session of a model owns a slot: a column of ``h`` and ``c``
+([layers x directions, capacity, hidden]) and a row of ``logits``
+([capacity, vocab], the distribution of its next character). A batch step
+gathers the active slots with one fancy-indexing copy and scatters the new
+state back the same way: no per-session Python work. The arrays are
+allocated zeroed up front (the operating system maps pages only when they
+are first written), so the server's memory grows with the sessions it holds,
+never with a step.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from .errors import ServiceError
+
+
+class StateSlots:
+    def __init__(self, layers: int, hidden: int, vocab: int, capacity: int) -> None:
+        self.h = np.zeros((layers, capacity, hidden), np.float32)
+        self.c = np.zeros((layers, capacity, hidden), np.float32)
+        self.logits = np.zeros((capacity, vocab), np.float32)
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def allocate(self) -> int:
+        """A zeroed slot (a fresh sequence)."""
+        if not self._free:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all {self.capacity} state slots of this model are in use (max_sessions); "
+                "close sessions or raise the limit",
+            )
+        slot = self._free.pop()
+        self.h[:, slot] = 0.0
+        self.c[:, slot] = 0.0
+        self.logits[slot] = 0.0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def copy(self, source: int, target: int) -> None:
+        self.h[:, target] = self.h[:, source]
+        self.c[:, target] = self.c[:, source]
+        self.logits[target] = self.logits[source]
+
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.h[:, slots], self.c[:, slots]
+
+    def scatter(self, slots: np.ndarray, h: np.ndarray, c: np.ndarray, logits: np.ndarray) -> None:
+        self.h[:, slots] = h
+        self.c[:, slots] = c
+        self.logits[slots] = logits
