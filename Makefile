@@ -1,11 +1,11 @@
-# make install | test | serve | lint | train-charlm | train-sentiment
+# make install | test | serve | lint | proto | train-charlm | train-sentiment
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIECES := training export server client
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve lint train-charlm train-sentiment clean
+.PHONY: install test serve lint proto train-charlm train-sentiment clean
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ lint: install
 	$(BIN)/ruff format --check .
 
 serve: install
-	$(BIN)/lstm-server --models models
+	$(BIN)/lstm-server --models models $(SERVE_ARGS)
+
+# Regenerate the committed gRPC stubs after editing proto/ (a test checks they match).
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=client/src --grpc_python_out=client/src \
+	  --pyi_out=client/src proto/lstm/v1/lstm.proto
 
 # The commands that trained the shipped checkpoints (models/README.md); DATA points at the real data.
 DATA ?= ../shared/data

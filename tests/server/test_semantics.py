@@ -128,6 +128,7 @@ def test_cancellation_mid_stream_leaves_a_defined_state(server, reference) -> No
         assert expected_text.startswith(received)
         h, c = state_of(session)
         np.testing.assert_allclose(h, h_ref.ravel(), atol=1e-5)
+        np.testing.assert_allclose(c, c_ref.ravel(), atol=1e-5)
         assert collect(session, max_tokens=5)  # and the session keeps working
 
 

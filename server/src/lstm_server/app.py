@@ -75,10 +75,13 @@ class LstmServer:
         )
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, refuse new calls, let running ones finish within the grace period, then stop."""
+        """Report NOT_SERVING, wait the drain delay, refuse new calls, let running ones finish within the grace
+        period, then stop."""
+        grace = self.config.grace_period_s if grace is None else grace
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("draining", extra={"grace_s": self.config.grace_period_s if grace is None else grace})
-        await self.server.stop(self.config.grace_period_s if grace is None else grace)
+        log.info("draining", extra={"drain_delay_s": self.config.drain_delay_s, "grace_s": grace})
+        await asyncio.sleep(self.config.drain_delay_s)  # load balancers see NOT_SERVING before calls are refused
+        await self.server.stop(grace)
         if self._reaper:
             self._reaper.cancel()
         await self.registry.stop()

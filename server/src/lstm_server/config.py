@@ -44,7 +44,8 @@ class ServerConfig:
     classify_max_delay_ms: float = 2.0
     # transport
     max_message_bytes: int = 4 * 1024 * 1024
-    grace_period_s: float = 10.0  # on SIGTERM, how long streams may finish
+    drain_delay_s: float = 0.5  # on SIGTERM, NOT_SERVING is reported this long before new calls are refused
+    grace_period_s: float = 10.0  # then running calls get this long to finish
     log_level: str = "INFO"
 
     def backend_for(self, model: str) -> str:

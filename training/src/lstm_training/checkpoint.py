@@ -47,6 +47,7 @@ def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> None:
         torch.save(payload, tmp)
         tmp.flush()
         os.fsync(tmp.fileno())
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 

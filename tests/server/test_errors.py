@@ -1,0 +1,293 @@
+"""Every error path answers with the right status code and a message that says what to do."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from lstm.v1 import lstm_pb2 as pb
+
+from ..conftest import Stubs
+
+PROMPT = "KING:\nthe "
+
+
+def expect(code: grpc.StatusCode, match: str, call, *args, **kwargs) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__iter__") and not isinstance(result, pb.Session):
+            list(result)
+    assert raised.value.code() == code, raised.value.details()
+    assert match in raised.value.details(), raised.value.details()
+
+
+def new_session(stubs: Stubs, prompt: str = PROMPT) -> str:
+    return stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm", prompt=prompt)).session_id
+
+
+def test_unknown_model_and_session(stubs) -> None:
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        "no model 'nope'; this server has charlm, sentiment",
+        stubs.sessions.CreateSession,
+        pb.CreateSessionRequest(model="nope"),
+    )
+    expect(
+        grpc.StatusCode.NOT_FOUND, "no session 'f00'", stubs.sessions.GetSession, pb.GetSessionRequest(session_id="f00")
+    )
+    expect(grpc.StatusCode.NOT_FOUND, "no session", stubs.generation.Generate, pb.GenerateRequest(session_id="f00"))
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        "no model",
+        stubs.classification.Classify,
+        pb.ClassifyRequest(model="nope", texts=["x"]),
+    )
+    expect(grpc.StatusCode.NOT_FOUND, "no model", stubs.models.DescribeModel, pb.DescribeModelRequest(model="nope"))
+
+
+def test_wrong_task_for_the_model(stubs) -> None:
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "is a classification model, not generation: use Classify",
+        stubs.sessions.CreateSession,
+        pb.CreateSessionRequest(model="sentiment"),
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "is a generation model",
+        stubs.classification.Classify,
+        pb.ClassifyRequest(model="charlm", texts=["x"]),
+    )
+
+
+def test_unknown_characters_are_named_or_handled_by_the_chosen_rule(stubs) -> None:
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not in the model's vocabulary: '#@'",
+        stubs.sessions.CreateSession,
+        pb.CreateSessionRequest(model="charlm", prompt="KING@ #"),
+    )
+    skipped = stubs.sessions.CreateSession(
+        pb.CreateSessionRequest(model="charlm", prompt="KING@ #", unknown_characters=pb.UNKNOWN_CHARACTERS_SKIP)
+    )
+    assert skipped.tokens_seen == len("KING ")
+    replaced = stubs.sessions.CreateSession(
+        pb.CreateSessionRequest(model="charlm", prompt="KING@ #", unknown_characters=pb.UNKNOWN_CHARACTERS_REPLACE)
+    )
+    assert replaced.tokens_seen == len("KING@ #")
+
+
+def test_sampling_limits(stubs) -> None:
+    session_id = new_session(stubs)
+    for params, message in [
+        (pb.SamplingParams(temperature=-1), "temperature must be a finite number >= 0"),
+        (pb.SamplingParams(top_p=0), "top_p must be in (0, 1]"),
+        (pb.SamplingParams(top_k=-2), "top_k must be >= 0"),
+        (pb.SamplingParams(max_tokens=10**6), "max_tokens must be in [0, 4096] (max_tokens_limit)"),
+        (pb.SamplingParams(stop=[""]), "stop strings must be 1 to 64 characters long"),
+        (pb.SamplingParams(stop=["a"] * 9), "at most 8 stop strings"),
+    ]:
+        expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            message,
+            stubs.generation.Generate,
+            pb.GenerateRequest(session_id=session_id, sampling=params),
+        )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature must be",
+        stubs.sessions.CreateSession,
+        pb.CreateSessionRequest(model="charlm", defaults=pb.SamplingParams(temperature=float("nan"))),
+    )
+    # the refused calls left the session usable
+    assert list(
+        stubs.generation.Generate(pb.GenerateRequest(session_id=session_id, sampling=pb.SamplingParams(max_tokens=3)))
+    )
+
+
+def test_prompt_length_limit(stubs, server) -> None:
+    limit = server.config.max_prompt_chars
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the limit is {limit} (max_prompt_chars)",
+        stubs.sessions.CreateSession,
+        pb.CreateSessionRequest(model="charlm", prompt="a" * (limit + 1)),
+    )
+
+
+def test_a_fresh_session_needs_a_prompt(stubs) -> None:
+    empty = stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm")).session_id
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "has read no text yet: give a non-empty prompt",
+        stubs.generation.Generate,
+        pb.GenerateRequest(session_id=empty),
+    )
+
+
+def test_stop_strings_and_zero_max_tokens(stubs) -> None:
+    session_id = new_session(stubs)
+    responses = list(
+        stubs.generation.Generate(
+            pb.GenerateRequest(
+                session_id=session_id, sampling=pb.SamplingParams(stop=["e", "a", "o", " "], max_tokens=500, seed=1)
+            )
+        )
+    )
+    text = "".join(r.text for r in responses)
+    assert responses[-1].finish_reason == pb.FINISH_REASON_STOP and text[-1] in "eao " and len(text) < 500
+    read_only = list(
+        stubs.generation.Generate(
+            pb.GenerateRequest(session_id=session_id, prompt="the ", sampling=pb.SamplingParams(max_tokens=0))
+        )
+    )
+    assert [r.text for r in read_only] == [""] and read_only[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert read_only[-1].tokens_seen == len(PROMPT) + len(text) + 4
+
+
+def test_classify_limits(stubs, server) -> None:
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "at least one text",
+        stubs.classification.Classify,
+        pb.ClassifyRequest(model="sentiment"),
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "(max_classify_texts): split the batch",
+        stubs.classification.Classify,
+        pb.ClassifyRequest(model="sentiment", texts=["x"] * (server.config.max_classify_texts + 1)),
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "texts[1] has",
+        stubs.classification.Classify,
+        pb.ClassifyRequest(model="sentiment", texts=["ok", "x" * (server.config.max_classify_chars + 1)]),
+    )
+    empty = stubs.classification.Classify(pb.ClassifyRequest(model="sentiment", texts=["", "   "]))
+    assert len(empty.results) == 2  # empty text is read as one [UNK] token, not an error
+
+
+def test_step_errors(stubs) -> None:
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Step needs a non-empty text or token list",
+        stubs.generation.Step,
+        pb.StepRequest(model="charlm"),
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "token ids out of range",
+        stubs.generation.Step,
+        pb.StepRequest(model="charlm", tokens=pb.TokenList(ids=[0, 999])),
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "h must have shape [2, 1, 12]",
+        stubs.generation.Step,
+        pb.StepRequest(
+            model="charlm", text="the", h=pb.Tensor(shape=[1], values=[0.0]), c=pb.Tensor(shape=[1], values=[0.0])
+        ),
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "give both h and c",
+        stubs.generation.Step,
+        pb.StepRequest(model="charlm", text="the", h=pb.Tensor(shape=[2, 1, 12], values=[0.0] * 24)),
+    )
+
+
+def test_import_refuses_altered_or_foreign_state(stubs) -> None:
+    session_id = new_session(stubs)
+    state = stubs.sessions.ExportSession(pb.ExportSessionRequest(session_id=session_id))
+    altered = pb.SessionState()
+    altered.CopyFrom(state)
+    altered.h.values[0] += 0.5
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "checksum mismatch",
+        stubs.sessions.ImportSession,
+        pb.ImportSessionRequest(state=altered),
+    )
+    other_version = pb.SessionState()
+    other_version.CopyFrom(state)
+    other_version.model_version = 7
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "written by charlm version 7, but this server runs version 1",
+        stubs.sessions.ImportSession,
+        pb.ImportSessionRequest(state=other_version),
+    )
+    other_model = pb.SessionState()
+    other_model.CopyFrom(state)
+    other_model.model = "nope"
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        "no model 'nope'",
+        stubs.sessions.ImportSession,
+        pb.ImportSessionRequest(state=other_model),
+    )
+
+
+def test_chat_protocol_errors(stubs) -> None:
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the first Chat message must name a session",
+        stubs.generation.Chat,
+        iter([pb.ChatRequest(text="hi")]),
+    )
+    session_id = new_session(stubs)
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "only the first Chat message may name",
+        stubs.generation.Chat,
+        iter([pb.ChatRequest(session_id=session_id), pb.ChatRequest(session_id=session_id, text="the ")]),
+    )
+
+
+def test_session_limit(start_server) -> None:
+    running = start_server(max_sessions=2)
+    stubs = Stubs(running.address)
+    first = new_session(stubs)
+    new_session(stubs)
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "session limit reached: max_sessions is 2", new_session, stubs)
+    expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "max_sessions is 2",
+        stubs.sessions.ForkSession,
+        pb.ForkSessionRequest(session_id=first),
+    )
+    stubs.sessions.CloseSession(pb.CloseSessionRequest(session_id=first))
+    new_session(stubs)  # closing made room
+    stubs.channel.close()
+
+
+def test_message_size_limit(start_server) -> None:
+    running = start_server(max_message_bytes=2000)
+    stubs = Stubs(running.address)
+    expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+        stubs.classification.Classify,
+        pb.ClassifyRequest(model="sentiment", texts=["a" * 3000]),
+    )
+    stubs.channel.close()
+
+
+def test_idle_sessions_expire(start_server) -> None:
+    import time
+
+    running = start_server(idle_timeout_s=0.3)
+    stubs = Stubs(running.address)
+    session_id = new_session(stubs)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            stubs.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND and "expired after 0.3 s idle" in error.details()
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the idle session did not expire")
+    assert running.server.registry.get("charlm").engine.slots.used == 0
+    stubs.channel.close()
