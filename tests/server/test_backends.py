@@ -1,0 +1,85 @@
+"""Both runtimes behind one interface; GPU paths run only where a GPU is present."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from lstm.v1 import lstm_pb2 as pb
+
+from lstm_client import Client
+from lstm_server.backends import load_backend
+from lstm_server.model_repository import ModelRepositoryError, load_entry
+
+from ..conftest import Stubs
+
+PROMPT = "KING:\nthe "
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers() or torch.cuda.is_available()
+
+
+def test_torchscript_backend_serves_the_same_model(start_server, reference) -> None:
+    running = start_server(backend="torchscript")
+    stubs = Stubs(running.address)
+    info = stubs.models.DescribeModel(pb.DescribeModelRequest(model="charlm"))
+    assert info.backend == "torchscript" and info.device == "cpu"
+    step = stubs.generation.Step(pb.StepRequest(model="charlm", text=PROMPT))
+    logits, h, _ = reference.feed(PROMPT)
+    expected = np.exp(logits - logits.max())
+    np.testing.assert_allclose(step.probabilities, expected / expected.sum(), atol=1e-5)
+    np.testing.assert_allclose(step.h.values, h.ravel(), atol=1e-5)
+    with Client(running.address) as client, client.session(model="charlm", prompt=PROMPT) as session:
+        text = "".join(c.text for c in session.generate(max_tokens=20, temperature=0))
+    assert text == reference.generate(PROMPT, 20, temperature=0)[0]
+    result = client_classify(running.address)
+    assert set(result.probabilities) == {"negative", "positive"}
+    stubs.channel.close()
+
+
+def client_classify(address: str):
+    with Client(address) as client:
+        return client.classify(["a gorgeous film"])[0]
+
+
+def test_per_model_backend_choice(start_server) -> None:
+    running = start_server(model_backends="sentiment=torchscript")
+    stubs = Stubs(running.address)
+    backends = {m.name: m.backend for m in stubs.models.ListModels(pb.ListModelsRequest()).models}
+    assert backends == {"charlm": "onnxruntime", "sentiment": "torchscript"}
+    stubs.channel.close()
+
+
+def test_backend_errors_are_clear(exported) -> None:
+    entry = load_entry(exported / "charlm" / "1")
+    with pytest.raises(ModelRepositoryError, match="unknown backend 'tensorflow'"):
+        load_backend(entry, "tensorflow", "cpu")
+    with pytest.raises(ModelRepositoryError, match="unknown device 'tpu'"):
+        load_backend(entry, "onnxruntime", "tpu")
+    quantized = dict(entry.manifest, backends=["onnxruntime"])
+    with pytest.raises(ModelRepositoryError, match=r"ships only \['onnxruntime'\], not torchscript"):
+        load_backend(type(entry)(entry.path, quantized), "torchscript", "cpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_with_a_reason(exported) -> None:
+    entry = load_entry(exported / "charlm" / "1")
+    with pytest.raises(ModelRepositoryError, match="no CUDA provider"):
+        load_backend(entry, "onnxruntime", "cuda")
+    with pytest.raises(ModelRepositoryError, match="torch sees no GPU"):
+        load_backend(entry, "torchscript", "cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU (CUDA)")
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_cuda_backend_matches_the_cpu_reference(start_server, reference, backend) -> None:
+    if backend == "onnxruntime" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    if backend == "torchscript" and not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    running = start_server(backend=backend, device="cuda")
+    stubs = Stubs(running.address)
+    assert stubs.models.DescribeModel(pb.DescribeModelRequest(model="charlm")).device == "cuda"
+    step = stubs.generation.Step(pb.StepRequest(model="charlm", text=PROMPT))
+    _, h, _ = reference.feed(PROMPT)
+    np.testing.assert_allclose(step.h.values, h.ravel(), atol=1e-4)
+    stubs.channel.close()
