@@ -37,6 +37,7 @@ class ServerConfig:
     max_stop_strings: int = 8
     max_batch: int = 256  # sessions stepped together
     stream_buffer_chars: int = 1024  # generated but unsent characters before a session pauses
+    stream_interval_ms: float = 20.0  # a stream sends at most one message per interval (first and last at once)
     # classification limits
     max_classify_texts: int = 256
     max_classify_chars: int = 4096  # per text

@@ -3,13 +3,21 @@
 A turn is: read the prompt (one full-sequence call, the "prefill"), then
 repeat {sample the next character with the turn's own parameters and random
 stream; hand it to the turn's stream; feed it to the model}. The scheduler
-loop steps every turn that has a character to feed in one batched model
-call: it gathers their slots' (h, c), runs one step, scatters the new state,
-samples all rows at once, and delivers. Turns join (after their prefill) and
-leave between steps; nobody waits for another turn to finish.
+steps every turn that has a character to feed in one batched model call: it
+gathers their slots' (h, c), runs one step, scatters the new state, samples
+all rows at once, and delivers. Turns join (after their prefill) and leave
+between steps; nobody waits for another turn to finish.
 
-All model calls of a model run on one worker thread, so the event loop keeps
-serving while the model computes and slot memory is only touched there.
+The scheduler runs on its own thread (the model thread), which alone calls
+the model and touches the slots of turns in flight; the asyncio side only
+submits work and reads finished text. The model therefore never waits for the
+event loop: when the streams are slower than the model, characters pile up in
+each turn's outbox and go out together in one message (coalescing), and a
+turn whose outbox reaches ``stream_buffer_chars`` sits out of the batch until
+its reader catches up (backpressure), so memory stays bounded and nobody else
+slows down. A stream also sends at most one message per ``stream_interval_ms``
+(the first and the last go at once): fewer, fuller messages leave the CPU to
+the model instead of to gRPC.
 
 What the state has seen: every character of the prompt and every generated
 character, counted the moment it is handed to the stream (``tokens_seen``).
@@ -25,11 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import numpy as np
@@ -54,7 +65,11 @@ class Chunk:
 
 
 class Turn:
-    """One Generate call (or one Chat message) on one session."""
+    """One Generate call (or one Chat message) on one session.
+
+    Fields change on the model thread under the engine's lock; ``chunks()``
+    reads them on the event loop under the same lock.
+    """
 
     def __init__(self, session: Session, sampling: Sampling, engine: GenerationEngine) -> None:
         self.session = session
@@ -67,11 +82,12 @@ class Turn:
         self.complete = False
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
-        self._outbox: list[str] = []
-        self._outbox_chars = 0
+        self.outbox: list[str] = []
+        self.outbox_chars = 0
         self._tail = ""
         self._stop_window = max((len(s) for s in sampling.stop), default=0)
-        self._changed = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.ended = asyncio.Event()  # set on the event loop once the turn is complete
 
     @property
     def finishing(self) -> bool:
@@ -79,56 +95,68 @@ class Turn:
 
     def runnable(self, buffer_limit: int) -> bool:
         """Has a character to feed, and its reader keeps up (or it is finishing anyway)."""
-        return self.pending is not None and (self.finishing or self._outbox_chars < buffer_limit)
+        return self.pending is not None and (self.finishing or self.outbox_chars < buffer_limit)
 
     def deliver(self, token: int, char: str) -> None:
         self.pending = token
         self.session.tokens_seen += 1
         self.remaining -= 1
-        self._outbox.append(char)
-        self._outbox_chars += 1
+        self.outbox.append(char)
+        self.outbox_chars += 1
         if self._stop_window:
             self._tail = (self._tail + char)[-self._stop_window :]
             if any(self._tail.endswith(s) for s in self.sampling.stop):
                 self.finish_reason = STOP
         if self.finish_reason is None and self.remaining <= 0:
             self.finish_reason = LENGTH
-        self._changed.set()
 
     def finish(self, error: BaseException | None = None) -> None:
         """The last character is fed (or the turn failed): the session is free again."""
         self.complete = True
         self.error = error
         self.pending = None
-        self.session.busy = False
-        self.session.turn = None
-        self.session.touch()
-        if self.session.closed:
-            self.engine.slots.release(self.session.slot)
-        self._changed.set()
+        session = self.session
+        session.turn = None
+        session.busy = False
+        session.touch()
+        if session.closed:
+            self.engine.slots.release(session.slot)
 
     def cancel(self) -> None:
-        if not self.complete:
-            self.cancelled = True
-            self.engine.wake()
+        """Stop generating (safe to call on a complete turn)."""
+        with self.engine.lock:
+            if not self.complete:
+                self.cancelled = True
+                self.engine.lock.notify()
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         """The turn's text as it is produced, coalesced; the last chunk carries the finish reason."""
+        engine = self.engine
+        loop = asyncio.get_running_loop()
+        next_send = 0.0
         while True:
-            await self._changed.wait()
-            self._changed.clear()
-            complete = self.complete
-            text = "".join(self._outbox)
-            self._outbox.clear()
-            self._outbox_chars = 0
-            self.engine.wake()  # a paused turn may run again
-            if complete and self.error is not None:
-                raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {self.error}") from self.error
+            await self.changed.wait()
+            self.changed.clear()
+            wait = next_send - loop.time()
+            if wait > 0 and not self.ended.is_set():  # at most one message per interval; the end goes at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ended.wait(), wait)
+            with engine.lock:
+                complete, error = self.complete, self.error
+                text = "".join(self.outbox)
+                self.outbox.clear()
+                if self.outbox_chars >= engine.stream_buffer_chars:
+                    engine.lock.notify()  # it sat out of the batch: it may run again
+                self.outbox_chars = 0
+                tokens_seen = self.session.tokens_seen
+            if complete and error is not None:
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {error}") from error
             if complete:
-                yield Chunk(text, self.session.tokens_seen, self.finish_reason or LENGTH)
+                yield Chunk(text, tokens_seen, self.finish_reason or LENGTH)
                 return
             if text:
-                yield Chunk(text, self.session.tokens_seen)
+                yield Chunk(text, tokens_seen)
+                next_send = loop.time() + engine.stream_interval_s
 
 
 class GenerationEngine:
@@ -142,6 +170,7 @@ class GenerationEngine:
         slots: StateSlots,
         max_batch: int,
         stream_buffer_chars: int,
+        stream_interval_ms: float,
         metrics: Metrics,
     ) -> None:
         self.name = name
@@ -150,95 +179,98 @@ class GenerationEngine:
         self.slots = slots
         self.max_batch = max_batch
         self.stream_buffer_chars = stream_buffer_chars
+        self.stream_interval_s = stream_interval_ms / 1000
         self.metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self.lock = threading.Condition()
+        self._jobs: list[Callable[[], None]] = []
         self._turns: collections.deque[Turn] = collections.deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._admissions: set[asyncio.Task] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._to_notify: set[Turn] = set()
+        self._notify_scheduled = False
 
-    # -- lifecycle ---------------------------------------------------------
+    # -- lifecycle (event loop) ------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"model-{self.name}", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        with self.lock:
+            self._stopping = True
+            self.lock.notify()
+        if self._thread:
+            await asyncio.to_thread(self._thread.join)
 
-    def wake(self) -> None:
-        self._wake.set()
+    # -- requests (event loop) ----------------------------------------------------
 
-    @property
-    def active_turns(self) -> int:
-        return len(self._turns)
+    def _post(self, job: Callable[[], None]) -> None:
+        with self.lock:
+            self._jobs.append(job)
+            self.lock.notify()
 
-    # -- model calls (worker thread) -----------------------------------------
+    async def _call(self, fn, *args):
+        """Run ``fn(*args)`` on the model thread between two steps and return its result."""
+        future: Future = Future()
 
-    def _prefill_slot(self, slot: int, ids: np.ndarray) -> None:
-        h, c = self.slots.gather(np.array([slot]))
-        logits, h, c = self.backend.run({"tokens": ids[None, :], "h0": h, "c0": c})
-        self.slots.scatter(np.array([slot]), h, c, logits[:, -1])
+        def job() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:
+                    future.set_exception(error)
 
-    def _step_slots(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        h, c = self.slots.gather(slots)
-        logits, h, c = self.backend.run({"tokens": tokens[:, None], "h0": h, "c0": c})
-        logits = logits[:, -1]
-        self.slots.scatter(slots, h, c, logits)
-        return logits
-
-    def _explicit(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray):
-        logits, h, c = self.backend.run({"tokens": ids[None, :], "h0": h, "c0": c})
-        return logits[0, -1], h, c
-
-    async def _in_worker(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    # -- session operations ------------------------------------------------------
+        self._post(job)
+        return await asyncio.wrap_future(future)
 
     async def read(self, session: Session, ids: np.ndarray) -> None:
-        """Feed ``ids`` to the session's state in one call (the session must be held busy by the caller)."""
+        """Feed ``ids`` to the session's state in one call (the caller holds the session busy)."""
         if len(ids):
-            await self._in_worker(self._prefill_slot, session.slot, ids)
+            await self._call(self._prefill_slot, session.slot, ids)
             session.tokens_seen += len(ids)
             session.has_logits = True
 
     async def step(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray):
         """Explicit-state call: (next-character probabilities, hn, cn); nothing is kept."""
-        logits, h, c = await self._in_worker(self._explicit, ids, h, c)
+        logits, h, c = await self._call(self._explicit, ids, h, c)
         return softmax(logits), h, c
 
     def submit(self, session: Session, ids: np.ndarray, sampling: Sampling) -> Turn:
-        """Start a turn on a session the caller has marked busy; read its chunks with ``turn.chunks()``."""
+        """Start a turn on a session the caller has marked busy; read its text with ``turn.chunks()``."""
         turn = Turn(session, sampling, self)
         session.turn = turn
-        task = asyncio.get_running_loop().create_task(self._admit(turn, ids))
-        self._admissions.add(task)
-        task.add_done_callback(self._admissions.discard)
+        self._post(partial(self._admit, turn, ids))
         return turn
 
-    async def _admit(self, turn: Turn, ids: np.ndarray) -> None:
-        try:
-            self.metrics.queue_wait.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
-            await self.read(turn.session, ids)
-            if turn.cancelled or turn.sampling.max_tokens == 0:
-                turn.finish_reason = turn.finish_reason or LENGTH
-                turn.finish()
-                return
-            slot = turn.session.slot
-            token = self._sample([turn], self.slots.logits[[slot]])[0]
-            turn.deliver(int(token), self.codec.vocab[token])
-            self.metrics.time_to_first_token.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
-            self.metrics.tokens_generated.labels(self.name).inc()
-            self._turns.append(turn)
-            self.wake()
-        except Exception as error:
-            log.exception("prefill failed for session %s", turn.session.id)
-            turn.finish(error)
+    def _flush_notifications(self) -> None:
+        with self.lock:
+            turns, self._to_notify = self._to_notify, set()
+            self._notify_scheduled = False
+        for turn in turns:
+            turn.changed.set()
+            if turn.complete:
+                turn.ended.set()
 
-    # -- the loop --------------------------------------------------------------
+    # -- model thread ---------------------------------------------------------------
+
+    def _notify(self, turns) -> None:
+        """Wake the readers of ``turns`` (called with the lock held); one event-loop callback per burst."""
+        self._to_notify.update(turns)
+        if not self._notify_scheduled:
+            self._notify_scheduled = True
+            self._loop.call_soon_threadsafe(self._flush_notifications)
+
+    def _prefill_slot(self, slot: int, ids: np.ndarray) -> None:
+        rows = np.array([slot])
+        h, c = self.slots.gather(rows)
+        logits, h, c = self.backend.run({"tokens": ids[None, :], "h0": h, "c0": c})
+        self.slots.scatter(rows, h, c, logits[:, -1])
+
+    def _explicit(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray):
+        logits, h, c = self.backend.run({"tokens": ids[None, :], "h0": h, "c0": c})
+        return logits[0, -1], h, c
 
     def _sample(self, turns: list[Turn], logits: np.ndarray) -> np.ndarray:
         params = [t.sampling for t in turns]
@@ -251,40 +283,83 @@ class GenerationEngine:
             np.array([t.session.tokens_seen for t in turns], dtype=np.uint64),
         )
 
+    def _admit(self, turn: Turn, ids: np.ndarray) -> None:
+        self.metrics.queue_wait.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
+        session = turn.session
+        try:
+            if len(ids):
+                self._prefill_slot(session.slot, ids)
+                session.tokens_seen += len(ids)
+                session.has_logits = True
+            token = None
+            if not turn.cancelled and turn.sampling.max_tokens > 0:
+                token = int(self._sample([turn], self.slots.logits[[session.slot]])[0])
+        except Exception as error:
+            log.exception("prefill failed for session %s", session.id)
+            with self.lock:
+                turn.finish(error)
+                self._notify([turn])
+            return
+        with self.lock:
+            if token is None:
+                turn.finish_reason = turn.finish_reason or LENGTH
+                turn.finish()
+            else:
+                turn.deliver(token, self.codec.vocab[token])
+                self._turns.append(turn)
+                self.metrics.time_to_first_token.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
+                self.metrics.tokens_generated.labels(self.name).inc()
+            self._notify([turn])
+
+    def _has_runnable(self) -> bool:
+        return any(t.runnable(self.stream_buffer_chars) for t in self._turns)
+
     def _next_batch(self) -> list[Turn]:
+        """Up to max_batch runnable turns (called with the lock held); the rest go first next time."""
         batch = [t for t in self._turns if t.runnable(self.stream_buffer_chars)][: self.max_batch]
         if len(batch) == self.max_batch:
-            self._turns.rotate(-self.max_batch)  # the next step starts with the ones left out
+            self._turns.rotate(-self.max_batch)
         return batch
 
-    async def _loop(self) -> None:
-        last_step = time.perf_counter()
-        while True:
-            batch = self._next_batch()
-            if not batch:
-                self._wake.clear()
-                await self._wake.wait()
-                last_step = time.perf_counter()
-                continue
-            slots = np.array([t.session.slot for t in batch])
-            tokens = np.array([t.pending for t in batch], dtype=np.int64)
-            logits = await self._in_worker(self._step_slots, slots, tokens)
-            now = time.perf_counter()
-            self.metrics.batch_size.labels(self.name).observe(len(batch))
-            self.metrics.inter_token_latency.labels(self.name).observe(now - last_step)
-            last_step = now
-            continuing = []
-            for row, turn in enumerate(batch):
-                if turn.finishing:
+    def _step(self, batch: list[Turn]) -> None:
+        rows = np.array([t.session.slot for t in batch])
+        tokens = np.array([t.pending for t in batch], dtype=np.int64)
+        h, c = self.slots.gather(rows)
+        logits, h, c = self.backend.run({"tokens": tokens[:, None], "h0": h, "c0": c})
+        logits = logits[:, -1]
+        self.slots.scatter(rows, h, c, logits)
+        with self.lock:  # a cancellation arriving after this snapshot is handled at the next step
+            finishing = [t.finishing for t in batch]
+        continuing = [i for i, done in enumerate(finishing) if not done]
+        drawn = self._sample([batch[i] for i in continuing], logits[continuing]).tolist() if continuing else []
+        vocab = self.codec.vocab
+        with self.lock:
+            for turn, done in zip(batch, finishing, strict=True):
+                if done:  # its last character is fed now
                     turn.finish()
                     self._turns.remove(turn)
-                else:
-                    continuing.append(row)
-            if continuing:
-                rows = np.array(continuing)
-                turns = [batch[r] for r in continuing]
-                drawn = self._sample(turns, logits[rows])
-                vocab = self.codec.vocab
-                for turn, token in zip(turns, drawn.tolist(), strict=True):
-                    turn.deliver(token, vocab[token])
-                self.metrics.tokens_generated.labels(self.name).inc(len(turns))
+            for i, token in zip(continuing, drawn, strict=True):
+                batch[i].deliver(token, vocab[token])
+            self._notify(batch)
+        self.metrics.batch_size.labels(self.name).observe(len(batch))
+        self.metrics.tokens_generated.labels(self.name).inc(len(continuing))
+
+    def _run(self) -> None:
+        last_step = None
+        while True:
+            with self.lock:
+                while not (self._stopping or self._jobs or self._has_runnable()):
+                    self.lock.wait()
+                    last_step = None
+                if self._stopping:
+                    return
+                jobs, self._jobs = self._jobs, []
+                batch = self._next_batch()
+            for job in jobs:
+                job()
+            if batch:
+                self._step(batch)
+                now = time.perf_counter()
+                if last_step is not None:
+                    self.metrics.inter_token_latency.labels(self.name).observe(now - last_step)
+                last_step = now

@@ -47,7 +47,14 @@ def _open(entry: ModelEntry, config: ServerConfig, metrics: Metrics) -> LoadedMo
         codec = CharCodec(entry.vocab)
         slots = StateSlots(layers, entry.hidden_size, len(codec), config.max_sessions)
         engine = GenerationEngine(
-            entry.name, backend, codec, slots, config.max_batch, config.stream_buffer_chars, metrics
+            entry.name,
+            backend,
+            codec,
+            slots,
+            config.max_batch,
+            config.stream_buffer_chars,
+            config.stream_interval_ms,
+            metrics,
         )
     else:
         from tokenizers import Tokenizer

@@ -54,25 +54,42 @@ def sample(
     seeds: np.ndarray,
     positions: np.ndarray,
 ) -> np.ndarray:
-    """Token ids [batch] from logits [batch, vocab]; temperature 0 is greedy."""
-    batch, vocab = logits.shape
+    """Token ids [batch] from logits [batch, vocab]; temperature 0 is greedy.
+
+    Rows with top-k or top-p draw from their sorted, truncated distribution;
+    the others straight from the distribution in vocabulary order (no sort).
+    Which way a row goes depends only on its own parameters.
+    """
+    vocab = logits.shape[1]
     greedy = temperature <= 0
     scaled = logits.astype(np.float64) / np.where(greedy, 1.0, temperature)[:, None]
-    scaled -= scaled.max(axis=1, keepdims=True)
-    probs = np.exp(scaled)
-    probs /= probs.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")
-    ranked = np.take_along_axis(probs, order, axis=1)
-    limit = np.where(top_k > 0, top_k, vocab)[:, None]
-    before = np.cumsum(ranked, axis=1) - ranked
-    keep = (np.arange(vocab)[None, :] < limit) & (before < top_p[:, None])
-    keep[:, 0] = True
-    ranked = np.where(keep, ranked, 0.0)
-    cumulative = np.cumsum(ranked, axis=1)
-    threshold = uniforms(seeds, positions) * cumulative[:, -1]
-    index = np.minimum((cumulative <= threshold[:, None]).sum(axis=1), vocab - 1)
-    drawn = order[np.arange(batch), index]
-    return np.where(greedy, logits.argmax(axis=1), drawn)
+    weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    u = uniforms(seeds, positions)
+    tokens = logits.argmax(axis=1)
+    truncated = ~greedy & ((top_k > 0) | (top_p < 1))
+    plain = ~greedy & ~truncated
+    if plain.any():
+        rows = np.flatnonzero(plain)
+        tokens[rows] = _inverse_cdf(weights[rows], u[rows])
+    if truncated.any():
+        rows = np.flatnonzero(truncated)
+        probs = weights[rows] / weights[rows].sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        ranked = np.take_along_axis(probs, order, axis=1)
+        limit = np.where(top_k[rows] > 0, top_k[rows], vocab)[:, None]
+        before = np.cumsum(ranked, axis=1) - ranked
+        keep = (np.arange(vocab)[None, :] < limit) & (before < top_p[rows][:, None])
+        keep[:, 0] = True
+        index = _inverse_cdf(np.where(keep, ranked, 0.0), u[rows])
+        tokens[rows] = order[np.arange(len(rows)), index]
+    return tokens
+
+
+def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Per row, the first index whose cumulative weight exceeds u times the total."""
+    cumulative = np.cumsum(weights, axis=1)
+    index = (cumulative <= (u * cumulative[:, -1])[:, None]).sum(axis=1)
+    return np.minimum(index, weights.shape[1] - 1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ never with a step.
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 
@@ -25,6 +27,7 @@ class StateSlots:
         self.logits = np.zeros((capacity, vocab), np.float32)
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
+        self._lock = threading.Lock()  # sessions are opened on the event loop, may be freed on the model thread
 
     @property
     def used(self) -> int:
@@ -32,20 +35,22 @@ class StateSlots:
 
     def allocate(self) -> int:
         """A zeroed slot (a fresh sequence)."""
-        if not self._free:
+        with self._lock:
+            slot = self._free.pop() if self._free else None
+        if slot is None:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"all {self.capacity} state slots of this model are in use (max_sessions); "
                 "close sessions or raise the limit",
             )
-        slot = self._free.pop()
         self.h[:, slot] = 0.0
         self.c[:, slot] = 0.0
         self.logits[slot] = 0.0
         return slot
 
     def release(self, slot: int) -> None:
-        self._free.append(slot)
+        with self._lock:
+            self._free.append(slot)
 
     def copy(self, source: int, target: int) -> None:
         self.h[:, target] = self.h[:, source]
