@@ -83,3 +83,20 @@ def test_cuda_backend_matches_the_cpu_reference(start_server, reference, backend
     _, h, _ = reference.feed(PROMPT)
     np.testing.assert_allclose(step.h.values, h.ravel(), atol=1e-4)
     stubs.channel.close()
+
+
+def test_highest_version_unless_pinned(repository) -> None:
+    import json
+    import shutil
+
+    from ..conftest import ServerThread
+
+    shutil.copytree(repository / "charlm" / "1", repository / "charlm" / "2")
+    manifest = json.loads((repository / "charlm" / "2" / "manifest.json").read_text())
+    (repository / "charlm" / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    for pin, expected in (("", 2), ("charlm=1", 1)):
+        running = ServerThread(repository, model_versions=pin)
+        stubs = Stubs(running.address)
+        assert stubs.models.DescribeModel(pb.DescribeModelRequest(model="charlm")).version == expected
+        stubs.channel.close()
+        running.stop()

@@ -31,3 +31,8 @@ def test_per_model_backend_override() -> None:
     config = ServerConfig(model_backends="charlm=torchscript, other=onnxruntime")
     assert config.backend_for("charlm") == "torchscript"
     assert config.backend_for("sentiment") == "onnxruntime"
+
+
+def test_per_model_version_pin() -> None:
+    config = ServerConfig(model_versions="charlm=1")
+    assert config.version_for("charlm") == 1 and config.version_for("sentiment") is None

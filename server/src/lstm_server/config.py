@@ -26,6 +26,7 @@ class ServerConfig:
     backend: str = "onnxruntime"  # default runtime: onnxruntime or torchscript
     device: str = "cpu"  # cpu or cuda
     model_backends: str = ""  # per-model override, "charlm=torchscript,sentiment=onnxruntime"
+    model_versions: str = ""  # per-model pin, "charlm=1"; unpinned models serve their highest version
     threads: int = 0  # intra-op threads per model; 0 means the number of cores
     # sessions
     max_sessions: int = 10000
@@ -50,11 +51,18 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def backend_for(self, model: str) -> str:
-        for item in filter(None, (p.strip() for p in self.model_backends.split(","))):
-            name, _, backend = item.partition("=")
-            if name.strip() == model:
-                return backend.strip()
-        return self.backend
+        return _per_model(self.model_backends).get(model, self.backend)
+
+    def version_for(self, model: str) -> int | None:
+        """The pinned version of ``model``, or None for the highest in the repository."""
+        version = _per_model(self.model_versions).get(model)
+        return int(version) if version else None
+
+
+def _per_model(setting: str) -> dict[str, str]:
+    """``"a=x, b=y"`` as ``{"a": "x", "b": "y"}``."""
+    pairs = (item.partition("=") for item in setting.split(",") if item.strip())
+    return {name.strip(): value.strip() for name, _, value in pairs}
 
 
 def _convert(kind: Any, raw: Any) -> Any:

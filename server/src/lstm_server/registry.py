@@ -1,4 +1,5 @@
-"""The models a server holds: the latest version of each entry in the repository, opened and with its engine."""
+"""The models a server holds: one version of each model in the repository (the highest unless pinned with
+``model_versions``), opened and with its engine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .config import ServerConfig
 from .errors import ServiceError
 from .generation import GenerationEngine
 from .metrics import Metrics
-from .model_repository import ModelEntry, ModelRepositoryError, list_entries, load_latest
+from .model_repository import ModelEntry, ModelRepositoryError, list_entries, load_entry, load_latest
 from .state import StateSlots
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class ModelRegistry:
             raise ModelRepositoryError(f"{root}: no models found (expected <name>/<version>/manifest.json)")
         self.models: dict[str, LoadedModel] = {}
         for name in names:
-            model = _open(load_latest(root, name), config, metrics)
+            version = config.version_for(name)
+            entry = load_entry(root / name / str(version)) if version else load_latest(root, name)
+            model = _open(entry, config, metrics)
             self.models[name] = model
             log.info(
                 "loaded model",
