@@ -8,34 +8,17 @@ from typing import Any
 
 import grpc
 from lstm.v1 import lstm_pb2 as pb
-from lstm.v1 import lstm_pb2_grpc as rpc
 
-from .client import RETRYABLE, backoff_delays
+from .client import RETRYABLE, Connection, backoff_delays
 from .errors import from_rpc_error
 from .results import UNKNOWN, Chunk, ClassifyResult, chunk_of, classify_results, replica_of, sampling_params
 
 
-class AsyncClient:
+class AsyncClient(Connection):
     """``async with AsyncClient("localhost:50051") as client: ...``; same rules as ``Client``."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = 30.0,
-        retries: int = 3,
-        backoff: float = 0.1,
-        options: list[tuple[str, Any]] | None = None,
-    ) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=options or [])
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.sessions = rpc.SessionsStub(self.channel)
-        self.generation = rpc.GenerationStub(self.channel)
-        self.classification = rpc.ClassificationStub(self.channel)
-        self.models_stub = rpc.ModelsStub(self.channel)
-        self.last_replica: str | None = None
+    def __init__(self, target: str, **settings: Any) -> None:
+        self._connect(grpc.aio.insecure_channel(target, options=settings.pop("options", None) or []), **settings)
 
     async def close(self) -> None:
         await self.channel.close()

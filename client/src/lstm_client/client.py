@@ -32,33 +32,33 @@ def backoff_delays(retries: int, base: float) -> Iterator[float]:
         yield random.uniform(0, base * 2**attempt)
 
 
-class Client:
+class Connection:
+    """What the sync and asyncio clients share: the channel, the stubs and the call rules."""
+
+    def _connect(self, channel, *, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1) -> None:
+        self.channel = channel
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.sessions = rpc.SessionsStub(channel)
+        self.generation = rpc.GenerationStub(channel)
+        self.classification = rpc.ClassificationStub(channel)
+        self.models_stub = rpc.ModelsStub(channel)
+        self.last_replica: str | None = None
+
+
+class Client(Connection):
     """A connection to an lstm-server (or a gateway in front of several).
 
     ``timeout`` is the default deadline in seconds of every call; idempotent
     calls (classify, step, describe, get, export) are retried ``retries`` times
     with backoff when the server is UNAVAILABLE. Failures raise ``LstmError``
-    subclasses carrying the status code.
+    subclasses carrying the status code. Settings: ``timeout``, ``retries``,
+    ``backoff`` (seconds) and gRPC channel ``options``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = 30.0,
-        retries: int = 3,
-        backoff: float = 0.1,
-        options: list[tuple[str, Any]] | None = None,
-    ) -> None:
-        self.channel = grpc.insecure_channel(target, options=options or [])
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.sessions = rpc.SessionsStub(self.channel)
-        self.generation = rpc.GenerationStub(self.channel)
-        self.classification = rpc.ClassificationStub(self.channel)
-        self.models_stub = rpc.ModelsStub(self.channel)
-        self.last_replica: str | None = None
+    def __init__(self, target: str, **settings: Any) -> None:
+        self._connect(grpc.insecure_channel(target, options=settings.pop("options", None) or []), **settings)
 
     def close(self) -> None:
         self.channel.close()
