@@ -180,3 +180,27 @@ def test_resume_refuses_a_best_checkpoint_and_another_kind(tmp_path) -> None:
     (tmp_path / "broken.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(tmp_path / "broken.pt")
+
+
+def test_weight_averaging_is_the_mean_of_the_epochs_and_ships_when_better(tmp_path) -> None:
+    def run(epochs: int, average_from: int = 0, out: str = "x", resume: str | None = None) -> Trainer:
+        config = TrainConfig(epochs=epochs, lr=5e-3, warmup_steps=5, patience=10, seed=7, average_from=average_from)
+        trainer = Trainer(lm_task(), config, tmp_path / out, torch.device("cpu"))
+        if resume:
+            trainer.resume(resume)
+        trainer.fit()
+        return trainer
+
+    per_epoch = [run(n, out=f"plain{n}").model.state_dict() for n in (1, 2, 3)]
+    averaged = run(3, average_from=1, out="avg")
+    for key, value in averaged.average.items():
+        expected = sum(state[key] for state in per_epoch) / 3
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
+    assert all("average" in m for m in averaged.history)
+    best = load_checkpoint(tmp_path / "avg" / "best.pt")
+    model = model_from_checkpoint(best)
+    assert averaged.task.evaluate(model, torch.device("cpu"))["val_loss"] == pytest.approx(best["best"]["val_loss"])
+    run(2, average_from=1, out="resumed")
+    resumed = run(3, average_from=1, out="resumed", resume=str(tmp_path / "resumed" / "last.pt"))
+    for key, value in averaged.average.items():
+        torch.testing.assert_close(resumed.average[key], value, atol=0, rtol=0, msg=key)

@@ -47,6 +47,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     explode_threshold: float = 100.0
     vanish_threshold: float = 1e-6
+    average_from: int = 0  # from this epoch on, also try the average of the epochs' weights (0: off)
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,15 +108,17 @@ class Trainer:
         self.best: dict[str, float] | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, float]] = []
+        self.average: dict[str, torch.Tensor] | None = None  # running mean of the weights since average_from
+        self.averaged_epochs = 0
 
     # -- checkpoints -------------------------------------------------------
 
-    def _payload(self, with_training_state: bool) -> dict[str, Any]:
+    def _payload(self, with_training_state: bool, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         payload = {
             "format": FORMAT,
             "kind": self.task.kind,
             "config": asdict(self.task.config),
-            "state_dict": self.model.state_dict(),
+            "state_dict": state_dict if state_dict is not None else self.model.state_dict(),
             **self.task.metadata(),
             "metrics": self.history,
             "best": self.best,
@@ -130,6 +133,8 @@ class Trainer:
                 "epoch": self.epoch,
                 "bad_epochs": self.bad_epochs,
                 "train_config": asdict(self.config),
+                "average": self.average,
+                "averaged_epochs": self.averaged_epochs,
             }
         return payload
 
@@ -144,6 +149,7 @@ class Trainer:
         training = payload["training"]
         self.optimizer.load_state_dict(training["optimizer"])
         self.step, self.epoch, self.bad_epochs = training["step"], training["epoch"], training["bad_epochs"]
+        self.average, self.averaged_epochs = training["average"], training["averaged_epochs"]
         self.best, self.history = payload["best"], payload["metrics"]
 
     # -- logging -----------------------------------------------------------
@@ -173,11 +179,31 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------
 
-    def _improved(self, metrics: dict[str, float]) -> bool:
-        if self.best is None:
+    def _better(self, new: dict[str, float], old: dict[str, float] | None) -> bool:
+        if old is None:
             return True
-        new, old = metrics[self.task.metric], self.best[self.task.metric]
-        return new > old if self.task.higher_is_better else new < old
+        a, b = new[self.task.metric], old[self.task.metric]
+        return a > b if self.task.higher_is_better else a < b
+
+    def _averaged_candidate(self, metrics: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
+        """Fold this epoch's weights into the running average; return the better of (epoch, average)
+        as (metrics, state_dict or None for the model's own)."""
+        n = self.averaged_epochs
+        state = self.model.state_dict()
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in state.items()}
+        else:
+            for key, value in state.items():
+                if value.is_floating_point():
+                    self.average[key].mul_(n / (n + 1)).add_(value, alpha=1 / (n + 1))
+        self.averaged_epochs += 1
+        averaged = self.task.build_model().to(self.device)
+        averaged.load_state_dict(self.average)
+        average_metrics = {**metrics, **self.task.evaluate(averaged, self.device), "weights": "average"}
+        metrics["average"] = {k: average_metrics[k] for k in average_metrics if k.startswith("val_")}
+        if self._better(average_metrics, metrics):
+            return average_metrics, {k: v.clone() for k, v in self.average.items()}
+        return metrics, None
 
     def _train_step(self, model: nn.Module, batch, steps_per_epoch: int) -> tuple[float, float]:
         lr = learning_rate(self.config, self.step, steps_per_epoch)
@@ -249,18 +275,23 @@ class Trainer:
                 **self.task.evaluate(self.model, self.device),
                 "seconds": time.time() - started,
             }
+            candidate, weights = metrics, None
+            if self.config.average_from and self.epoch >= self.config.average_from:
+                candidate, weights = self._averaged_candidate(metrics)
             self.history.append(metrics)
-            improved = self._improved(metrics)
+            improved = self._better(candidate, self.best)
             self.bad_epochs = 0 if improved else self.bad_epochs + 1
             if improved:
-                self.best = metrics
+                self.best = candidate
             self._log({"type": "epoch", **metrics})
             if self.distributed.is_main:
                 if improved:
-                    save_atomic(self._payload(with_training_state=False), self.out_dir / "best.pt")
+                    save_atomic(self._payload(False, weights), self.out_dir / "best.pt")
                 save_atomic(self._payload(with_training_state=True), self.out_dir / "last.pt")
                 plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
-                summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step"))
+                summary = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                if "average" in metrics:
+                    summary += ", average: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["average"].items())
                 tqdm.write(f"epoch {self.epoch}: {summary}" + (" (best)" if improved else ""))
         if self.distributed.is_main and self.bad_epochs >= self.config.patience:
             tqdm.write(f"early stop: no improvement of {self.task.metric} in {self.config.patience} epochs")
