@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import numpy as np
 
 from lstm_server.codec import CharCodec
+from lstm_server.errors import ServiceError
 from lstm_server.generation import GenerationEngine
 from lstm_server.metrics import Metrics
 from lstm_server.sampling import Sampling
@@ -99,3 +101,63 @@ def test_cancel_feeds_the_last_character_and_frees_the_session() -> None:
     assert text == "bbb" and turn.complete and not turn.session.busy
     assert turn.session.tokens_seen == 2 + 3
     assert turn.engine.slots.h[0, turn.session.slot, 0] == 5  # every counted character was fed
+
+
+class FailingOnce(CountingModel):
+    """Fails the first batched step (batch > 1), then works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def run(self, inputs):
+        if inputs["tokens"].shape[0] > 1 and not self.failed:
+            self.failed = True
+            raise RuntimeError("device lost")
+        return super().run(inputs)
+
+
+def test_a_failed_model_step_ends_its_turns_with_an_error_and_the_engine_keeps_serving() -> None:
+    async def scenario():
+        model = FailingOnce()
+        engine = GenerationEngine("m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), 8, 1000, 0.0, Metrics())
+        engine.start()
+        turns = [
+            engine.submit(session(engine, str(i)), np.array([0]), Sampling(temperature=0, max_tokens=50))
+            for i in range(3)
+        ]
+        outcomes = await asyncio.gather(*(read_all(t) for t in turns), return_exceptions=True)
+        after = engine.submit(session(engine, "later"), np.array([0]), Sampling(temperature=0, max_tokens=5))
+        text = await asyncio.wait_for(read_all(after), 10)
+        await engine.stop()
+        return outcomes, turns, text
+
+    outcomes, turns, text = asyncio.run(scenario())
+    failed = [o for o in outcomes if isinstance(o, ServiceError)]
+    assert failed and all(o.code == grpc.StatusCode.INTERNAL and "device lost" in o.message for o in failed)
+    assert all(not t.session.busy for t in turns) and text == "bbbbb"
+
+
+def test_closing_a_session_mid_turn_aborts_the_stream_and_frees_the_slot_once() -> None:
+    async def scenario():
+        engine, _ = make_engine(buffer=4)
+        engine.start()
+        closing = session(engine, "x")
+        turn = engine.submit(closing, np.array([0]), Sampling(temperature=0, max_tokens=1000))
+        await asyncio.sleep(0.05)
+        engine.close(closing)
+        engine.close(session(engine, "idle-one"))  # an idle session is freed at once
+        try:
+            await asyncio.wait_for(read_all(turn), 10)
+            outcome = None
+        except ServiceError as error:
+            outcome = error
+        await asyncio.sleep(0.05)
+        await engine.stop()
+        return engine, outcome
+
+    engine, outcome = asyncio.run(scenario())
+    assert (
+        outcome is not None and outcome.code == grpc.StatusCode.ABORTED and "closed during the turn" in outcome.message
+    )
+    assert engine.slots.used == 0 and sorted(engine.slots._free) == list(range(16))  # each slot back exactly once

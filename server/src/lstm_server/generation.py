@@ -151,6 +151,8 @@ class Turn:
                 tokens_seen = self.session.tokens_seen
             if complete and error is not None:
                 raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {error}") from error
+            if complete and self.session.closed and self.finish_reason is None:
+                raise ServiceError(grpc.StatusCode.ABORTED, f"session {self.session.id} was closed during the turn")
             if complete:
                 yield Chunk(text, tokens_seen, self.finish_reason or LENGTH)
                 return
@@ -243,6 +245,21 @@ class GenerationEngine:
         session.turn = turn
         self._post(partial(self._admit, turn, ids))
         return turn
+
+    def close(self, session: Session) -> None:
+        """Mark a session closed and free its slot once nothing uses it: at once if idle, when its turn ends
+        (the turn is cancelled), or after its pending prefill."""
+        with self.lock:
+            session.closed = True
+            if session.turn is not None:
+                session.turn.cancelled = True
+                self.lock.notify()
+                return
+            if session.busy:
+                self._jobs.append(partial(self.slots.release, session.slot))
+                self.lock.notify()
+                return
+        self.slots.release(session.slot)
 
     def _flush_notifications(self) -> None:
         with self.lock:
@@ -358,7 +375,16 @@ class GenerationEngine:
             for job in jobs:
                 job()
             if batch:
-                self._step(batch)
+                try:
+                    self._step(batch)
+                except Exception as error:  # the model failed: end these turns, keep serving the others
+                    log.exception("model step failed for %d sessions", len(batch))
+                    with self.lock:
+                        for turn in batch:
+                            if not turn.complete:
+                                turn.finish(error)
+                                self._turns.remove(turn)
+                        self._notify(batch)
                 now = time.perf_counter()
                 if last_step is not None:
                     self.metrics.inter_token_latency.labels(self.name).observe(now - last_step)

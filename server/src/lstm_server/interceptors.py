@@ -64,6 +64,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await context.send_initial_metadata((("x-replica", self.replica),))
             try:
                 response = await behavior(request, context)
+            except asyncio.CancelledError:
+                self._finish(method, _ended(context), started)
+                raise
             except ServiceError as error:
                 self._finish(method, error.code, started, error.message)
                 await context.abort(error.code, error.message)
@@ -87,7 +90,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(method, error.code, started, error.message)
                 await context.abort(error.code, error.message)
             except (asyncio.CancelledError, GeneratorExit):
-                self._finish(method, grpc.StatusCode.CANCELLED, started)
+                self._finish(method, _ended(context), started)
                 raise
             except Exception as error:
                 self._finish(method, grpc.StatusCode.INTERNAL, started, repr(error))
@@ -97,3 +100,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(method, grpc.StatusCode.OK, started)
 
         return wrapped
+
+
+def _ended(context) -> grpc.StatusCode:
+    """Why a call stopped early: its deadline passed, or the client cancelled it."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED

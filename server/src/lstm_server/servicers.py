@@ -76,10 +76,7 @@ class Core:
 
     def close(self, session_id: str) -> None:
         session = self.sessions.remove(session_id)
-        if session.turn is not None:
-            session.turn.cancel()  # the slot is released when the turn ends
-        else:
-            self.engine(session).slots.release(session.slot)
+        self.engine(session).close(session)
         self._gauge(session.model)
 
     def idle(self, session_id: str) -> Session:
@@ -100,6 +97,9 @@ class Core:
             session.busy = True
             try:
                 await model.engine.read(session, ids)
+            except BaseException:  # failed or cancelled: nobody will ever know this session's id
+                self.close(session.id)
+                raise
             finally:
                 session.busy = False
         return session
@@ -191,6 +191,7 @@ class GenerationService(rpc.GenerationServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:
         turn = self.core.start_turn(request.session_id, request.prompt, request.sampling, request.unknown_characters)
+        context.add_done_callback(lambda _: turn.cancel())
         try:
             async for chunk in turn.chunks():
                 yield pb.GenerateResponse(
@@ -218,6 +219,7 @@ class GenerationService(rpc.GenerationServicer):
             elif which is not None:
                 raise invalid("only the first Chat message may name or create the session")
             turn = self.core.start_turn(session.id, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT)
+            context.add_done_callback(lambda _, turn=turn: turn.cancel())
             try:
                 async for chunk in turn.chunks():
                     yield pb.ChatResponse(

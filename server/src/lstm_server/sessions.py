@@ -88,9 +88,9 @@ class SessionTable:
         return session
 
     def remove(self, session_id: str) -> Session:
+        """Take the session out of the table (its engine marks it closed and frees its slot)."""
         session = self.get(session_id)
         del self._sessions[session_id]
-        session.closed = True
         return session
 
     def sessions(self, model: str = "") -> list[Session]:
