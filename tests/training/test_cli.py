@@ -95,3 +95,31 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path, corpus_file, capsys) -> None:
         pytest.skip("a GPU is present")
     assert main(["charlm", "--data", str(corpus_file), "--out", str(tmp_path), "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_sentiment_resume_keeps_the_checkpoints_tokenizer(tmp_path, sst_files, monkeypatch) -> None:
+    import lstm_training.cli as cli
+
+    train, dev = sst_files
+    out = tmp_path / "out"
+    common = [
+        "sentiment",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--out",
+        str(out),
+        "--tokenizer-vocab-size",
+        "80",
+        *SMALL,
+    ]
+    assert main([*common, "--epochs", "1"]) == 0
+    first = load_checkpoint(out / "last.pt")["tokenizer"]
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("resume trained a new tokenizer")
+
+    monkeypatch.setattr(cli, "train_tokenizer", must_not_train)
+    assert main([*common, "--epochs", "2", "--resume", str(out / "last.pt")]) == 0
+    assert load_checkpoint(out / "last.pt")["tokenizer"] == first

@@ -9,11 +9,11 @@ from dataclasses import fields
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_checkpoint
 from .data import CharVocab, DataError, read_sst2, resolve_corpus, sha256_file, split_text
 from .models import CharLMConfig, ClassifierConfig
 from .tasks import ClassificationTask, LanguageModelTask
-from .tokenizer import train_tokenizer
+from .tokenizer import load_tokenizer, train_tokenizer
 from .trainer import TrainConfig, Trainer, TrainingDiverged, init_distributed
 
 SENTIMENT_LABELS = ["negative", "positive"]
@@ -78,7 +78,10 @@ def make_task(args: argparse.Namespace, rank: int, world_size: int):
         task = LanguageModelTask(train_ids, val_ids, vocab, config, args.batch_size, args.seq_len, rank, world_size)
         return task, sha256_file(path)
     train, dev = read_sst2(args.train), read_sst2(args.dev)
-    tokenizer = train_tokenizer((text for text, _ in train), vocab_size=args.tokenizer_vocab_size)
+    if args.resume:  # the weights belong to the checkpoint's token ids
+        tokenizer = load_tokenizer(load_checkpoint(args.resume, expected_kind="sentiment")["tokenizer"])
+    else:
+        tokenizer = train_tokenizer((text for text, _ in train), vocab_size=args.tokenizer_vocab_size)
     config = _pick(args, ClassifierConfig, vocab_size=tokenizer.get_vocab_size(), num_labels=len(SENTIMENT_LABELS))
     task = ClassificationTask(train, dev, tokenizer, SENTIMENT_LABELS, config, args.batch_size, rank, world_size)
     return task, sha256_file(args.train)
