@@ -1,11 +1,11 @@
-# make install | test | serve | lint | proto | train-charlm | train-sentiment
+# make install | test | serve | lint | proto | train-charlm | train-sentiment | export-models
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIECES := training export server client
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve lint proto train-charlm train-sentiment clean
+.PHONY: install test serve lint proto train-charlm train-sentiment export-models clean
 
 install: $(STAMP)
 
@@ -29,7 +29,8 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=client/src --grpc_python_out=client/src \
 	  --pyi_out=client/src proto/lstm/v1/lstm.proto
 
-# The commands that trained the shipped checkpoints (models/README.md); DATA points at the real data.
+# The commands that trained the shipped checkpoints and exported the shipped entries (models/README.md).
+# DATA points at the real data; the checkpoints land in runs/ and are copied to models/checkpoints/.
 DATA ?= ../shared/data
 train-charlm: install
 	$(BIN)/lstm-train charlm --data $(DATA)/tinyshakespeare/input.txt --out runs/charlm \
@@ -37,7 +38,20 @@ train-charlm: install
 	  --lr 2e-3 --lr-decay 0.93 --warmup-steps 200 --epochs 60 --patience 4
 
 train-sentiment: install
-	$(BIN)/lstm-train sentiment --train $(DATA)/sst2/train.tsv --dev $(DATA)/sst2/dev.tsv --out runs/sentiment
+	$(BIN)/lstm-train sentiment --train $(DATA)/sst2/train.tsv --dev $(DATA)/sst2/dev.tsv --out runs/sentiment \
+	  --tokenizer-vocab-size 16000 --embedding-dim 256 --hidden-size 256 --dropout 0.5 --batch-size 64 \
+	  --lr 2e-3 --lr-decay 0.8 --epochs 6 --patience 3 --average-from 2 --seed $(SENTIMENT_SEED)
+SENTIMENT_SEED ?= 1337
+
+export-models: install
+	$(BIN)/lstm-export models/checkpoints/charlm/best.pt --out models/charlm/1 --force \
+	  --eval-data $(DATA)/tinyshakespeare/input.txt
+	$(BIN)/lstm-export models/checkpoints/sentiment/best.pt --out models/sentiment/1 --force \
+	  --eval-data $(DATA)/sst2/dev.tsv
+	$(BIN)/lstm-export models/checkpoints/charlm/best.pt --out models/charlm/2 --force --quantize \
+	  --eval-data $(DATA)/tinyshakespeare/input.txt
+	$(BIN)/lstm-export models/checkpoints/sentiment/best.pt --out models/sentiment/2 --force --quantize \
+	  --eval-data $(DATA)/sst2/dev.tsv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -138,10 +138,3 @@ def test_tokenizer_unseen_words_and_empty_text() -> None:
     assert tokenizer.token_to_id("[PAD]") == 0
     restored = load_tokenizer(tokenizer.to_str())
     assert restored.encode("the film is good").ids == tokenizer.encode("the film is good").ids
-
-
-def test_tokenizer_training_is_deterministic() -> None:
-    texts = [f"{w} film , it 's {v}" for w in ("good", "bad", "dull", "sweet") for v in ("fine", "odd", "new")] * 3
-    first, second = train_tokenizer(texts, vocab_size=40), train_tokenizer(list(reversed(texts)), vocab_size=40)
-    assert first.get_vocab() == second.get_vocab()
-    assert first.get_vocab_size() == 40 and first.token_to_id("film") is not None  # the most frequent words made it

@@ -4,16 +4,15 @@ SST-2 is lower-cased with punctuation split off and contractions cut before
 ``n't`` and the apostrophe (``does n't``, ``it 's``). Raw user text is brought
 to the same form: Unicode NFKC, lower case, curly quotes made straight, then a
 pre-tokenizer that splits contractions and punctuation the SST way. Words never
-seen in training fall back to word pieces (down to single characters), and
-only characters never seen at all become ``[UNK]``.
+seen in training fall back to word pieces, and only characters never seen at
+all become ``[UNK]``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD = "[PAD]"
 UNK = "[UNK]"
@@ -42,26 +41,18 @@ def _pipeline(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 16000, min_frequency: int = 1) -> Tokenizer:
-    """A WordPiece tokenizer whose vocabulary is a pure function of ``texts``.
+    """A WordPiece tokenizer trained on ``texts``; ``[PAD]`` is id 0 and ``[UNK]`` id 1.
 
-    The vocabulary is ``[PAD]`` (id 0), ``[UNK]`` (id 1), every character seen,
-    alone and as a ``##`` continuation (so an unseen word falls back to known
-    pieces), then whole words by frequency, ties in alphabetical order, up to
-    ``vocab_size``. (The library's WordPiece trainer breaks ties in hash order,
-    so two runs on the same data can differ; this one cannot.)
+    The library's trainer breaks ties between equally frequent merges in hash
+    order, so two trainings on the same data can end with slightly different
+    vocabularies: the tokenizer is therefore saved in the checkpoint, and a
+    resumed run reuses it.
     """
-    tokenizer = _pipeline(Tokenizer(models.WordPiece(vocab={PAD: 0, UNK: 1}, unk_token=UNK)))
-    counts: Counter[str] = Counter()
-    for text in texts:
-        normalized = tokenizer.normalizer.normalize_str(text)
-        counts.update(word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized))
-    chars = sorted({ch for word in counts for ch in word})
-    vocab = [PAD, UNK, *chars, *(f"##{ch}" for ch in chars)]
-    words = sorted((w for w, n in counts.items() if n >= min_frequency and len(w) > 1), key=lambda w: (-counts[w], w))
-    vocab += words[: max(0, vocab_size - len(vocab))]
-    tokenizer.model = models.WordPiece(
-        vocab={token: i for i, token in enumerate(vocab)}, unk_token=UNK, max_input_chars_per_word=64
+    tokenizer = _pipeline(Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=64)))
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[PAD, UNK], show_progress=False
     )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
 
