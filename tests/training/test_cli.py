@@ -123,3 +123,43 @@ def test_sentiment_resume_keeps_the_checkpoints_tokenizer(tmp_path, sst_files, m
     monkeypatch.setattr(cli, "train_tokenizer", must_not_train)
     assert main([*common, "--epochs", "2", "--resume", str(out / "last.pt")]) == 0
     assert load_checkpoint(out / "last.pt")["tokenizer"] == first
+
+
+def test_compact_checkpoint_halves_the_weights_and_keeps_the_outputs(tmp_path, sst_files) -> None:
+    train, dev = sst_files
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "sentiment",
+                "--train",
+                str(train),
+                "--dev",
+                str(dev),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--tokenizer-vocab-size",
+                "80",
+                "--embedding-dim",
+                "64",
+                "--hidden-size",
+                "64",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert main(["compact", str(out / "best.pt"), "--out", str(tmp_path / "small.pt")]) == 0
+    full, small = load_checkpoint(out / "best.pt"), load_checkpoint(tmp_path / "small.pt")
+    assert small["weights_stored_as"] == "float16" and "training" not in small
+    assert (tmp_path / "small.pt").stat().st_size < 0.6 * (out / "best.pt").stat().st_size
+    tokens, lengths = torch.tensor([[5, 6, 7, 8]]), torch.tensor([4])
+    a, b = model_from_checkpoint(full), model_from_checkpoint(small)
+    assert next(b.parameters()).dtype == torch.float32
+    torch.testing.assert_close(
+        b(tokens, lengths, *b.initial_state(1))[0], a(tokens, lengths, *a.initial_state(1))[0], atol=1e-2, rtol=0
+    )
+    assert main(["compact", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2

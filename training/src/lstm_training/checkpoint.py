@@ -73,3 +73,16 @@ def model_from_checkpoint(payload: dict[str, Any]) -> nn.Module:
     model = build_model(payload["kind"], payload["config"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
+
+
+def compact_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> dict[str, Any]:
+    """Write ``source`` with its floating-point weights stored as float16 (half the size) and no training
+    state; loading casts them back to float32. Returns the written payload (``weights_stored_as`` says so)."""
+    payload = load_checkpoint(source)
+    payload.pop("training", None)
+    payload["state_dict"] = {
+        name: value.half() if value.is_floating_point() else value for name, value in payload["state_dict"].items()
+    }
+    payload["weights_stored_as"] = "float16"
+    save_atomic(payload, target)
+    return payload

@@ -9,7 +9,7 @@ from dataclasses import fields
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, compact_checkpoint, load_checkpoint
 from .data import CharVocab, DataError, read_sst2, resolve_corpus, sha256_file, split_text
 from .models import CharLMConfig, ClassifierConfig
 from .tasks import ClassificationTask, LanguageModelTask
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     sentiment.add_argument("--tokenizer-vocab-size", type=int, default=16000)
     _add_dataclass_options(sentiment, ClassifierConfig, skip=("vocab_size", "num_labels", "pad_id"))
 
+    compact = commands.add_parser("compact", help="store a checkpoint's weights as float16 (half the size)")
+    compact.add_argument("checkpoint", help="a best.pt")
+    compact.add_argument("--out", required=True, help="where to write the compact checkpoint")
+
     for sub in (charlm, sentiment):
         sub.add_argument("--out", required=True, help="directory for best.pt, last.pt, metrics.jsonl, curves.png")
         sub.add_argument("--resume", help="continue from this last.pt")
@@ -89,6 +93,13 @@ def make_task(args: argparse.Namespace, rank: int, world_size: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model == "compact":
+        try:
+            compact_checkpoint(args.checkpoint, args.out)
+        except CheckpointError as error:
+            print(f"lstm-train: {error}", file=sys.stderr)
+            return 2
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("lstm-train: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
         return 2
