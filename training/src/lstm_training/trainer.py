@@ -149,7 +149,7 @@ class Trainer:
         training = payload["training"]
         self.optimizer.load_state_dict(training["optimizer"])
         self.step, self.epoch, self.bad_epochs = training["step"], training["epoch"], training["bad_epochs"]
-        self.average, self.averaged_epochs = training["average"], training["averaged_epochs"]
+        self.average, self.averaged_epochs = training.get("average"), training.get("averaged_epochs", 0)
         self.best, self.history = payload["best"], payload["metrics"]
 
     # -- logging -----------------------------------------------------------
