@@ -83,7 +83,7 @@ def test_sigterm_drains_streams_and_exits_zero(exported, tmp_path) -> None:
         reader.start()
         wait_for(lambda: received)
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=1.0)
+        wait_for(lambda: health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2.0)
         reader.join(30)
         assert finished.is_set() and len("".join(received)) == 3000, "the running stream was cut off"
         assert process.wait(30) == 0
