@@ -58,7 +58,7 @@ def test_sigterm_drains_streams_and_exits_zero(exported, tmp_path) -> None:
             "--metrics-port",
             "0",
             "--drain-delay-s",
-            "1.0",
+            "2.0",
             "--grace-period-s",
             "20",
             "--threads",
