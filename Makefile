@@ -39,9 +39,9 @@ train-charlm: install
 
 train-sentiment: install
 	$(BIN)/lstm-train sentiment --train $(DATA)/sst2/train.tsv --dev $(DATA)/sst2/dev.tsv --out runs/sentiment \
-	  --tokenizer-vocab-size 16000 --embedding-dim 256 --hidden-size 256 --dropout 0.5 --batch-size 64 \
-	  --lr 2e-3 --lr-decay 0.8 --epochs 6 --patience 3 --average-from 2 --seed $(SENTIMENT_SEED)
-SENTIMENT_SEED ?= 1337
+	  --embedding-dim 256 --hidden-size 256 --dropout 0.5 --batch-size 64 --lr 2e-3 --lr-decay 0.8 \
+	  --epochs 12 --patience 4
+	$(BIN)/lstm-train compact runs/sentiment/best.pt --out models/checkpoints/sentiment/best.pt
 
 export-models: install
 	$(BIN)/lstm-export models/checkpoints/charlm/best.pt --out models/charlm/1 --force \
