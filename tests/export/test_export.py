@@ -132,7 +132,7 @@ def test_a_backend_mismatch_fails_the_export_and_writes_nothing(checkpoints, tmp
     monkeypatch.setattr(pipeline, "export_torchscript", perturbed)
     with pytest.raises(VerificationError, match=r"TorchScript vs eager PyTorch, batch 1, time 1: logits differs by"):
         export_checkpoint(checkpoints["charlm"], tmp_path / "charlm" / "1")
-    assert list((tmp_path / "charlm").iterdir()) == []
+    assert not (tmp_path / "charlm").exists()  # not even the folder this export created
 
 
 def test_quantized_version_records_quality_and_speed(checkpoints, exported, tmp_path) -> None:
@@ -194,3 +194,25 @@ def test_manifest_is_valid_json_with_the_design_fields(exported) -> None:
     ):
         assert key in manifest, key
     assert manifest["training"]["command"] and manifest["training"]["data_sha256"]
+
+
+def test_export_refuses_what_it_cannot_describe_honestly(checkpoints, tmp_path, capsys) -> None:
+    last = checkpoints["charlm"].with_name("last.pt")
+    assert export_main([str(last), "--out", str(tmp_path / "m" / "charlm" / "1")]) == 2
+    assert "resumable last.pt; export the best.pt" in capsys.readouterr().err
+    assert export_main([str(checkpoints["charlm"]), "--out", str(tmp_path / "m" / "charlm" / "01")]) == 2
+    assert "must be the version number" in capsys.readouterr().err
+    missing = tmp_path / "missing.txt"
+    assert (
+        export_main(
+            [str(checkpoints["charlm"]), "--out", str(tmp_path / "m" / "charlm" / "1"), "--eval-data", str(missing)]
+        )
+        == 2
+    )
+    assert f"--eval-data {missing} is not a file" in capsys.readouterr().err
+    from lstm_training.checkpoint import compact_checkpoint
+
+    compact_checkpoint(checkpoints["charlm"], tmp_path / "small.pt")
+    assert export_main([str(tmp_path / "small.pt"), "--out", str(tmp_path / "m" / "charlm" / "1")]) == 2
+    assert "stores its weights as float16: give --eval-data" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -204,3 +205,25 @@ def test_weight_averaging_is_the_mean_of_the_epochs_and_ships_when_better(tmp_pa
     resumed = run(3, average_from=1, out="resumed", resume=str(tmp_path / "resumed" / "last.pt"))
     for key, value in averaged.average.items():
         torch.testing.assert_close(resumed.average[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_resume_refuses_other_options_and_keeps_one_log(tmp_path) -> None:
+    train(tmp_path, epochs=1)
+    other_model = Trainer(lm_task(hidden=30), TrainConfig(epochs=2), tmp_path, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"other options \(hidden_size\)"):
+        other_model.resume(tmp_path / "last.pt")
+    other_lr = Trainer(
+        lm_task(), TrainConfig(epochs=2, lr=1e-3, warmup_steps=5, seed=7, log_every=1), tmp_path, torch.device("cpu")
+    )
+    with pytest.raises(ValueError, match=r"other options \(lr\)"):
+        other_lr.resume(tmp_path / "last.pt")
+    train(tmp_path, epochs=2, resume=str(tmp_path / "last.pt"))
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if '"type": "step"' in line
+    ]
+    assert steps == sorted(set(steps))  # no step logged twice
+    train(tmp_path, epochs=1)  # a fresh run into the same folder starts a fresh log
+    epochs = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
+    assert len(epochs) == 1

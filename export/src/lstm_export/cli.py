@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lstm_server.model_repository import ModelRepositoryError
 from lstm_training.checkpoint import CheckpointError
+from lstm_training.data import DataError
 
 from .exporter import DEFAULT_OPSET
 from .pipeline import ExportError, export_checkpoint
@@ -18,8 +19,7 @@ from .verify import VerificationError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lstm-export", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="a best.pt written by lstm-train")
-    parser.add_argument("--out", type=Path, required=True, help="models/<name>/<version>")
-    parser.add_argument("--name", help="model name (default: the directory above the version)")
+    parser.add_argument("--out", type=Path, required=True, help="models/<name>/<version>: the name is the model's")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {DEFAULT_OPSET} or newer")
     parser.add_argument(
         "--eval-data", type=Path, help="measure quality with onnxruntime: the corpus (language model) or a dev TSV"
@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["lstm-export", *(sys.argv[1:] if argv is None else argv)])
     try:
         manifest = export_checkpoint(
-            args.checkpoint, args.out, args.name, args.opset, args.eval_data, args.quantize, args.force, command
+            args.checkpoint, args.out, args.opset, args.eval_data, args.quantize, args.force, command
         )
-    except (CheckpointError, ExportError, VerificationError, ModelRepositoryError, ValueError) as error:
+    except (CheckpointError, ExportError, VerificationError, ModelRepositoryError, DataError, ValueError) as error:
         print(f"lstm-export: {error}", file=sys.stderr)
         return 2
     quality = manifest["quality"]

@@ -24,6 +24,7 @@ from lstm_server.model_repository import (
     ONNX_FILE,
     TOKENIZER_FILE,
     TORCHSCRIPT_FILE,
+    ModelRepositoryError,
     expected_signature,
     list_entries,
     load_entry,
@@ -49,13 +50,16 @@ def _task_of(payload: dict[str, Any], checkpoint: Path) -> str:
 
 
 def _check_target(out: Path, name: str, task: str, force: bool) -> int:
-    if not out.name.isdigit():
+    if not out.name.isdigit() or str(int(out.name)) != out.name:
         raise ExportError(f"--out {out}: the last directory must be the version number, as in models/{name}/1")
     root = out.parent.parent
     for version in list_entries(root).get(name, []):
         if version == int(out.name):
             continue
-        other = json.loads((root / name / str(version) / MANIFEST).read_text())
+        try:
+            other = load_entry(root / name / str(version)).manifest
+        except ModelRepositoryError as error:
+            raise ExportError(f"cannot check the existing versions of {name}: {error}") from error
         if other["task"] != task:
             raise ExportError(
                 f"{root / name} holds {other['task']} models (version {version}); this checkpoint is a {task} "
@@ -151,10 +155,42 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def _check_inputs(payload: dict[str, Any], checkpoint: Path, eval_data: Path | None, quantize: bool) -> None:
+    if "training" in payload:
+        raise ExportError(f"{checkpoint} is a resumable last.pt; export the best.pt of the run")
+    if eval_data is not None and not eval_data.is_file():
+        raise ExportError(f"--eval-data {eval_data} is not a file")
+    if eval_data is None and quantize:
+        raise ExportError("--quantize needs --eval-data to measure the quality change")
+    if eval_data is None and "weights_stored_as" in payload:
+        raise ExportError(
+            f"{checkpoint} stores its weights as {payload['weights_stored_as']}: give --eval-data so the "
+            "manifest carries the quality of these weights, not the training figure"
+        )
+
+
+def _replace(work: Path, out: Path) -> None:
+    """Move the staged entry into place, read it back as the server will, and restore the old one on failure."""
+    old = out.with_name(f".{out.name}.replaced") if out.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    work.chmod(0o755)
+    work.rename(out)
+    try:
+        load_entry(out)
+    except Exception:
+        shutil.rmtree(out)
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def export_checkpoint(
     checkpoint: Path,
     out: Path,
-    name: str | None = None,
     opset: int = DEFAULT_OPSET,
     eval_data: Path | None = None,
     quantize: bool = False,
@@ -164,11 +200,11 @@ def export_checkpoint(
     """Export, verify and write one model repository entry; returns its manifest."""
     payload = load_checkpoint(checkpoint)
     task = _task_of(payload, checkpoint)
-    name = name or out.parent.name
+    name = out.parent.name
     version = _check_target(out, name, task, force)
-    if quantize and eval_data is None:
-        raise ExportError("--quantize needs --eval-data to measure the quality change")
+    _check_inputs(payload, checkpoint, eval_data, quantize)
     model = model_from_checkpoint(payload)
+    created_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -191,15 +227,11 @@ def export_checkpoint(
             manifest["backends"] = ["onnxruntime"]
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(work.iterdir())}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        work.chmod(0o755)
-        work.rename(out)
+        _replace(work, out)
+    except BaseException:
+        if created_parent:
+            shutil.rmtree(out.parent, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    try:
-        load_entry(out)  # read back exactly as the server will
-    except Exception:
-        shutil.rmtree(out)
-        raise
     return manifest

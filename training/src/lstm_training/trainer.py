@@ -143,16 +143,39 @@ class Trainer:
         payload = load_checkpoint(path, expected_kind=self.task.kind)
         if "training" not in payload:
             raise ValueError(f"{path} has no training state; resume from last.pt, not best.pt")
+        if payload["config"] != asdict(self.task.config):
+            differs = sorted(k for k in payload["config"] if payload["config"][k] != asdict(self.task.config).get(k))
+            raise ValueError(
+                f"{path} is a model with other options ({', '.join(differs)}): resume with the run's options"
+            )
+        options = {k: v for k, v in payload["training"]["train_config"].items() if k not in ("epochs", "patience")}
+        mine = {k: v for k, v in asdict(self.config).items() if k in options}
+        if options != mine:
+            differs = sorted(k for k in options if options[k] != mine.get(k))
+            raise ValueError(
+                f"{path} was trained with other options ({', '.join(differs)}): resume with the same "
+                "ones (only --epochs and --patience may change)"
+            )
         if self.data_sha256 and payload["data_sha256"] != self.data_sha256:
             raise ValueError(f"{path} was trained on data with sha256 {payload['data_sha256']}, not {self.data_sha256}")
         self.model.load_state_dict(payload["state_dict"])
         training = payload["training"]
         self.optimizer.load_state_dict(training["optimizer"])
         self.step, self.epoch, self.bad_epochs = training["step"], training["epoch"], training["bad_epochs"]
-        self.average, self.averaged_epochs = training.get("average"), training.get("averaged_epochs", 0)
+        average = training.get("average")
+        self.average = {k: v.to(self.device) for k, v in average.items()} if average else None
+        self.averaged_epochs = training.get("averaged_epochs", 0)
+        self._trim_log()
         self.best, self.history = payload["best"], payload["metrics"]
 
     # -- logging -----------------------------------------------------------
+
+    def _trim_log(self) -> None:
+        """Keep the log's records up to the resumed step: a crashed epoch's steps are logged again."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.distributed.is_main and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.distributed.is_main:
@@ -234,6 +257,8 @@ class Trainer:
         if self.distributed.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.step == 0 and self.distributed.is_main:  # a fresh run starts a fresh log
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
         steps_per_epoch = self.task.steps_per_epoch()
         if self.config.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, self.config.max_steps_per_epoch)
