@@ -23,7 +23,7 @@ from serve_generation import percentile, start_server
 from tokenizers import Tokenizer
 
 from lstm_client import AsyncClient
-from lstm_server.model_repository import load_latest
+from lstm_server.model_repository import load_entry
 
 FALLBACK = ["a gorgeous , moving film", "dull and lifeless", "the best acting of the year", "it does n't work at all"]
 
@@ -55,8 +55,8 @@ async def served(address: str, sentences: list[str], clients: int, seconds: floa
         return sum(counts) / (time.perf_counter() - started), latencies
 
 
-def in_process(models: Path, sentences: list[str], batch: int, threads: int) -> float:
-    entry = load_latest(models, "sentiment")
+def in_process(models: Path, version: int, sentences: list[str], batch: int, threads: int) -> float:
+    entry = load_entry(models / "sentiment" / str(version))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(entry.file("model.onnx")), options, providers=["CPUExecutionProvider"])
@@ -82,10 +82,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--version", type=int, default=1, help="the sentiment version served and run in-process")
     args = parser.parse_args()
     sentences = load_sentences(args.sentences)
-    ceiling = in_process(args.models, sentences, 64, args.threads)
-    process, address = start_server(args.models, args.threads)
+    ceiling = in_process(args.models, args.version, sentences, 64, args.threads)
+    process, address = start_server(args.models, args.threads, f"sentiment={args.version}")
     try:
         rate, latencies = asyncio.run(served(address, sentences, args.clients, args.seconds))
     finally:
@@ -93,7 +94,7 @@ def main() -> None:
         process.wait(30)
     print(
         f"{len(sentences)} sentences ({args.sentences if args.sentences.is_file() else 'built-in'}), "
-        f"{args.clients} clients, {args.threads} threads\n"
+        f"{args.clients} clients, {args.threads} threads, sentiment version {args.version}\n"
     )
     print("| path | sentences/s | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|")

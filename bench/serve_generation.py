@@ -48,7 +48,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(models: Path, threads: int, versions: str = "") -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -68,6 +68,8 @@ def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
             "WARNING",
             "--drain-delay-s",
             "0",
+            "--model-versions",
+            versions,
         ],
     )
     deadline = time.time() + 60
@@ -162,16 +164,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="characters per served session")
     parser.add_argument("--naive-tokens", type=int, default=40, help="characters per naive request")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--version", type=int, default=1, help="the charlm version served and stepped in-process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    entry = load_entry(
-        args.models / "charlm" / str(max(int(p.name) for p in (args.models / "charlm").iterdir() if p.name.isdigit()))
-    )
+    entry = load_entry(args.models / "charlm" / str(args.version))
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(str(entry.file("model.onnx")), options, providers=["CPUExecutionProvider"])
     eager = CharLM(CharLMConfig(**entry.manifest["model_config"]))
-    eager.load_state_dict(torch.jit.load(str(entry.file("model.pt"))).state_dict())
+    fp32 = load_entry(args.models / "charlm" / "1")  # the naive loop runs the fp32 weights in eager PyTorch
+    eager.load_state_dict(torch.jit.load(str(fp32.file("model.pt"))).state_dict())
     eager.eval()
     index = {ch: i for i, ch in enumerate(entry.vocab)}
     layers, hidden = entry.num_layers, entry.hidden_size
@@ -179,7 +181,7 @@ def main() -> None:
         f"model {entry.path} ({layers} x {hidden}); {platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} threads; {args.tokens} chars per session\n"
     )
-    process, address = start_server(args.models, args.threads)
+    process, address = start_server(args.models, args.threads, f"charlm={args.version}")
     try:
         print(
             "| sessions | served chars/s | in-process chars/s | naive chars/s | served / in-process | served / naive "
