@@ -102,7 +102,9 @@ def test_the_design_example_works(server) -> None:
         }
         with client.session(model="charlm") as session:
             text = "".join(c.text for c in session.generate("KING:", max_tokens=30, temperature=0.8, seed=7))
+            assert session.id in {s.session_id for s in client.list_sessions("charlm")}
         assert len(text) == 30
+        assert session.id not in {s.session_id for s in client.list_sessions()}
 
 
 def test_async_session_streams_like_the_sync_one(server) -> None:
