@@ -204,6 +204,8 @@ class GenerationService(rpc.GenerationServicer):
 
     async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatResponse]:
         session: Session | None = None
+        current: list[Turn] = []  # the running turn, cancelled if the call ends under it
+        context.add_done_callback(lambda _: current and current[-1].cancel())
         async for message in request_iterator:
             which = message.WhichOneof("session")
             if session is None:
@@ -219,7 +221,7 @@ class GenerationService(rpc.GenerationServicer):
             elif which is not None:
                 raise invalid("only the first Chat message may name or create the session")
             turn = self.core.start_turn(session.id, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT)
-            context.add_done_callback(lambda _, turn=turn: turn.cancel())
+            current[:] = [turn]
             try:
                 async for chunk in turn.chunks():
                     yield pb.ChatResponse(
