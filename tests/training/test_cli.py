@@ -13,6 +13,12 @@ from lstm_training.tokenizer import encode, load_tokenizer
 SMALL = ["--embedding-dim", "8", "--hidden-size", "16", "--device", "cpu"]
 
 
+def sentiment_args(sst_files, out, *extra: str) -> list[str]:
+    """``lstm-train sentiment`` on the tiny SST files into ``out``, plus ``extra`` options."""
+    train, dev = sst_files
+    return ["sentiment", "--train", str(train), "--dev", str(dev), "--out", str(out), *extra]
+
+
 def test_charlm_cli_writes_a_checkpoint_that_loads(tmp_path, corpus_file) -> None:
     out = tmp_path / "out"
     assert (
@@ -48,18 +54,12 @@ def test_charlm_cli_writes_a_checkpoint_that_loads(tmp_path, corpus_file) -> Non
 
 
 def test_sentiment_cli_writes_a_checkpoint_that_loads(tmp_path, sst_files) -> None:
-    train, dev = sst_files
     out = tmp_path / "out"
     assert (
         main(
-            [
-                "sentiment",
-                "--train",
-                str(train),
-                "--dev",
-                str(dev),
-                "--out",
-                str(out),
+            sentiment_args(
+                sst_files,
+                out,
                 "--epochs",
                 "6",
                 "--batch-size",
@@ -71,7 +71,7 @@ def test_sentiment_cli_writes_a_checkpoint_that_loads(tmp_path, sst_files) -> No
                 "--lr",
                 "1e-2",
                 *SMALL,
-            ]
+            )
         )
         == 0
     )
@@ -100,20 +100,8 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path, corpus_file, capsys) -> None:
 def test_sentiment_resume_keeps_the_checkpoints_tokenizer(tmp_path, sst_files, monkeypatch) -> None:
     import lstm_training.cli as cli
 
-    train, dev = sst_files
     out = tmp_path / "out"
-    common = [
-        "sentiment",
-        "--train",
-        str(train),
-        "--dev",
-        str(dev),
-        "--out",
-        str(out),
-        "--tokenizer-vocab-size",
-        "80",
-        *SMALL,
-    ]
+    common = sentiment_args(sst_files, out, "--tokenizer-vocab-size", "80", *SMALL)
     assert main([*common, "--epochs", "1"]) == 0
     first = load_checkpoint(out / "last.pt")["tokenizer"]
 
@@ -126,18 +114,12 @@ def test_sentiment_resume_keeps_the_checkpoints_tokenizer(tmp_path, sst_files, m
 
 
 def test_compact_checkpoint_halves_the_weights_and_keeps_the_outputs(tmp_path, sst_files) -> None:
-    train, dev = sst_files
     out = tmp_path / "out"
     assert (
         main(
-            [
-                "sentiment",
-                "--train",
-                str(train),
-                "--dev",
-                str(dev),
-                "--out",
-                str(out),
+            sentiment_args(
+                sst_files,
+                out,
                 "--epochs",
                 "1",
                 "--tokenizer-vocab-size",
@@ -148,7 +130,7 @@ def test_compact_checkpoint_halves_the_weights_and_keeps_the_outputs(tmp_path, s
                 "64",
                 "--device",
                 "cpu",
-            ]
+            )
         )
         == 0
     )

@@ -11,7 +11,16 @@ from lstm.v1 import lstm_pb2 as pb
 
 from .client import RETRYABLE, Connection, backoff_delays
 from .errors import from_rpc_error
-from .results import UNKNOWN, Chunk, ClassifyResult, chunk_of, classify_results, replica_of, sampling_params
+from .results import (
+    Chunk,
+    ClassifyResult,
+    chunk_of,
+    classify_results,
+    create_request,
+    generate_request,
+    replica_of,
+    session_metadata,
+)
 
 
 class AsyncClient(Connection):
@@ -58,12 +67,7 @@ class AsyncClient(Connection):
         self, model: str = "charlm", prompt: str = "", unknown_characters: str = "reject", **defaults: Any
     ) -> AsyncSession:
         """Use as ``async with client.session(...) as session``: created on entry, closed on exit."""
-        request = pb.CreateSessionRequest(
-            model=model,
-            prompt=prompt,
-            defaults=sampling_params(**defaults),
-            unknown_characters=UNKNOWN[unknown_characters],
-        )
+        request = create_request(model, prompt, unknown_characters, defaults)
         return AsyncSession(self, request)
 
 
@@ -88,17 +92,12 @@ class AsyncSession:
         await self.close()
 
     def _metadata(self):
-        return (("x-session-id", self.id),)
+        return session_metadata(self.id)
 
     async def generate(
         self, prompt: str = "", *, timeout: float | None = None, unknown_characters: str = "reject", **sampling: Any
     ) -> AsyncIterator[Chunk]:
-        request = pb.GenerateRequest(
-            session_id=self.id,
-            prompt=prompt,
-            sampling=sampling_params(**sampling),
-            unknown_characters=UNKNOWN[unknown_characters],
-        )
+        request = generate_request(self.id, prompt, unknown_characters, sampling)
         call = self.client.generation.Generate(request, timeout=timeout, metadata=self._metadata())
         try:
             self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica

@@ -19,8 +19,10 @@ from .results import (
     StepResult,
     chunk_of,
     classify_results,
+    create_request,
+    generate_request,
     replica_of,
-    sampling_params,
+    session_metadata,
 )
 
 RETRYABLE = grpc.StatusCode.UNAVAILABLE
@@ -122,12 +124,7 @@ class Client(Connection):
         self, model: str = "charlm", prompt: str = "", unknown_characters: str = "reject", **defaults: Any
     ) -> Session:
         """A new session (closed when used as a context manager); ``defaults`` are sampling parameters."""
-        request = pb.CreateSessionRequest(
-            model=model,
-            prompt=prompt,
-            defaults=sampling_params(**defaults),
-            unknown_characters=UNKNOWN[unknown_characters],
-        )
+        request = create_request(model, prompt, unknown_characters, defaults)
         return Session(self, self.call(self.sessions.CreateSession, request, idempotent=False))
 
     def attach(self, session_id: str) -> Session:
@@ -163,7 +160,7 @@ class Session:
             self.close()
 
     def _metadata(self):
-        return (("x-session-id", self.id),)  # lets a gateway route every call of a session to one replica
+        return session_metadata(self.id)
 
     def _unary(self, method, request, idempotent: bool):
         response = self.client.call(method, request, idempotent=idempotent, metadata=self._metadata())
@@ -175,12 +172,7 @@ class Session:
     ) -> Iterator[Chunk]:
         """Append ``prompt``, then stream the generated characters (sampling: temperature, top_k, top_p,
         seed, max_tokens, stop). Leaving the loop early cancels the turn."""
-        request = pb.GenerateRequest(
-            session_id=self.id,
-            prompt=prompt,
-            sampling=sampling_params(**sampling),
-            unknown_characters=UNKNOWN[unknown_characters],
-        )
+        request = generate_request(self.id, prompt, unknown_characters, sampling)
         call = self.client.generation.Generate(request, timeout=timeout, metadata=self._metadata())
         try:
             self.last_replica = replica_of(call.initial_metadata()) or self.last_replica

@@ -52,6 +52,26 @@ def sampling_params(
     return params
 
 
+def create_request(model: str, prompt: str, unknown_characters: str, defaults: dict) -> pb.CreateSessionRequest:
+    return pb.CreateSessionRequest(
+        model=model, prompt=prompt, defaults=sampling_params(**defaults), unknown_characters=UNKNOWN[unknown_characters]
+    )
+
+
+def generate_request(session_id: str, prompt: str, unknown_characters: str, sampling: dict) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        session_id=session_id,
+        prompt=prompt,
+        sampling=sampling_params(**sampling),
+        unknown_characters=UNKNOWN[unknown_characters],
+    )
+
+
+def session_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
+    """Sent with every call of a session, so a gateway can route them all to one replica."""
+    return (("x-session-id", session_id),)
+
+
 def chunk_of(response: pb.GenerateResponse | pb.ChatResponse) -> Chunk:
     return Chunk(response.text, response.tokens_seen, FINISH.get(response.finish_reason))
 

@@ -40,7 +40,8 @@ class ClassifierEngine:
         self.pad_id = pad_id
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000
-        self.metrics = metrics
+        self._queue_wait = metrics.queue_wait.labels(name)
+        self._batch_size = metrics.batch_size.labels(name)
         self.unk_id = tokenizer.token_to_id("[UNK]")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._queue: list[tuple[list[int], asyncio.Future, float]] = []
@@ -94,12 +95,12 @@ class ClassifierEngine:
             taken.sort(key=lambda item: len(item[0]))
             now = time.perf_counter()
             for _, _, queued_at in taken:
-                self.metrics.queue_wait.labels(self.name).observe(now - queued_at)
+                self._queue_wait.observe(now - queued_at)
             for start in range(0, len(taken), self.max_batch):
                 chunk = [item for item in taken[start : start + self.max_batch] if not item[1].done()]
                 if not chunk:
                     continue
-                self.metrics.batch_size.labels(self.name).observe(len(chunk))
+                self._batch_size.observe(len(chunk))
                 try:
                     probabilities = await loop.run_in_executor(self._executor, self._run, [ids for ids, _, _ in chunk])
                 except Exception as error:  # the model failed: every waiting caller gets the error

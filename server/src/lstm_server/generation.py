@@ -183,6 +183,9 @@ class GenerationEngine:
         self.stream_buffer_chars = stream_buffer_chars
         self.stream_interval_s = stream_interval_ms / 1000
         self.metrics = metrics
+        self._batch_size = metrics.batch_size.labels(name)  # labelled once, not on every step
+        self._tokens = metrics.tokens_generated.labels(name)
+        self._inter_token = metrics.inter_token_latency.labels(name)
         self.lock = threading.Condition()
         self._jobs: list[Callable[[], None]] = []
         self._turns: collections.deque[Turn] = collections.deque()
@@ -325,11 +328,8 @@ class GenerationEngine:
                 turn.deliver(token, self.codec.vocab[token])
                 self._turns.append(turn)
                 self.metrics.time_to_first_token.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
-                self.metrics.tokens_generated.labels(self.name).inc()
+                self._tokens.inc()
             self._notify([turn])
-
-    def _has_runnable(self) -> bool:
-        return any(t.runnable(self.stream_buffer_chars) for t in self._turns)
 
     def _next_batch(self) -> list[Turn]:
         """Up to max_batch runnable turns (called with the lock held); the rest go first next time."""
@@ -358,20 +358,19 @@ class GenerationEngine:
             for i, token in zip(continuing, drawn, strict=True):
                 batch[i].deliver(token, vocab[token])
             self._notify(batch)
-        self.metrics.batch_size.labels(self.name).observe(len(batch))
-        self.metrics.tokens_generated.labels(self.name).inc(len(continuing))
+        self._batch_size.observe(len(batch))
+        self._tokens.inc(len(continuing))
 
     def _run(self) -> None:
         last_step = None
         while True:
             with self.lock:
-                while not (self._stopping or self._jobs or self._has_runnable()):
+                while not self._stopping and not (batch := self._next_batch()) and not self._jobs:
                     self.lock.wait()
                     last_step = None
                 if self._stopping:
                     return
                 jobs, self._jobs = self._jobs, []
-                batch = self._next_batch()
             for job in jobs:
                 job()
             if batch:
@@ -387,5 +386,5 @@ class GenerationEngine:
                         self._notify(batch)
                 now = time.perf_counter()
                 if last_step is not None:
-                    self.metrics.inter_token_latency.labels(self.name).observe(now - last_step)
+                    self._inter_token.observe(now - last_step)
                 last_step = now

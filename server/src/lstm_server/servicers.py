@@ -79,15 +79,6 @@ class Core:
         self.engine(session).close(session)
         self._gauge(session.model)
 
-    def idle(self, session_id: str) -> Session:
-        """A session that no turn is using (fork and export need its state to be still)."""
-        session = self.sessions.get(session_id)
-        if session.busy:
-            raise ServiceError(
-                grpc.StatusCode.ABORTED, f"session {session_id} is busy with a turn; retry when the turn has finished"
-            )
-        return session
-
     async def create(self, request: pb.CreateSessionRequest) -> Session:
         model = self.registry.of_task(request.model, "generation")
         check_prompt(request.prompt, self.config)
@@ -135,7 +126,7 @@ class SessionsService(rpc.SessionsServicer):
         )
 
     async def ForkSession(self, request, context):
-        source = self.core.idle(request.session_id)
+        source = self.core.sessions.idle(request.session_id)
         model = self.core.registry.get(source.model)
         fork = self.core.new_session(model, dict(source.defaults), source.tokens_seen, source.has_logits)
         model.engine.slots.copy(source.slot, fork.slot)
@@ -146,7 +137,7 @@ class SessionsService(rpc.SessionsServicer):
         return pb.CloseSessionResponse()
 
     async def ExportSession(self, request, context):
-        session = self.core.idle(request.session_id)
+        session = self.core.sessions.idle(request.session_id)
         model = self.core.registry.get(session.model)
         slots = model.engine.slots
         state = pb.SessionState(

@@ -74,8 +74,8 @@ class SessionTable:
             )
         return session
 
-    def acquire(self, session_id: str) -> Session:
-        """The session, marked busy for one turn; ABORTED if a turn is already running."""
+    def idle(self, session_id: str) -> Session:
+        """The session, if no turn is using it (ABORTED otherwise): fork and export need its state still."""
         session = self.get(session_id)
         if session.busy:
             raise ServiceError(
@@ -83,6 +83,11 @@ class SessionTable:
                 f"session {session_id} is busy with another turn; wait for that turn to finish (or cancel it) "
                 "and retry",
             )
+        return session
+
+    def acquire(self, session_id: str) -> Session:
+        """The idle session, marked busy for one turn."""
+        session = self.idle(session_id)
         session.busy = True
         session.touch()
         return session
