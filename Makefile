@@ -1,11 +1,12 @@
 # make install | test | serve | lint | proto | train-charlm | train-sentiment | export-models
+#      cluster | cluster-down | compose-test
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIECES := training export server client
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve lint proto train-charlm train-sentiment export-models clean
+.PHONY: install test serve lint proto train-charlm train-sentiment export-models cluster cluster-down compose-test clean
 
 install: $(STAMP)
 
@@ -23,6 +24,20 @@ lint: install
 
 serve: install
 	$(BIN)/lstm-server --models models $(SERVE_ARGS)
+
+# The compose topology as local processes on loopback (nginx and redis-server from Debian's packages, installed
+# when missing): two replicas behind the session-aware gateway, sessions in Redis. State: .cluster/state.json.
+CLUSTER_ARGS ?=
+cluster: install
+	$(BIN)/python deploy/cluster.py up $(CLUSTER_ARGS)
+
+cluster-down:
+	$(PYTHON) deploy/cluster.py down
+
+# The real docker-compose.yml under podman: build the images, bring the stack up, run the failover test through
+# the gateway's published port, tear everything down. Says why and skips where podman cannot run.
+compose-test: install
+	bash deploy/compose-test.sh
 
 # Regenerate the committed gRPC stubs after editing proto/ (a test checks they match).
 proto: install

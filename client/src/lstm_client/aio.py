@@ -80,7 +80,9 @@ class AsyncSession:
         self.last_replica: str | None = None
 
     async def open(self) -> AsyncSession:
-        self.info = await self.client.call(self.client.sessions.CreateSession, self._create, idempotent=False)
+        self.info = await self.client.call(
+            self.client.sessions.CreateSession, self._create, idempotent=False, metadata=session_metadata()
+        )
         self.id = self.info.session_id
         self.last_replica = self.client.last_replica
         return self

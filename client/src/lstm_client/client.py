@@ -125,7 +125,8 @@ class Client(Connection):
     ) -> Session:
         """A new session (closed when used as a context manager); ``defaults`` are sampling parameters."""
         request = create_request(model, prompt, unknown_characters, defaults)
-        return Session(self, self.call(self.sessions.CreateSession, request, idempotent=False))
+        info = self.call(self.sessions.CreateSession, request, idempotent=False, metadata=session_metadata())
+        return Session(self, info)
 
     def attach(self, session_id: str) -> Session:
         """An existing session, by id."""
@@ -135,7 +136,9 @@ class Client(Connection):
 
     def import_session(self, state: pb.SessionState) -> Session:
         request = pb.ImportSessionRequest(state=state)
-        return Session(self, self.call(self.sessions.ImportSession, request, idempotent=False))
+        return Session(
+            self, self.call(self.sessions.ImportSession, request, idempotent=False, metadata=session_metadata())
+        )
 
     def list_sessions(self, model: str = "") -> list[pb.Session]:
         request = pb.ListSessionsRequest(model=model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 from lstm.v1 import lstm_pb2 as pb
@@ -67,9 +68,11 @@ def generate_request(session_id: str, prompt: str, unknown_characters: str, samp
     )
 
 
-def session_metadata(session_id: str) -> tuple[tuple[str, str], ...]:
-    """Sent with every call of a session, so a gateway can route them all to one replica."""
-    return (("x-session-id", session_id),)
+def session_metadata(session_id: str = "") -> tuple[tuple[str, str], ...]:
+    """Sent with every call of a session, so a gateway can route them all to one replica. Without an id (a
+    session being created or imported) it proposes a new random one, so even that first call lands on the
+    replica that will serve the session."""
+    return (("x-session-id", session_id or secrets.token_hex(16)),)
 
 
 def chunk_of(response: pb.GenerateResponse | pb.ChatResponse) -> Chunk:

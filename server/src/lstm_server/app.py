@@ -13,17 +13,12 @@ from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
 from .config import ServerConfig
+from .core import Core, reap_idle_sessions
 from .interceptors import ServiceInterceptor
 from .metrics import Metrics
 from .registry import ModelRegistry
-from .servicers import (
-    ClassificationService,
-    Core,
-    GenerationService,
-    ModelsService,
-    SessionsService,
-    reap_idle_sessions,
-)
+from .servicers import ClassificationService, GenerationService, ModelsService, SessionsService
+from .session_store import open_store
 from .sessions import SessionTable
 
 log = logging.getLogger(__name__)
@@ -39,7 +34,9 @@ class LstmServer:
         self.config = config
         self.metrics = Metrics()
         self.registry = ModelRegistry(config, self.metrics)
-        self.core = Core(config, self.registry, SessionTable(config.max_sessions, config.idle_timeout_s), self.metrics)
+        self.store = open_store(config.session_store, config.redis_url, config.idle_timeout_s)
+        table = SessionTable(config.max_sessions, config.idle_timeout_s)
+        self.core = Core(config, self.registry, table, self.metrics, self.store)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -63,6 +60,9 @@ class LstmServer:
             await self.health.set(name, status)
 
     async def start(self) -> None:
+        """Connect to the session store (retrying: it may start after us), start the models, then serve."""
+        if self.store is not None:
+            await self.store.connect(self.config.store_connect_timeout_s)
         self.registry.start()
         await self.server.start()
         if self.config.metrics_port:
@@ -85,6 +85,8 @@ class LstmServer:
         if self._reaper:
             self._reaper.cancel()
         await self.registry.stop()
+        if self.store is not None:
+            await self.store.close()
         if self._http:
             self._http.shutdown()
         log.info("stopped")

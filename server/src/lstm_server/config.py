@@ -31,6 +31,10 @@ class ServerConfig:
     # sessions
     max_sessions: int = 10000
     idle_timeout_s: float = 3600.0
+    session_store: str = "memory"  # memory (this process only) or redis (shared by replicas, survives restarts)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    evict_idle_s: float = 300.0  # with a store: sessions idle this long leave memory (reloaded on demand)
+    store_connect_timeout_s: float = 60.0  # at start, retry the store this long before giving up
     # generation limits
     max_prompt_chars: int = 8192
     max_tokens_limit: int = 4096  # the most a request may ask for

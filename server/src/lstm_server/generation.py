@@ -37,7 +37,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -79,7 +79,8 @@ class Turn:
         self.pending: int | None = None  # generated, delivered, not yet fed
         self.finish_reason: str | None = None  # set once no more characters will be sampled
         self.cancelled = False
-        self.complete = False
+        self.complete = False  # the last character is fed (model thread)
+        self.settling = False  # the event loop is saving the session; then ``ended`` is set and it is free
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
         self.outbox: list[str] = []
@@ -87,7 +88,7 @@ class Turn:
         self._tail = ""
         self._stop_window = max((len(s) for s in sampling.stop), default=0)
         self.changed = asyncio.Event()
-        self.ended = asyncio.Event()  # set on the event loop once the turn is complete
+        self.ended = asyncio.Event()  # set on the event loop once the turn is over and the session free
 
     @property
     def finishing(self) -> bool:
@@ -111,14 +112,12 @@ class Turn:
             self.finish_reason = LENGTH
 
     def finish(self, error: BaseException | None = None) -> None:
-        """The last character is fed (or the turn failed): the session is free again."""
+        """The last character is fed (or the turn failed); the session is freed on the event loop (``settle``)."""
         self.complete = True
         self.error = error
         self.pending = None
         session = self.session
         session.turn = None
-        session.busy = False
-        session.touch()
         if session.closed:
             self.engine.slots.release(session.slot)
 
@@ -141,14 +140,17 @@ class Turn:
             if wait > 0 and not self.ended.is_set():  # at most one message per interval; the end goes at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.ended.wait(), wait)
+            complete = self.ended.is_set()  # after the engine's after_turn hook (the session is saved)
             with engine.lock:
-                complete, error = self.complete, self.error
+                error = self.error
                 text = "".join(self.outbox)
                 self.outbox.clear()
                 if self.outbox_chars >= engine.stream_buffer_chars:
                     engine.lock.notify()  # it sat out of the batch: it may run again
                 self.outbox_chars = 0
                 tokens_seen = self.session.tokens_seen
+            if complete and isinstance(error, ServiceError):
+                raise error
             if complete and error is not None:
                 raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {error}") from error
             if complete and self.session.closed and self.finish_reason is None:
@@ -194,6 +196,10 @@ class GenerationEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._to_notify: set[Turn] = set()
         self._notify_scheduled = False
+        # Awaited on the event loop when a turn's last character is fed, before the session is free again and
+        # the turn's last message goes out (the session store saves the state here); it may fail the turn.
+        self.after_turn: Callable[[Session, BaseException | None], Awaitable[None]] | None = None
+        self._settling: set[asyncio.Task] = set()
 
     # -- lifecycle (event loop) ------------------------------------------------
 
@@ -269,9 +275,31 @@ class GenerationEngine:
             turns, self._to_notify = self._to_notify, set()
             self._notify_scheduled = False
         for turn in turns:
+            if turn.complete and not turn.settling:
+                turn.settling = True
+                if self.after_turn is None:
+                    self._release(turn)
+                else:
+                    task = self._loop.create_task(self._settle(turn))
+                    self._settling.add(task)
+                    task.add_done_callback(self._settling.discard)
             turn.changed.set()
-            if turn.complete:
-                turn.ended.set()
+
+    async def _settle(self, turn: Turn) -> None:
+        try:
+            if not turn.session.closed:
+                await self.after_turn(turn.session, turn.error)
+        except ServiceError as error:
+            turn.error = turn.error or error
+        finally:
+            self._release(turn)
+            turn.changed.set()
+
+    @staticmethod
+    def _release(turn: Turn) -> None:
+        turn.session.busy = False
+        turn.session.touch()
+        turn.ended.set()
 
     # -- model thread ---------------------------------------------------------------
 

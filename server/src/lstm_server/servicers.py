@@ -6,106 +6,25 @@ interceptor (``interceptors.py``), which also counts and logs every call.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import grpc
 import numpy as np
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
-from .config import ServerConfig
-from .errors import ServiceError
+from .core import Core, check_proposed_id
 from .generation import GenerationEngine, Turn
-from .metrics import Metrics
-from .registry import LoadedModel, ModelRegistry
-from .requests import (
-    FINISH_REASON,
-    UNKNOWN_POLICY,
-    check_prompt,
-    from_tensor,
-    invalid,
-    resolve_sampling,
-    sampling_dict,
-    sampling_proto,
-    state_checksum,
-    to_tensor,
-)
-from .sessions import Session, SessionTable, new_seed, new_session_id
+from .registry import LoadedModel
+from .requests import FINISH_REASON, UNKNOWN_POLICY, check_prompt, from_tensor, invalid, to_tensor
+from .sessions import Session
 
 
-@dataclass
-class Core:
-    """What every service shares."""
-
-    config: ServerConfig
-    registry: ModelRegistry
-    sessions: SessionTable
-    metrics: Metrics
-
-    def engine(self, session: Session) -> GenerationEngine:
-        return self.registry.get(session.model).engine
-
-    def session_proto(self, session: Session) -> pb.Session:
-        return pb.Session(
-            session_id=session.id,
-            model=session.model,
-            model_version=self.registry.get(session.model).version,
-            tokens_seen=session.tokens_seen,
-            defaults=sampling_proto(session.defaults),
-            busy=session.busy,
-            created_at=session.created_at,
-            last_used_at=session.last_used_at,
-        )
-
-    def _gauge(self, model: str) -> None:
-        self.metrics.active_sessions.labels(model).set(len(self.sessions.sessions(model)))
-
-    def new_session(
-        self, model: LoadedModel, defaults: dict, tokens_seen: int = 0, has_logits: bool = False
-    ) -> Session:
-        self.sessions.check_capacity()
-        defaults = {"seed": new_seed(), **defaults}
-        resolve_sampling({}, defaults, self.config)  # refuse bad defaults now, not at the first turn
-        slot = model.engine.slots.allocate()
-        session = Session(new_session_id(), model.name, slot, defaults, tokens_seen, has_logits)
-        self.sessions.add(session)
-        self._gauge(model.name)
-        return session
-
-    def close(self, session_id: str) -> None:
-        session = self.sessions.remove(session_id)
-        self.engine(session).close(session)
-        self._gauge(session.model)
-
-    async def create(self, request: pb.CreateSessionRequest) -> Session:
-        model = self.registry.of_task(request.model, "generation")
-        check_prompt(request.prompt, self.config)
-        ids = model.engine.codec.encode(request.prompt, UNKNOWN_POLICY[request.unknown_characters])
-        session = self.new_session(model, sampling_dict(request.defaults))
-        if len(ids):
-            session.busy = True
-            try:
-                await model.engine.read(session, ids)
-            except BaseException:  # failed or cancelled: nobody will ever know this session's id
-                self.close(session.id)
-                raise
-            finally:
-                session.busy = False
-        return session
-
-    def start_turn(self, session_id: str, prompt: str, sampling: pb.SamplingParams, policy: int) -> Turn:
-        """Validate, then mark the session busy and submit the turn (busy is released when it completes)."""
-        session = self.sessions.get(session_id)
-        engine = self.engine(session)
-        check_prompt(prompt, self.config)
-        ids = engine.codec.encode(prompt, UNKNOWN_POLICY[policy])
-        resolved = resolve_sampling(sampling_dict(sampling), session.defaults, self.config)
-        if not len(ids) and not session.has_logits:
-            raise invalid(f"session {session_id} has read no text yet: give a non-empty prompt")
-        self.sessions.acquire(session_id)
-        return engine.submit(session, ids, resolved)
+def proposed_session_id(context) -> str:
+    """The session id a client proposes on create or import (``x-session-id`` metadata), or ""."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-session-id":
+            return check_proposed_id(value)
+    return ""
 
 
 class SessionsService(rpc.SessionsServicer):
@@ -113,12 +32,13 @@ class SessionsService(rpc.SessionsServicer):
         self.core = core
 
     async def CreateSession(self, request, context):
-        return self.core.session_proto(await self.core.create(request))
+        return self.core.session_proto(await self.core.create(request, proposed_session_id(context)))
 
     async def GetSession(self, request, context):
-        return self.core.session_proto(self.core.sessions.get(request.session_id))
+        return self.core.session_proto(await self.core.resolve(request.session_id))
 
     async def ListSessions(self, request, context):
+        """The sessions this process holds in memory (with a store, others may live in the store only)."""
         if request.model:
             self.core.registry.get(request.model)
         return pb.ListSessionsResponse(
@@ -126,54 +46,25 @@ class SessionsService(rpc.SessionsServicer):
         )
 
     async def ForkSession(self, request, context):
-        source = self.core.sessions.idle(request.session_id)
+        source = await self.core.resolve(request.session_id)
+        self.core.sessions.idle(source.id)
         model = self.core.registry.get(source.model)
         fork = self.core.new_session(model, dict(source.defaults), source.tokens_seen, source.has_logits)
         model.engine.slots.copy(source.slot, fork.slot)
-        return self.core.session_proto(fork)
+        return self.core.session_proto(await self.core.save_new(fork))
 
     async def CloseSession(self, request, context):
-        self.core.close(request.session_id)
+        await self.core.close(request.session_id)
         return pb.CloseSessionResponse()
 
     async def ExportSession(self, request, context):
-        session = self.core.sessions.idle(request.session_id)
-        model = self.core.registry.get(session.model)
-        slots = model.engine.slots
-        state = pb.SessionState(
-            model=model.name,
-            model_version=model.version,
-            tokens_seen=session.tokens_seen,
-            h=to_tensor(slots.h[:, session.slot : session.slot + 1]),
-            c=to_tensor(slots.c[:, session.slot : session.slot + 1]),
-            next_logits=to_tensor(slots.logits[session.slot]) if session.has_logits else pb.Tensor(),
-            defaults=sampling_proto(session.defaults),
-        )
-        state.checksum = state_checksum(state)
+        session = self.core.sessions.idle((await self.core.resolve(request.session_id)).id)
         session.touch()
-        return state
+        return self.core.state_of(session)
 
     async def ImportSession(self, request, context):
-        state = request.state
-        model = self.core.registry.of_task(state.model, "generation")
-        if state.model_version != model.version:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"this state was written by {state.model} version {state.model_version}, but this server runs "
-                f"version {model.version}; states do not carry over between versions",
-            )
-        if state.checksum != state_checksum(state):
-            raise invalid("session state checksum mismatch: the state was altered or truncated; export it again")
-        slots = model.engine.slots
-        shape = slots.h[:, :1].shape
-        h, c = from_tensor(state.h, shape, "state.h"), from_tensor(state.c, shape, "state.c")
-        has_logits = bool(state.next_logits.shape)
-        logits = from_tensor(state.next_logits, slots.logits[0].shape, "state.next_logits") if has_logits else None
-        session = self.core.new_session(model, sampling_dict(state.defaults), state.tokens_seen, has_logits)
-        slots.h[:, session.slot], slots.c[:, session.slot] = h[:, 0], c[:, 0]
-        if logits is not None:
-            slots.logits[session.slot] = logits
-        return self.core.session_proto(session)
+        session = self.core.session_from_state(request.state, proposed_session_id(context))
+        return self.core.session_proto(await self.core.save_new(session))
 
 
 class GenerationService(rpc.GenerationServicer):
@@ -181,7 +72,9 @@ class GenerationService(rpc.GenerationServicer):
         self.core = core
 
     async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:
-        turn = self.core.start_turn(request.session_id, request.prompt, request.sampling, request.unknown_characters)
+        turn = await self.core.start_turn(
+            request.session_id, request.prompt, request.sampling, request.unknown_characters
+        )
         context.add_done_callback(lambda _: turn.cancel())
         try:
             async for chunk in turn.chunks():
@@ -201,9 +94,9 @@ class GenerationService(rpc.GenerationServicer):
             which = message.WhichOneof("session")
             if session is None:
                 if which == "create":
-                    session = await self.core.create(message.create)
+                    session = await self.core.create(message.create, proposed_session_id(context))
                 elif which == "session_id":
-                    session = self.core.sessions.get(message.session_id)
+                    session = await self.core.resolve(message.session_id)
                 else:
                     raise invalid("the first Chat message must name a session (session_id) or create one (create)")
                 if not message.text:
@@ -211,7 +104,7 @@ class GenerationService(rpc.GenerationServicer):
                     continue
             elif which is not None:
                 raise invalid("only the first Chat message may name or create the session")
-            turn = self.core.start_turn(session.id, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT)
+            turn = await self.core.start_turn(session.id, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT)
             current[:] = [turn]
             try:
                 async for chunk in turn.chunks():
@@ -308,11 +201,3 @@ class ModelsService(rpc.ModelsServicer):
 
     async def DescribeModel(self, request, context):
         return self._info(self.core.registry.get(request.model))
-
-
-async def reap_idle_sessions(core: Core, every_s: float) -> None:
-    """Close sessions idle longer than the timeout, forever."""
-    while True:
-        await asyncio.sleep(every_s)
-        for session in core.sessions.expired():
-            core.close(session.id)

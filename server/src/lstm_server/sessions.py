@@ -21,9 +21,12 @@ def new_seed() -> int:
     return secrets.randbits(63)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
-    """One conversation with a generation model; its (h, c) lives in the model's StateSlots at ``slot``."""
+    """One conversation with a generation model; its (h, c) lives in the model's StateSlots at ``slot``.
+
+    ``revision`` is the session store's revision this copy was loaded or last saved at (0: not in a store).
+    """
 
     id: str
     model: str
@@ -34,6 +37,7 @@ class Session:
     busy: bool = False
     closed: bool = False
     turn: Any = None  # the running turn, if any
+    revision: int = 0
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
 
@@ -64,14 +68,20 @@ class SessionTable:
         self.check_capacity()
         self._sessions[session.id] = session
 
+    def not_found(self, session_id: str) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.NOT_FOUND,
+            f"no session {session_id!r}: it was closed, expired after {self.idle_timeout_s:g} s idle, or never "
+            "existed; create a new one (or import its exported state)",
+        )
+
+    def find(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None:
-            raise ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"no session {session_id!r}: it was closed, expired after {self.idle_timeout_s:g} s idle, or never "
-                "existed; create a new one (or import its exported state)",
-            )
+            raise self.not_found(session_id)
         return session
 
     def idle(self, session_id: str) -> Session:
@@ -101,7 +111,8 @@ class SessionTable:
     def sessions(self, model: str = "") -> list[Session]:
         return [s for s in self._sessions.values() if not model or s.model == model]
 
-    def expired(self, now: float | None = None) -> list[Session]:
-        """Sessions idle longer than the timeout and not in a turn."""
+    def expired(self, now: float | None = None, idle_s: float | None = None) -> list[Session]:
+        """Sessions idle longer than ``idle_s`` (default: the idle timeout) and not in a turn."""
         now = time.time() if now is None else now
-        return [s for s in self._sessions.values() if not s.busy and now - s.last_used_at > self.idle_timeout_s]
+        idle_s = self.idle_timeout_s if idle_s is None else idle_s
+        return [s for s in self._sessions.values() if not s.busy and now - s.last_used_at > idle_s]

@@ -1,0 +1,58 @@
+#!/bin/sh
+# The gateway container's entrypoint (deploy/gateway.Dockerfile): renders gateway.conf.template and runs nginx.
+#
+#   GATEWAY_LISTEN            address to listen on (default 0.0.0.0:8080)
+#   GATEWAY_UPSTREAMS         the replicas, space-separated host:port (required), e.g. "replica-1:50051 replica-2:50051"
+#   GATEWAY_PREFIX            writable folder for the rendered configuration, pid and temporary files (default /tmp/nginx)
+#   GATEWAY_RESOLVE_TIMEOUT_S how long to wait for the replicas' names to resolve (default 120)
+#   GATEWAY_MAX_FAILS, GATEWAY_FAIL_TIMEOUT  passive health of each upstream (default 1 and 5s): after that many
+#                             failed connections a replica is skipped for that long
+set -eu
+
+GATEWAY_LISTEN="${GATEWAY_LISTEN:-0.0.0.0:8080}"
+GATEWAY_PREFIX="${GATEWAY_PREFIX:-/tmp/nginx}"
+GATEWAY_UPSTREAMS="${GATEWAY_UPSTREAMS:?GATEWAY_UPSTREAMS must list the replicas, space-separated host:port}"
+timeout_s="${GATEWAY_RESOLVE_TIMEOUT_S:-120}"
+max_fails="${GATEWAY_MAX_FAILS:-1}"
+fail_timeout="${GATEWAY_FAIL_TIMEOUT:-5s}"
+template="${GATEWAY_TEMPLATE:-/etc/lstm-gateway/gateway.conf.template}"
+
+log() { echo "gateway-entrypoint: $*" >&2; }
+
+# nginx resolves upstream names once, at start, and refuses to start on a name that does not resolve. Compose
+# starts the gateway as soon as the replicas' containers exist (podman-compose ignores health-gated depends_on),
+# so wait here until every name resolves.
+waited=0
+for upstream in $GATEWAY_UPSTREAMS; do
+    host="${upstream%:*}"
+    case "$host" in \[*\]) continue ;; esac  # an IPv6 literal needs no lookup
+    until getent hosts "$host" >/dev/null; do
+        if [ "$waited" -ge "$timeout_s" ]; then
+            log "upstream $host does not resolve after ${timeout_s}s; giving up"
+            exit 1
+        fi
+        if [ $((waited % 10)) -eq 0 ]; then log "waiting for upstream $host to resolve (${waited}s)"; fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+done
+
+GATEWAY_UPSTREAMS_BLOCK=""
+for upstream in $GATEWAY_UPSTREAMS; do
+    line="server $upstream max_fails=$max_fails fail_timeout=$fail_timeout;"
+    if [ -z "$GATEWAY_UPSTREAMS_BLOCK" ]; then
+        GATEWAY_UPSTREAMS_BLOCK="$line"
+    else
+        GATEWAY_UPSTREAMS_BLOCK="$GATEWAY_UPSTREAMS_BLOCK
+        $line"
+    fi
+done
+export GATEWAY_LISTEN GATEWAY_PREFIX GATEWAY_UPSTREAMS GATEWAY_UPSTREAMS_BLOCK
+
+mkdir -p "$GATEWAY_PREFIX"
+# Only these variables are substituted: nginx's own ($http_x_session_id, $request_id, ...) stay as they are.
+# shellcheck disable=SC2016
+envsubst '${GATEWAY_LISTEN} ${GATEWAY_PREFIX} ${GATEWAY_UPSTREAMS} ${GATEWAY_UPSTREAMS_BLOCK}' \
+    <"$template" >"$GATEWAY_PREFIX/nginx.conf"
+log "listening on $GATEWAY_LISTEN, upstreams: $GATEWAY_UPSTREAMS"
+exec nginx -e stderr -p "$GATEWAY_PREFIX" -c "$GATEWAY_PREFIX/nginx.conf" -g 'daemon off;'

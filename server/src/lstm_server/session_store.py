@@ -1,0 +1,179 @@
+"""Where a session's state lives between turns, beyond this process.
+
+The default ("memory") is nowhere else: sessions live and die with the
+process, and the server keeps no store at all. With "redis", every session
+is a Redis hash ``lstm:session:<id>`` holding its serialized state (a
+``SessionState`` message, checksum included), a ``revision`` that grows by
+one at every save, the model's name and version and the token count (so an
+operator can read them with ``redis-cli HGETALL``), and its creation time.
+The key expires after the server's idle timeout, refreshed at every save.
+
+Saves are compare-and-set on the revision (one Lua script, atomic in Redis):
+a replica writes only over the revision it read, so two replicas can never
+interleave turns of one session unnoticed. Any failure to reach Redis is
+UNAVAILABLE with a message that names the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import redis.asyncio as redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .errors import ServiceError
+
+log = logging.getLogger(__name__)
+KEY_PREFIX = "lstm:session:"
+
+# KEYS[1]: the session; ARGV: expected revision, state, model, model_version, tokens_seen, created_at, ttl (ms).
+# Returns the new revision, or -1 if the stored revision is not the expected one.
+_COMPARE_AND_SAVE = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
+if current ~= tonumber(ARGV[1]) then return -1 end
+local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[6]
+redis.call('HSET', KEYS[1], 'revision', current + 1, 'state', ARGV[2], 'model', ARGV[3],
+           'model_version', ARGV[4], 'tokens_seen', ARGV[5], 'created_at', created)
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return current + 1
+"""
+
+
+@dataclass
+class StoredSession:
+    revision: int
+    state: bytes  # a serialized SessionState
+    created_at: float
+
+
+@dataclass
+class SessionSummary:
+    """What a save writes besides the state itself."""
+
+    model: str
+    model_version: int
+    tokens_seen: int
+    created_at: float
+
+
+class SessionStore(Protocol):
+    """A shared, durable home for session states (see the module docstring for the rules)."""
+
+    async def connect(self, timeout_s: float) -> None:
+        """Wait until the store answers, retrying for up to ``timeout_s``; raise if it never does."""
+
+    async def revision(self, session_id: str) -> int | None:
+        """The stored revision, or None if the store has no such session."""
+
+    async def load(self, session_id: str) -> StoredSession | None: ...
+
+    async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
+        """Write over ``expected_revision`` (0: the session must be new) and return the new revision;
+        ABORTED if another writer got there first."""
+
+    async def delete(self, session_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RedisSessionStore:
+    """Session states in Redis (``redis://host:port/db``)."""
+
+    def __init__(self, url: str, ttl_s: float, timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        # A stopped Redis refuses connections at once: two quick retries, then UNAVAILABLE to the caller.
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        )
+        self._save = self._redis.register_script(_COMPARE_AND_SAVE)
+
+    def _unavailable(self, error: Exception) -> ServiceError:
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"session store unavailable (redis at {self.url}): {error}; no session was changed by this call, "
+            "retry when the store is back",
+        )
+
+    async def connect(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.1
+        while True:
+            try:
+                await self._redis.ping()
+                return
+            except RedisError as error:
+                if time.monotonic() + delay > deadline:
+                    raise self._unavailable(error) from error
+                log.warning("waiting for the session store", extra={"store": self.url, "error": str(error)})
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def revision(self, session_id: str) -> int | None:
+        try:
+            value = await self._redis.hget(KEY_PREFIX + session_id, "revision")
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        return None if value is None else int(value)
+
+    async def load(self, session_id: str) -> StoredSession | None:
+        try:
+            revision, state, created_at = await self._redis.hmget(
+                KEY_PREFIX + session_id, "revision", "state", "created_at"
+            )
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        if revision is None or state is None:
+            return None
+        return StoredSession(int(revision), state, float(created_at or 0.0))
+
+    async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
+        args = [
+            expected_revision,
+            state,
+            summary.model,
+            summary.model_version,
+            summary.tokens_seen,
+            repr(summary.created_at),
+            self.ttl_ms,
+        ]
+        try:
+            revision = int(await self._save(keys=[KEY_PREFIX + session_id], args=args))
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        if revision < 0:
+            what = "already exists" if expected_revision == 0 else "was changed by another replica during this call"
+            raise ServiceError(
+                grpc.StatusCode.ABORTED if expected_revision else grpc.StatusCode.ALREADY_EXISTS,
+                f"session {session_id} {what}; "
+                + ("create it with another id" if expected_revision == 0 else "retry the call"),
+            )
+        return revision
+
+    async def delete(self, session_id: str) -> None:
+        try:
+            await self._redis.delete(KEY_PREFIX + session_id)
+        except RedisError as error:
+            raise self._unavailable(error) from error
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def open_store(kind: str, redis_url: str, ttl_s: float) -> SessionStore | None:
+    """The configured store; None for "memory" (sessions live in this process only)."""
+    if kind == "memory":
+        return None
+    if kind == "redis":
+        return RedisSessionStore(redis_url, ttl_s)
+    raise ValueError(f"session_store must be 'memory' or 'redis', not {kind!r}")
