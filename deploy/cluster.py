@@ -1,0 +1,289 @@
+"""The docker-compose topology as local processes on loopback (``make cluster``, ``make cluster-down``).
+
+    python deploy/cluster.py up [--dir .cluster] [--replicas 2] [--models models] [--gateway-port 0]
+    python deploy/cluster.py down [--dir .cluster]
+
+``up`` starts redis-server, the replicas (``lstm-server`` with the Redis
+session store) and the nginx gateway rendered from
+``deploy/nginx/gateway.conf.template``, each on a free loopback port, waits
+until each answers, and writes ``<dir>/state.json``: the gateway address and
+each process's name, address, pid and log file. ``down`` stops what
+``state.json`` names. nginx and redis-server come from Debian's packages and
+are installed when missing. The tests import this module to run the same
+topology under their control (kill a replica, stop Redis).
+
+Standard library only, so ``down`` works without the project's virtualenv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "deploy" / "nginx" / "gateway.conf.template"
+PACKAGES = {"redis-server": "redis-server", "nginx": "nginx"}  # binary: Debian package
+SBIN = ["/usr/sbin", "/usr/bin", "/sbin"]
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def find_binary(name: str) -> str | None:
+    return shutil.which(name) or next((f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
+
+
+def ensure_packages() -> dict[str, str]:
+    """Paths of redis-server and nginx, installing Debian's packages when they are missing."""
+    missing = [pkg for binary, pkg in PACKAGES.items() if find_binary(binary) is None]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise ClusterError(f"{' and '.join(missing)} missing; install them with apt-get (needs root)")
+        print(f"cluster: installing {' '.join(missing)} from Debian's packages", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+    return {binary: find_binary(binary) for binary in PACKAGES}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout_s: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise ClusterError(f"{what} did not come up within {timeout_s:g} s\n{tail}")
+        time.sleep(0.05)
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Process:
+    name: str
+    address: str
+    pid: int
+    log: str
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+def spawn(name: str, command: list[str], port: int, workdir: Path, env: dict[str, str] | None = None) -> Process:
+    """Start ``command`` in its own session (it outlives this script), output to ``<workdir>/<name>.log``."""
+    log = workdir / f"{name}.log"
+    with open(log, "ab") as out:
+        child = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    return Process(name, f"127.0.0.1:{port}", child.pid, str(log), command, env or {})
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a child of ours that exited is a zombie until reaped
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def stop(process: Process, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
+    """Signal the process and wait for it to exit (SIGKILL after ``timeout_s``)."""
+    if not alive(process.pid):
+        return
+    os.kill(process.pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while alive(process.pid):
+        if time.monotonic() > deadline:
+            os.kill(process.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+        time.sleep(0.02)
+
+
+def start_redis(workdir: Path, port: int, binary: str) -> Process:
+    """redis-server on loopback; appendonly with an fsync per write, so a restart keeps every saved session."""
+    data = workdir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", ""]
+    command += ["--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"]
+    process = spawn("redis", command, port, workdir)
+    wait_for(lambda: accepts(port), "redis-server", 20, Path(process.log))
+    return process
+
+
+def start_replica(workdir: Path, name: str, port: int, models: Path, redis_url: str, **settings) -> Process:
+    """One ``lstm-server`` with the Redis session store, configured by environment like the compose service
+    (started, not yet serving: see ``wait_until_serving``)."""
+    env = {
+        "LSTM_SERVER_REPLICA_NAME": name,
+        "LSTM_SERVER_HOST": "127.0.0.1",
+        "LSTM_SERVER_PORT": str(port),
+        "LSTM_SERVER_MODELS": str(models),
+        "LSTM_SERVER_METRICS_PORT": "0",
+        "LSTM_SERVER_SESSION_STORE": "redis",
+        "LSTM_SERVER_REDIS_URL": redis_url,
+        **{f"LSTM_SERVER_{key.upper()}": str(value) for key, value in settings.items()},
+    }
+    return spawn(name, [sys.executable, "-m", "lstm_server.cli"], port, workdir, env)
+
+
+def restart(process: Process) -> Process:
+    """Start a stopped process again with the same command, environment and port."""
+    started = spawn(process.name, process.command, process.port, Path(process.log).parent, process.env)
+    if process.name.startswith("redis"):
+        wait_for(lambda: accepts(started.port), "redis-server", 20, Path(started.log))
+    else:
+        wait_until_serving(started)
+    return started
+
+
+def wait_until_serving(process: Process, timeout_s: float = 60) -> None:
+    from lstm_server.healthcheck import check  # the project's venv: only replicas need it
+
+    wait_for(
+        lambda: alive(process.pid) and check(process.address, timeout_s=1) == "SERVING",
+        process.name,
+        timeout_s,
+        Path(process.log),
+    )
+
+
+def render_gateway(workdir: Path, listen: str, upstreams: list[str]) -> Path:
+    """The gateway's nginx.conf: the compose gateway's template with loopback upstreams."""
+    prefix = workdir / "nginx"
+    prefix.mkdir(parents=True, exist_ok=True)
+    block = "\n        ".join(f"server {address} max_fails=1 fail_timeout=5s;" for address in upstreams)
+    text = string.Template(TEMPLATE.read_text()).safe_substitute(
+        GATEWAY_LISTEN=listen, GATEWAY_UPSTREAMS_BLOCK=block, GATEWAY_PREFIX=str(prefix)
+    )
+    conf = workdir / "nginx.conf"
+    conf.write_text(text)
+    return conf
+
+
+def start_gateway(workdir: Path, port: int, upstreams: list[str], binary: str) -> Process:
+    conf = render_gateway(workdir, f"127.0.0.1:{port}", upstreams)
+    process = spawn("gateway", [binary, "-c", str(conf), "-g", "daemon off;"], port, workdir)
+    wait_for(lambda: accepts(port), "nginx gateway", 20, Path(process.log))
+    return process
+
+
+@dataclass
+class Cluster:
+    gateway: Process
+    redis: Process
+    replicas: list[Process]
+
+    @property
+    def processes(self) -> list[Process]:
+        return [self.gateway, *self.replicas, self.redis]
+
+    def replica(self, name: str) -> Process:
+        return next(r for r in self.replicas if r.name == name)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Cluster:
+        state = json.loads(path.read_text())
+        return cls(Process(**state["gateway"]), Process(**state["redis"]), [Process(**r) for r in state["replicas"]])
+
+    def down(self) -> None:
+        for process in self.processes:
+            stop(process)
+
+
+def up(workdir: Path, models: Path, replicas: int = 2, gateway_port: int = 0, **settings) -> Cluster:
+    """Start the whole topology; on any failure, stop what was started and raise."""
+    binaries = ensure_packages()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started: list[Process] = []
+    try:
+        redis = start_redis(workdir, free_port(), binaries["redis-server"])
+        started.append(redis)
+        redis_url = f"redis://{redis.address}/0"
+        for i in range(1, replicas + 1):
+            started.append(start_replica(workdir, f"replica-{i}", free_port(), models, redis_url, **settings))
+        for replica in started[1:]:  # started together, waited for one by one
+            wait_until_serving(replica)
+        gateway = start_gateway(
+            workdir, gateway_port or free_port(), [r.address for r in started[1:]], binaries["nginx"]
+        )
+    except BaseException:
+        for process in started:
+            stop(process)
+        raise
+    cluster = Cluster(gateway, redis, started[1:])
+    cluster.save(workdir / "state.json")
+    return cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--dir", type=Path, default=REPO / ".cluster", help="state and logs (default .cluster)")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--models", type=Path, default=REPO / "models")
+    parser.add_argument("--gateway-port", type=int, default=0, help="default: a free port")
+    args = parser.parse_args(argv)
+    state = args.dir / "state.json"
+    if args.action == "down":
+        if not state.exists():
+            print(f"cluster: nothing to stop ({state} not found)", file=sys.stderr)
+            return 0
+        Cluster.load(state).down()
+        state.unlink()
+        print("cluster: stopped", file=sys.stderr)
+        return 0
+    if state.exists():
+        print(f"cluster: already up ({state}); run make cluster-down first", file=sys.stderr)
+        return 1
+    try:
+        cluster = up(args.dir.resolve(), args.models.resolve(), args.replicas, args.gateway_port)
+    except ClusterError as error:
+        print(f"cluster: {error}", file=sys.stderr)
+        return 1
+    print(f"cluster: gateway at {cluster.gateway.address}; state in {state}", file=sys.stderr)
+    for process in cluster.processes:
+        print(f"  {process.name:10} {process.address:22} pid {process.pid}  log {process.log}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
