@@ -248,3 +248,33 @@ class Reference:
 @pytest.fixture(scope="module")
 def reference(exported) -> Reference:
     return Reference(exported / "charlm" / "1")
+
+
+# -- Redis, for the session store --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    import cluster
+
+    try:
+        return cluster.ensure_packages()["redis-server"]
+    except cluster.ClusterError as error:
+        pytest.skip(f"no redis-server: {error}")
+
+
+@pytest.fixture
+def start_redis(redis_binary, tmp_path):
+    """Start private redis-servers (stopped at the end of the test); returns cluster.Process objects."""
+    import cluster
+
+    started = []
+
+    def start(name: str = "redis") -> cluster.Process:
+        process = cluster.start_redis(tmp_path / name, cluster.free_port(), redis_binary)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        cluster.stop(process)

@@ -1,0 +1,63 @@
+"""Checks that run against any gateway in front of the replicas: the loopback cluster and the compose stack."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lstm_client import Client
+
+PROMPT = "KING:\n"
+SAMPLING = {"seed": 1234, "temperature": 0.8}
+TURNS = [("", 24), ("\nQUEEN:\n", 24), (" and", 24)]
+
+
+def run_turn(session, prompt: str, max_tokens: int) -> str:
+    return "".join(chunk.text for chunk in session.generate(prompt, max_tokens=max_tokens))
+
+
+def uninterrupted(client: Client, model: str) -> list[str]:
+    """The text of every turn of one session that nothing disturbs: what a disturbed one must reproduce."""
+    with client.session(model=model, prompt=PROMPT, **SAMPLING) as session:
+        return [run_turn(session, prompt, n) for prompt, n in TURNS]
+
+
+def assert_sticky(gateway: str, turns: int = 5, model: str = "charlm") -> None:
+    """Every call of a session, its creation included, reaches one replica; sessions spread over replicas."""
+    seen_replicas = set()
+    with Client(gateway) as client:
+        for _ in range(6):
+            with client.session(model=model, prompt=PROMPT, **SAMPLING) as session:
+                replicas = [session.last_replica]
+                for _ in range(turns):
+                    run_turn(session, "", 4)
+                    replicas.append(session.last_replica)
+                    session.refresh()
+                    replicas.append(session.last_replica)
+                assert len(set(replicas)) == 1 and replicas[0], replicas
+                seen_replicas.add(replicas[0])
+    assert len(seen_replicas) > 1, f"six sessions all went to {seen_replicas}: the gateway does not spread them"
+
+
+def assert_failover(
+    gateway: str,
+    kill: Callable[[str], None],
+    restart: Callable[[str], None] | None = None,
+    model: str = "charlm",
+) -> None:
+    """Kill the replica holding a session between two turns: the next turn runs on another replica and the text
+    is identical to an uninterrupted run; then restart the killed replica (if given) and check it serves again."""
+    with Client(gateway) as client:
+        expected = uninterrupted(client, model)
+        session = client.session(model=model, prompt=PROMPT, **SAMPLING)
+        got = [run_turn(session, *TURNS[0])]
+        victim = session.last_replica
+        kill(victim)
+        try:
+            got += [run_turn(session, *TURNS[1])]
+            assert session.last_replica and session.last_replica != victim, (victim, session.last_replica)
+        finally:
+            if restart is not None:
+                restart(victim)
+        got += [run_turn(session, *TURNS[2])]
+        assert got == expected
+        session.close()

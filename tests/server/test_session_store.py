@@ -1,0 +1,187 @@
+"""The Redis session store: replicas share sessions, stale copies reload, idle ones leave memory, versions are
+checked, and a state that cannot be saved never becomes a session's state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import cluster
+import grpc
+import pytest
+from lstm.v1 import lstm_pb2 as pb
+
+from lstm_client import Client, LstmError
+from lstm_server.errors import ServiceError
+from lstm_server.session_store import KEY_PREFIX, RedisSessionStore, SessionSummary
+
+from ..conftest import ServerThread
+
+PROMPT = "KING:\n"
+SEED = 77
+
+
+def store_settings(redis: cluster.Process, **overrides) -> dict:
+    return {"session_store": "redis", "redis_url": f"redis://{redis.address}/0", **overrides}
+
+
+def text_of(session, prompt: str = "", n: int = 12) -> str:
+    return "".join(chunk.text for chunk in session.generate(prompt, max_tokens=n))
+
+
+def test_replicas_share_a_session_and_reload_stale_copies(start_server, start_redis, reference):
+    redis = start_redis()
+    a, b = start_server(**store_settings(redis)), start_server(**store_settings(redis))
+    expected, _, _ = reference.generate(PROMPT, 36, seed=SEED)
+    with Client(a.address) as on_a, Client(b.address) as on_b:
+        session = on_a.session(prompt=PROMPT, seed=SEED)
+        first = text_of(session)
+        second = text_of(on_b.attach(session.id))  # b loads it from the store
+        third = text_of(session)  # a's copy is two turns old: it must reload, not reuse it
+    assert first + second + third == expected
+
+
+def test_idle_sessions_leave_memory_and_come_back(start_server, start_redis, reference):
+    redis = start_redis()
+    server = start_server(**store_settings(redis, evict_idle_s=0.2))
+    expected, _, _ = reference.generate(PROMPT, 24, seed=SEED)
+    with Client(server.address) as client:
+        session = client.session(prompt=PROMPT, seed=SEED)
+        first = text_of(session)
+        deadline = time.monotonic() + 10
+        while client.list_sessions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.list_sessions() == []
+        assert text_of(session) == expected[len(first) :]
+
+
+def test_a_full_table_evicts_the_least_recently_used_session(start_server, start_redis, reference):
+    redis = start_redis()
+    server = start_server(**store_settings(redis, max_sessions=2))
+    expected, _, _ = reference.generate(PROMPT, 12, seed=SEED)
+    with Client(server.address) as client:
+        oldest = client.session(prompt=PROMPT, seed=SEED)
+        client.session(prompt=PROMPT)
+        client.session(prompt=PROMPT)  # the table is full: `oldest` leaves memory, its state stays in the store
+        assert oldest.id not in {s.session_id for s in client.list_sessions()}
+        assert text_of(oldest) == expected
+
+
+def test_a_state_written_by_another_model_version_is_refused(start_redis, repository):
+    entry = repository / "charlm" / "2"
+    shutil.copytree(repository / "charlm" / "1", entry)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    redis = start_redis()
+    servers = []
+    try:
+        for version in (1, 2):
+            servers.append(ServerThread(repository, model_versions=f"charlm={version}", **store_settings(redis)))
+        with Client(servers[0].address) as v1, Client(servers[1].address, retries=0) as v2:
+            session = v1.session(prompt=PROMPT)
+            with pytest.raises(LstmError) as refused:
+                v2.attach(session.id)
+    finally:
+        for server in servers:
+            server.stop()
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "written by charlm version 1, but this server runs version 2" in refused.value.details
+
+
+def test_closing_removes_the_session_from_the_store(start_server, start_redis):
+    redis = start_redis()
+    a, b = start_server(**store_settings(redis)), start_server(**store_settings(redis))
+    with Client(a.address) as on_a, Client(b.address, retries=0) as on_b:
+        session = on_a.session(prompt=PROMPT)
+        on_b.attach(session.id)
+        session.close()
+        with pytest.raises(LstmError) as gone:
+            on_b.attach(session.id)  # b's cached copy is not trusted over the store
+    assert gone.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_proposed_session_ids_are_checked(start_server, start_redis):
+    redis = start_redis()
+    a, b = start_server(**store_settings(redis)), start_server(**store_settings(redis))
+    request = pb.CreateSessionRequest(model="charlm", prompt=PROMPT)
+    proposed = "ab" * 16
+    with Client(a.address) as on_a, Client(b.address) as on_b:
+        for bad in ("not-hex", "AB" * 16, "ab" * 17):
+            with pytest.raises(LstmError) as refused:
+                on_a.call(on_a.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", bad)])
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "propose 32 lowercase hex digits" in refused.value.details
+        made = on_a.call(on_a.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", proposed)])
+        assert made.session_id == proposed
+        for client in (on_a, on_b):  # held by a; only in the store for b
+            with pytest.raises(LstmError) as taken:
+                client.call(
+                    client.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", proposed)]
+                )
+            assert taken.value.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_state(
+    start_server, start_redis, reference
+):
+    redis = start_redis()
+    server = start_server(**store_settings(redis))
+    store = server.server.core.store
+    save = store.save
+
+    async def save_after_redis_stops(*args):  # Redis goes away while the turn runs, before its save
+        cluster.stop(redis)
+        return await save(*args)
+
+    expected, _, _ = reference.generate(PROMPT, 24, seed=SEED)
+    with Client(server.address, retries=0) as client:
+        session = client.session(prompt=PROMPT, seed=SEED)
+        first = text_of(session)
+        store.save = save_after_redis_stops
+        with pytest.raises(LstmError) as failed:
+            text_of(session, n=30)
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "session store unavailable" in failed.value.details
+        store.save = save
+        cluster.restart(redis)
+        assert text_of(session) == expected[len(first) :]  # as if the failed turn never happened
+        assert session.refresh().tokens_seen == len(PROMPT) + 24
+
+
+def test_the_server_waits_for_the_store_then_gives_up_clearly(exported):
+    port = cluster.free_port()  # nothing listens there
+    with pytest.raises(ServiceError) as failure:
+        ServerThread(
+            exported, session_store="redis", redis_url=f"redis://127.0.0.1:{port}/0", store_connect_timeout_s=0.3
+        )
+    assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+    assert f"redis at redis://127.0.0.1:{port}/0" in failure.value.message
+
+
+def test_saves_compare_and_set_on_the_revision(start_redis):
+    redis = start_redis()
+    summary = SessionSummary("charlm", 1, 7, 123.0)
+
+    async def scenario():
+        store = RedisSessionStore(f"redis://{redis.address}/0", ttl_s=60)
+        try:
+            assert await store.revision("s1") is None
+            assert await store.save("s1", b"one", summary, 0) == 1
+            assert await store.save("s1", b"two", summary, 1) == 2
+            for stale, code in ((0, grpc.StatusCode.ALREADY_EXISTS), (1, grpc.StatusCode.ABORTED)):
+                with pytest.raises(ServiceError) as conflict:
+                    await store.save("s1", b"lost", summary, stale)
+                assert conflict.value.code == code
+            loaded = await store.load("s1")
+            assert (loaded.revision, loaded.state, loaded.created_at) == (2, b"two", 123.0)
+            fields = await store._redis.hgetall(KEY_PREFIX + "s1")
+            assert fields[b"model"] == b"charlm" and fields[b"model_version"] == b"1" and fields[b"tokens_seen"] == b"7"
+            assert 0 < await store._redis.pttl(KEY_PREFIX + "s1") <= 60_000
+            await store.delete("s1")
+            assert await store.load("s1") is None
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
