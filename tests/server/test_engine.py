@@ -12,7 +12,7 @@ from lstm_server.errors import ServiceError
 from lstm_server.generation import GenerationEngine
 from lstm_server.metrics import Metrics
 from lstm_server.sampling import Sampling
-from lstm_server.sessions import Session
+from lstm_server.sessions import NO_OPTIONS, Session
 from lstm_server.state import StateSlots
 
 
@@ -41,7 +41,7 @@ def make_engine(buffer: int = 5, max_batch: int = 8) -> tuple[GenerationEngine, 
 
 
 def session(engine: GenerationEngine, name: str) -> Session:
-    return Session(name, "m", engine.slots.allocate(), {"seed": 1}, busy=True)
+    return Session(name, "m", engine.slots.allocate(), 1, NO_OPTIONS, busy=True)
 
 
 async def read_all(turn) -> str:

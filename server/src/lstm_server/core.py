@@ -43,7 +43,7 @@ from .requests import (
     to_tensor,
 )
 from .session_store import SessionStore, SessionSummary, StoredSession
-from .sessions import Session, SessionTable, new_seed, new_session_id
+from .sessions import Session, SessionTable, new_seed, new_session_id, session_options
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -90,16 +90,16 @@ class Core:
         )
 
     def _gauge(self, model: str) -> None:
-        self.metrics.active_sessions.labels(model).set(len(self.sessions.sessions(model)))
+        self.metrics.active_sessions.labels(model).set(self.sessions.count(model))
 
     # -- the table (this process) ---------------------------------------------------
 
     def _make_room(self) -> None:
-        """With a store, a full table evicts its least recently used idle session (it is saved already)."""
+        """With a store, a full table evicts its least recently used idle sessions (they are saved already):
+        1% of the table at a time, so that a full table costs one scan per hundred new sessions, not per one."""
         if self.store is not None and len(self.sessions) >= self.sessions.max_sessions:
-            idle = [s for s in self.sessions.sessions() if not s.busy]
-            if idle:
-                self.evict(min(idle, key=lambda s: s.last_used_at))
+            for session in self.sessions.least_recently_used(max(1, self.sessions.max_sessions // 100)):
+                self.evict(session)
         self.sessions.check_capacity()
 
     def new_session(
@@ -118,7 +118,15 @@ class Core:
         defaults = {"seed": new_seed(), **defaults}
         resolve_sampling({}, defaults, self.config)  # refuse bad defaults now, not at the first turn
         slot = model.engine.slots.allocate()
-        session = Session(session_id or new_session_id(), model.name, slot, defaults, tokens_seen, has_logits)
+        session = Session(
+            session_id or new_session_id(),
+            model.name,
+            slot,
+            defaults["seed"],
+            session_options(defaults),
+            tokens_seen,
+            has_logits,
+        )
         self.sessions.add(session)
         self._gauge(model.name)
         return session

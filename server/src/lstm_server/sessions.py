@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import heapq
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -15,6 +19,15 @@ from .errors import ServiceError
 def new_session_id() -> str:
     """128 random bits from the operating system's CSPRNG, as 32 hex digits."""
     return secrets.token_hex(16)
+
+
+NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})  # one read-only empty mapping for every session without any
+
+
+def session_options(defaults: dict[str, Any]) -> Mapping[str, Any]:
+    """What a Session keeps of its sampling defaults besides the seed (memory: most sessions set none)."""
+    options = {k: v for k, v in defaults.items() if k != "seed"}
+    return options or NO_OPTIONS
 
 
 def new_seed() -> int:
@@ -31,7 +44,8 @@ class Session:
     id: str
     model: str
     slot: int
-    defaults: dict[str, Any]  # sampling defaults; always holds a seed
+    seed: int
+    options: Mapping[str, Any]  # the sampling defaults the client set, but the seed (shared and empty if none)
     tokens_seen: int = 0
     has_logits: bool = False  # False until the session has read at least one character
     busy: bool = False
@@ -40,6 +54,11 @@ class Session:
     revision: int = 0
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The session's sampling defaults, seed included."""
+        return {"seed": self.seed, **self.options}
 
     def touch(self) -> None:
         self.last_used_at = time.time()
@@ -52,6 +71,7 @@ class SessionTable:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self._sessions: dict[str, Session] = {}
+        self._per_model: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -67,6 +87,10 @@ class SessionTable:
     def add(self, session: Session) -> None:
         self.check_capacity()
         self._sessions[session.id] = session
+        self._per_model[session.model] += 1
+
+    def count(self, model: str) -> int:
+        return self._per_model[model]
 
     def not_found(self, session_id: str) -> ServiceError:
         return ServiceError(
@@ -106,10 +130,15 @@ class SessionTable:
         """Take the session out of the table (its engine marks it closed and frees its slot)."""
         session = self.get(session_id)
         del self._sessions[session_id]
+        self._per_model[session.model] -= 1
         return session
 
     def sessions(self, model: str = "") -> list[Session]:
         return [s for s in self._sessions.values() if not model or s.model == model]
+
+    def least_recently_used(self, n: int) -> list[Session]:
+        """Up to ``n`` idle sessions, least recently used first."""
+        return heapq.nsmallest(n, (s for s in self._sessions.values() if not s.busy), key=lambda s: s.last_used_at)
 
     def expired(self, now: float | None = None, idle_s: float | None = None) -> list[Session]:
         """Sessions idle longer than ``idle_s`` (default: the idle timeout) and not in a turn."""
