@@ -7,12 +7,14 @@
 #   GATEWAY_RESOLVE_TIMEOUT_S how long to wait for the replicas' names to resolve (default 120)
 #   GATEWAY_MAX_FAILS, GATEWAY_FAIL_TIMEOUT  passive health of each upstream (default 1 and 5s): after that many
 #                             failed connections a replica is skipped for that long
+#   GATEWAY_RESOLVE_INTERVAL_S how often to look the replicas' names up again (default 5; 0: never), see below
 set -eu
 
 GATEWAY_LISTEN="${GATEWAY_LISTEN:-0.0.0.0:8080}"
 GATEWAY_PREFIX="${GATEWAY_PREFIX:-/tmp/nginx}"
 GATEWAY_UPSTREAMS="${GATEWAY_UPSTREAMS:?GATEWAY_UPSTREAMS must list the replicas, space-separated host:port}"
 timeout_s="${GATEWAY_RESOLVE_TIMEOUT_S:-120}"
+interval_s="${GATEWAY_RESOLVE_INTERVAL_S:-5}"
 max_fails="${GATEWAY_MAX_FAILS:-1}"
 fail_timeout="${GATEWAY_FAIL_TIMEOUT:-5s}"
 template="${GATEWAY_TEMPLATE:-/etc/lstm-gateway/gateway.conf.template}"
@@ -54,5 +56,35 @@ mkdir -p "$GATEWAY_PREFIX"
 # shellcheck disable=SC2016
 envsubst '${GATEWAY_LISTEN} ${GATEWAY_PREFIX} ${GATEWAY_UPSTREAMS} ${GATEWAY_UPSTREAMS_BLOCK}' \
     <"$template" >"$GATEWAY_PREFIX/nginx.conf"
+nginx_() { nginx -e stderr -p "$GATEWAY_PREFIX" -c "$GATEWAY_PREFIX/nginx.conf" "$@"; }
+
+# The replicas' addresses, one line per name; fails while a name does not resolve.
+addresses() {
+    for upstream in $GATEWAY_UPSTREAMS; do
+        host="${upstream%:*}"
+        case "$host" in \[*\]) continue ;; esac
+        found="$(getent hosts "$host" | awk '{ print $1 }' | sort | tr '\n' ' ')"
+        [ -n "$found" ] || return 1
+        echo "$host $found"
+    done
+}
+
+# nginx 1.22 looks the names up only when it (re)loads its configuration, but a replica that is restarted may
+# come back on another address (podman and docker hand out a new one): then it would never get traffic again.
+# So, in the background, look the names up again every GATEWAY_RESOLVE_INTERVAL_S seconds and reload nginx
+# (graceful: running streams finish on the old workers) when an address changed and every name resolves.
+watch_addresses() {
+    known="$(addresses)" || known=""
+    while sleep "$interval_s"; do
+        current="$(addresses)" || continue
+        if [ "$current" != "$known" ]; then
+            log "replica addresses changed, reloading nginx: $(echo "$current" | tr '\n' ';')"
+            if nginx_ -s reload; then known="$current"; fi
+        fi
+    done
+}
+
+nginx_ -t -q
+if [ "$interval_s" != 0 ]; then watch_addresses & fi
 log "listening on $GATEWAY_LISTEN, upstreams: $GATEWAY_UPSTREAMS"
 exec nginx -e stderr -p "$GATEWAY_PREFIX" -c "$GATEWAY_PREFIX/nginx.conf" -g 'daemon off;'

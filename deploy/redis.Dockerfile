@@ -1,0 +1,22 @@
+# The session store: Redis (Debian's redis-server, 7.0) holding the sessions' states, so any replica can carry
+# on a session another one served. Build from the repository root:
+#   docker build -f deploy/redis.Dockerfile -t lstm-redis .
+# The official image (redis:7) works the same: in docker-compose.yml replace the service's build with `image: redis:7`.
+# It is built from Debian here so that the whole stack builds from one base image where no registry is reachable.
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+RUN set -eu; \
+    apt-get update; \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
+    apt-get clean; rm -rf /var/lib/apt/lists/*
+
+USER redis
+WORKDIR /var/lib/redis
+EXPOSE 6379
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["sh", "-c", "redis-cli -h 127.0.0.1 ping | grep -qx PONG"]
+
+# Listens on every interface of the container's network without a password (protected mode off): only the
+# stack's own network reaches it (docker-compose.yml publishes no port). Sessions live in memory (no snapshots).
+ENTRYPOINT ["redis-server", "--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no"]

@@ -1,0 +1,98 @@
+"""The compose stack (docker-compose.yml) through its gateway: sessions stay on one replica, a session whose
+replica is killed carries on, on the other one, with the same text, and a restarted replica gets sessions again.
+
+Needs the running stack: ``make compose-test`` (deploy/compose-test.sh) brings it up under podman and runs this
+file with LSTM_COMPOSE_GATEWAY (host:port of the gateway) and LSTM_COMPOSE_PROJECT (the compose project, whose
+containers carry the label com.docker.compose.project). LSTM_COMPOSE_ENGINE picks the container CLI (podman,
+or docker for a stack brought up with docker compose).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from lstm_client import Client
+
+from .scenarios import assert_failover, assert_sticky
+
+GATEWAY = os.environ.get("LSTM_COMPOSE_GATEWAY", "")
+PROJECT = os.environ.get("LSTM_COMPOSE_PROJECT", "")
+ENGINE = os.environ.get("LSTM_COMPOSE_ENGINE", "podman")
+HEALTHY_TIMEOUT_S = 120.0
+
+pytestmark = pytest.mark.skipif(
+    not (GATEWAY and PROJECT),
+    reason="needs the compose stack: run `make compose-test`, which sets LSTM_COMPOSE_GATEWAY and LSTM_COMPOSE_PROJECT",
+)
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ENGINE, *args], check=check, capture_output=True, text=True, timeout=60)
+
+
+def container_of(replica: str) -> str:
+    """The container of the compose service named ``replica`` (its LSTM_SERVER_REPLICA_NAME is the same name)."""
+    names = run(
+        "ps",
+        "-a",
+        "--filter",
+        f"label=com.docker.compose.project={PROJECT}",
+        "--filter",
+        f"label=com.docker.compose.service={replica}",
+        "--format",
+        "{{.Names}}",
+    ).stdout.split()
+    assert len(names) == 1, f"expected one container for service {replica!r} of {PROJECT!r}, found {names}"
+    return names[0]
+
+
+def kill(replica: str) -> None:
+    run("kill", "--signal", "KILL", container_of(replica))
+
+
+def healthy(container: str) -> bool:
+    if ENGINE == "podman":  # podman runs no health checks by itself here: run it
+        return run("healthcheck", "run", container, check=False).returncode == 0
+    status = run("inspect", "--format", "{{.State.Health.Status}}", container, check=False).stdout.strip()
+    return status == "healthy"
+
+
+def restart(replica: str) -> None:
+    """Start the killed replica again (its restart policy may have done so already) and wait until it is healthy."""
+    container = container_of(replica)
+    run("start", container)
+    deadline = time.monotonic() + HEALTHY_TIMEOUT_S
+    while not healthy(container):
+        assert time.monotonic() < deadline, f"{container} not healthy {HEALTHY_TIMEOUT_S:.0f}s after a restart"
+        time.sleep(1.0)
+
+
+def sessions_reach(replica: str, timeout_s: float = 30.0) -> bool:
+    """Whether new sessions through the gateway land on ``replica`` again within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    with Client(GATEWAY) as client:
+        while time.monotonic() < deadline:
+            with client.session(model="charlm", prompt="KING:\n") as session:
+                if session.last_replica == replica:
+                    return True
+            time.sleep(0.2)
+    return False
+
+
+def test_session_stays_on_one_replica() -> None:
+    assert_sticky(GATEWAY)
+
+
+def test_session_survives_the_loss_of_its_replica() -> None:
+    assert_failover(GATEWAY, kill=kill, restart=restart)
+
+
+def test_a_restarted_replica_gets_sessions_again() -> None:
+    """A restarted container may come back on another address; the gateway must find it there."""
+    kill("replica-2")
+    restart("replica-2")
+    assert sessions_reach("replica-2"), "no new session reached replica-2 after its restart"
