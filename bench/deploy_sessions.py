@@ -100,14 +100,18 @@ def idle(args: argparse.Namespace) -> None:
 
 
 def throughput(args: argparse.Namespace) -> None:
-    print(f"models {args.models}; {platform.machine()}, {os.cpu_count()} cores; {args.tokens} chars per session\n")
+    print(
+        f"models {args.models}; {platform.machine()}, {os.cpu_count()} cores; {args.tokens} chars per session; "
+        f"{args.threads or os.cpu_count()} onnxruntime threads per replica\n"
+    )
     print(
         "| replicas | sessions | direct chars/s | gateway chars/s | gateway / direct | TTFT p50 direct / gateway ms |"
     )
     print("|---:|---:|---:|---:|---:|---:|")
-    for replicas in (1, 2):
+    for replicas in args.replicas:
         workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-        running = cluster.up(workdir, args.models, replicas=replicas, log_level="WARNING")
+        threads = args.threads or os.cpu_count()
+        running = cluster.up(workdir, args.models, replicas=replicas, log_level="WARNING", threads=threads)
         try:
             for n in args.concurrency:
                 direct, gateway = [], []
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="cluster sizes to measure")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads per replica (0: the cores)")
     args = parser.parse_args()
     args.models = args.models.resolve()
     idle(args) if args.what == "idle" else throughput(args)

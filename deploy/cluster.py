@@ -230,7 +230,10 @@ class Cluster:
 
 
 def up(workdir: Path, models: Path, replicas: int = 2, gateway_port: int = 0, **settings) -> Cluster:
-    """Start the whole topology; on any failure, stop what was started and raise."""
+    """Start the whole topology; on any failure, stop what was started and raise. Unless ``settings`` say
+    otherwise, the replicas share the cores: ``threads`` = cores // replicas (bench/RESULTS.md: two replicas of
+    two onnxruntime threads each on two cores are slower than one)."""
+    settings.setdefault("threads", max(1, (os.cpu_count() or 1) // replicas))
     binaries = ensure_packages()
     workdir.mkdir(parents=True, exist_ok=True)
     started: list[Process] = []
