@@ -9,14 +9,20 @@ FROM ${BASE_IMAGE}
 RUN set -eu; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
-    apt-get clean; rm -rf /var/lib/apt/lists/*
+    apt-get clean; rm -rf /var/lib/apt/lists/*; \
+    install -d -o redis -g redis /data
 
 USER redis
-WORKDIR /var/lib/redis
+WORKDIR /data
+VOLUME /data
 EXPOSE 6379
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["sh", "-c", "redis-cli -h 127.0.0.1 ping | grep -qx PONG"]
 
 # Listens on every interface of the container's network without a password (protected mode off): only the
-# stack's own network reaches it (docker-compose.yml publishes no port). Sessions live in memory (no snapshots).
-ENTRYPOINT ["redis-server", "--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
+# stack's own network reaches it (docker-compose.yml publishes no port). Sessions survive a restart of Redis: the
+# append-only file in /data (a volume) is synced every second, so a crash of Redis itself may lose the last second
+# of saves (a replica's crash loses nothing: its saves are in Redis already). `--appendfsync always` closes that
+# second at the price of one fsync per turn.
+ENTRYPOINT ["redis-server", "--bind", "0.0.0.0", "--port", "6379", "--protected-mode", "no", "--dir", "/data", \
+            "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
