@@ -16,6 +16,7 @@ import time
 import pytest
 
 from lstm_client import Client
+from lstm_client.errors import Unavailable
 
 from .scenarios import assert_failover, assert_sticky
 
@@ -72,14 +73,22 @@ def restart(replica: str) -> None:
 
 
 def sessions_reach(replica: str, timeout_s: float = 30.0) -> bool:
-    """Whether new sessions through the gateway land on ``replica`` again within ``timeout_s``."""
+    """Whether new sessions through the gateway land on ``replica`` again within ``timeout_s``.
+
+    Until the gateway has looked the names up again (every GATEWAY_RESOLVE_INTERVAL_S), it may know only stale
+    addresses and answer UNAVAILABLE; after its reload, connections made before it stay with the old worker. So
+    each attempt is a new connection, and UNAVAILABLE means "not yet".
+    """
     deadline = time.monotonic() + timeout_s
-    with Client(GATEWAY) as client:
-        while time.monotonic() < deadline:
-            with client.session(model="charlm", prompt="KING:\n") as session:
-                if session.last_replica == replica:
-                    return True
-            time.sleep(0.2)
+    while time.monotonic() < deadline:
+        with Client(GATEWAY, retries=0) as client:
+            try:
+                with client.session(model="charlm", prompt="KING:\n") as session:
+                    if session.last_replica == replica:
+                        return True
+            except Unavailable:
+                pass
+        time.sleep(0.2)
     return False
 
 

@@ -41,6 +41,13 @@ def test_replicas_share_a_session_and_reload_stale_copies(start_server, start_re
         second = text_of(on_b.attach(session.id))  # b loads it from the store
         third = text_of(session)  # a's copy is two turns old: it must reload, not reuse it
     assert first + second + third == expected
+    assert [store_events(a, "loaded"), store_events(b, "loaded")] == [1, 1]
+    assert [store_events(a, "saved"), store_events(b, "saved")] == [3, 1]  # created, turns 1 and 3; turn 2
+
+
+def store_events(server: ServerThread, event: str) -> float:
+    registry = server.server.metrics.registry
+    return registry.get_sample_value("lstm_session_store_events_total", {"event": event}) or 0
 
 
 def test_idle_sessions_leave_memory_and_come_back(start_server, start_redis, reference):
@@ -54,6 +61,7 @@ def test_idle_sessions_leave_memory_and_come_back(start_server, start_redis, ref
         while client.list_sessions() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.list_sessions() == []
+        assert store_events(server, "evicted") == 1
         assert text_of(session) == expected[len(first) :]
 
 

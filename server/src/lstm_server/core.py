@@ -100,6 +100,7 @@ class Core:
         if self.store is not None and len(self.sessions) >= self.sessions.max_sessions:
             for session in self.sessions.least_recently_used(max(1, self.sessions.max_sessions // 100)):
                 self.evict(session)
+                self.metrics.store_events.labels("evicted").inc()
         self.sessions.check_capacity()
 
     def new_session(
@@ -187,6 +188,7 @@ class Core:
         state = self.state_of(session)
         summary = SessionSummary(state.model, state.model_version, session.tokens_seen, session.created_at)
         session.revision = await self.store.save(session.id, state.SerializeToString(), summary, session.revision)
+        self.metrics.store_events.labels("saved").inc()
 
     async def save_new(self, session: Session) -> Session:
         """Save a session just made here; if that fails, it never existed."""
@@ -216,6 +218,7 @@ class Core:
         session = self.session_from_state(state, session_id)
         session.revision = stored.revision
         session.created_at = stored.created_at or session.created_at
+        self.metrics.store_events.labels("loaded").inc()
         return session
 
     async def resolve(self, session_id: str) -> Session:
@@ -293,3 +296,4 @@ async def reap_idle_sessions(core: Core, every_s: float) -> None:
             limit = min(config.evict_idle_s, config.idle_timeout_s)
             for session in core.sessions.expired(now, limit):
                 core.evict(session)
+                core.metrics.store_events.labels("evicted").inc()

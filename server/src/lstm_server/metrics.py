@@ -38,6 +38,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.store_events = Counter(
+            "lstm_session_store_events",
+            "Session store: saved (a state written), loaded (a session this replica did not hold, or held stale), "
+            "evicted (an idle session left memory; its state stays in the store)",
+            ["event"],
+            registry=r,
+        )
         self.requests = Counter("lstm_requests", "RPCs by method and status code", ["method", "code"], registry=r)
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
