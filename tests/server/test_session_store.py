@@ -15,7 +15,7 @@ from lstm.v1 import lstm_pb2 as pb
 
 from lstm_client import Client, LstmError
 from lstm_server.errors import ServiceError
-from lstm_server.session_store import KEY_PREFIX, RedisSessionStore, SessionSummary
+from lstm_server.session_store import KEY_PREFIX, RedisSessionStore, SessionSummary, redacted
 
 from ..conftest import ServerThread
 
@@ -193,3 +193,10 @@ def test_saves_compare_and_set_on_the_revision(start_redis):
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_store_messages_never_show_the_password():
+    assert redacted("redis://:s3cret@cache:6380/1") == "redis://:***@cache:6380/1"
+    assert redacted("redis://app:s3cret@cache/0") == "redis://app:***@cache/0"
+    assert redacted("redis://cache:6379/0") == "redis://cache:6379/0"
+    assert "s3cret" not in RedisSessionStore("redis://:s3cret@127.0.0.1:1/0", ttl_s=1).url

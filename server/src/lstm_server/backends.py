@@ -32,6 +32,7 @@ class OnnxBackend:
     def __init__(self, entry: ModelEntry, device: str, threads: int) -> None:
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()  # a server does not report usage to anyone (on by default on Linux since 1.29)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -44,6 +45,11 @@ class OnnxBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(entry.file(ONNX_FILE)), options, providers=providers)
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ModelRepositoryError(  # onnxruntime falls back to the CPU with only a warning
+                f"{entry.name}: device cuda asked for, but onnxruntime could not use the GPU and fell back to the "
+                "CPU (is a GPU visible to this process, with the CUDA and cuDNN libraries onnxruntime-gpu needs?)"
+            )
         check_onnx_session(entry, self.session)
         self.device = device
         self._outputs = ["logits", "hn", "cn"]

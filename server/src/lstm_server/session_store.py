@@ -21,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import redis.asyncio as redis
@@ -87,7 +88,7 @@ class RedisSessionStore:
     """Session states in Redis (``redis://host:port/db``)."""
 
     def __init__(self, url: str, ttl_s: float, timeout_s: float = 2.0) -> None:
-        self.url = url
+        self.url = redacted(url)  # for messages and logs: never the password
         self.ttl_ms = max(1, int(ttl_s * 1000))
         # A stopped Redis refuses connections at once: two quick retries, then UNAVAILABLE to the caller.
         self._redis = redis.Redis.from_url(
@@ -168,6 +169,17 @@ class RedisSessionStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def redacted(url: str) -> str:
+    """``url`` with the password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_store(kind: str, redis_url: str, ttl_s: float) -> SessionStore | None:
