@@ -200,3 +200,29 @@ def test_store_messages_never_show_the_password():
     assert redacted("redis://app:s3cret@cache/0") == "redis://app:***@cache/0"
     assert redacted("redis://cache:6379/0") == "redis://cache:6379/0"
     assert "s3cret" not in RedisSessionStore("redis://:s3cret@127.0.0.1:1/0", ttl_s=1).url
+
+
+def test_closing_a_session_while_its_turn_is_being_saved(start_server, start_redis):
+    redis = start_redis()
+    server = start_server(**store_settings(redis))
+    core = server.server.core
+    slots = core.registry.get("charlm").engine.slots
+    save = core.store.save
+
+    async def close_then_save(session_id, *args):  # a CloseSession lands while the turn's save is under way
+        await core.close(session_id)
+        return await save(session_id, *args)
+
+    with Client(server.address, retries=0) as client:
+        session = client.session(prompt=PROMPT)
+        used = slots.used
+        core.store.save = close_then_save
+        assert len(text_of(session, n=8)) == 8  # the turn had completed: its text stands
+        core.store.save = save
+        with pytest.raises(LstmError) as gone:
+            session.refresh()
+    assert gone.value.code == grpc.StatusCode.NOT_FOUND
+    deadline = time.monotonic() + 5
+    while slots.used != used - 1 and time.monotonic() < deadline:  # the slot is freed on the model thread
+        time.sleep(0.01)
+    assert slots.used == used - 1

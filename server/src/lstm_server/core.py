@@ -134,6 +134,8 @@ class Core:
 
     def evict(self, session: Session) -> None:
         """Take the session out of this process (its saved state, if any, stays in the store)."""
+        if session.closed:  # closed or evicted already
+            return
         self.sessions.remove(session.id)
         self.engine(session).close(session)
         self._gauge(session.model)
@@ -209,6 +211,8 @@ class Core:
                 await self.save(session)
                 return
             except BaseException:
+                if session.closed:  # closed during the save: the turn ends as 'closed during the turn'
+                    return
                 self.evict(session)  # the next call reloads the last saved state
                 raise
         self.evict(session)  # a failed turn's state is not trusted: reload the last saved one
