@@ -122,9 +122,20 @@ def alive(pid: int) -> bool:
         return True
 
 
+def is_running(process: Process) -> bool:
+    """Alive, and still the program we started (not another process that got its pid since)."""
+    if not alive(process.pid):
+        return False
+    try:
+        argv0 = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    return not process.command or Path(process.command[0]).name in argv0  # nginx and redis retitle themselves
+
+
 def stop(process: Process, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
     """Signal the process and wait for it to exit (SIGKILL after ``timeout_s``)."""
-    if not alive(process.pid):
+    if not is_running(process):
         return
     os.kill(process.pid, sig)
     deadline = time.monotonic() + timeout_s
@@ -199,7 +210,11 @@ def render_gateway(workdir: Path, listen: str, upstreams: list[str]) -> Path:
 def start_gateway(workdir: Path, port: int, upstreams: list[str], binary: str) -> Process:
     conf = render_gateway(workdir, f"127.0.0.1:{port}", upstreams)
     process = spawn("gateway", [binary, "-c", str(conf), "-g", "daemon off;"], port, workdir)
-    wait_for(lambda: accepts(port), "nginx gateway", 20, Path(process.log))
+    try:
+        wait_for(lambda: accepts(port), "nginx gateway", 20, Path(process.log))
+    except BaseException:
+        stop(process)
+        raise
     return process
 
 

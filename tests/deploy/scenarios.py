@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+from lstm.v1 import lstm_pb2 as pb
+
 from lstm_client import Client
 
 PROMPT = "KING:\n"
@@ -15,17 +18,25 @@ def run_turn(session, prompt: str, max_tokens: int) -> str:
     return "".join(chunk.text for chunk in session.generate(prompt, max_tokens=max_tokens))
 
 
-def uninterrupted(client: Client, model: str) -> list[str]:
-    """The text of every turn of one session that nothing disturbs: what a disturbed one must reproduce."""
+def uninterrupted(client: Client, model: str) -> tuple[list[str], pb.SessionState]:
+    """The text of every turn of one session that nothing disturbs, and its final state: what a disturbed one
+    must reproduce."""
     with client.session(model=model, prompt=PROMPT, **SAMPLING) as session:
-        return [run_turn(session, prompt, n) for prompt, n in TURNS]
+        return [run_turn(session, prompt, n) for prompt, n in TURNS], session.export()
+
+
+def assert_same_state(state: pb.SessionState, expected: pb.SessionState) -> None:
+    """Equal (h, c), next-character logits and count: the text alone says little about the state."""
+    assert state.tokens_seen == expected.tokens_seen
+    for name in ("h", "c", "next_logits"):
+        np.testing.assert_allclose(getattr(state, name).values, getattr(expected, name).values, atol=1e-5)
 
 
 def assert_sticky(gateway: str, turns: int = 5, model: str = "charlm") -> None:
     """Every call of a session, its creation included, reaches one replica; sessions spread over replicas."""
     seen_replicas = set()
     with Client(gateway) as client:
-        for _ in range(6):
+        for _ in range(40):  # until sessions were seen on two replicas (all 40 on one: 2^-39 by chance)
             with client.session(model=model, prompt=PROMPT, **SAMPLING) as session:
                 replicas = [session.last_replica]
                 for _ in range(turns):
@@ -35,7 +46,9 @@ def assert_sticky(gateway: str, turns: int = 5, model: str = "charlm") -> None:
                     replicas.append(session.last_replica)
                 assert len(set(replicas)) == 1 and replicas[0], replicas
                 seen_replicas.add(replicas[0])
-    assert len(seen_replicas) > 1, f"six sessions all went to {seen_replicas}: the gateway does not spread them"
+            if len(seen_replicas) > 1:
+                return
+    raise AssertionError(f"40 sessions all went to {seen_replicas}: the gateway does not spread them")
 
 
 def assert_failover(
@@ -47,7 +60,7 @@ def assert_failover(
     """Kill the replica holding a session between two turns: the next turn runs on another replica and the text
     is identical to an uninterrupted run; then restart the killed replica (if given) and check it serves again."""
     with Client(gateway) as client:
-        expected = uninterrupted(client, model)
+        expected, expected_state = uninterrupted(client, model)
         session = client.session(model=model, prompt=PROMPT, **SAMPLING)
         got = [run_turn(session, *TURNS[0])]
         victim = session.last_replica
@@ -60,4 +73,5 @@ def assert_failover(
                 restart(victim)
         got += [run_turn(session, *TURNS[2])]
         assert got == expected
+        assert_same_state(session.export(), expected_state)
         session.close()

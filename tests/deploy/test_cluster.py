@@ -12,7 +12,16 @@ import pytest
 
 from lstm_client import Client, LstmError
 
-from .scenarios import PROMPT, SAMPLING, TURNS, assert_failover, assert_sticky, run_turn, uninterrupted
+from .scenarios import (
+    PROMPT,
+    SAMPLING,
+    TURNS,
+    assert_failover,
+    assert_same_state,
+    assert_sticky,
+    run_turn,
+    uninterrupted,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +56,7 @@ def test_kill_9_between_turns_continues_identically_on_another_replica(running):
 
 def test_graceful_restart_loses_no_turn(running):
     with Client(running.gateway.address) as client:
-        expected = uninterrupted(client, "charlm")
+        expected, expected_state = uninterrupted(client, "charlm")
         session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
         got = [run_turn(session, *TURNS[0])]
         for name in [r.name for r in running.replicas]:  # every replica restarts: nothing survives in memory
@@ -55,11 +64,12 @@ def test_graceful_restart_loses_no_turn(running):
             replace(running, name, topology.restart(running.replica(name)))
         got += [run_turn(session, *turn) for turn in TURNS[1:]]
         assert got == expected
+        assert_same_state(session.export(), expected_state)
 
 
 def test_redis_outage_is_unavailable_then_recovers_without_corruption(running):
     with Client(running.gateway.address, retries=0) as client:
-        expected = uninterrupted(client, "charlm")
+        expected, expected_state = uninterrupted(client, "charlm")
         session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
         got = [run_turn(session, *TURNS[0])]
         topology.stop(running.redis)
@@ -78,6 +88,7 @@ def test_redis_outage_is_unavailable_then_recovers_without_corruption(running):
             running.redis = topology.restart(running.redis)
         got += [run_turn(session, *turn) for turn in TURNS[1:]]
         assert got == expected
+        assert_same_state(session.export(), expected_state)
         assert session.refresh().tokens_seen == len(PROMPT) + sum(len(p) + n for p, n in TURNS)
 
 

@@ -10,8 +10,10 @@ import time
 
 import cluster
 import grpc
+import numpy as np
 import pytest
 from lstm.v1 import lstm_pb2 as pb
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lstm_client import Client, LstmError
 from lstm_server.errors import ServiceError
@@ -31,16 +33,25 @@ def text_of(session, prompt: str = "", n: int = 12) -> str:
     return "".join(chunk.text for chunk in session.generate(prompt, max_tokens=n))
 
 
+def assert_state(session, h: np.ndarray, c: np.ndarray) -> None:
+    """The session's (h, c), exported, equals the reference's: the text alone barely depends on the state with
+    the tests' tiny model (it is mostly the seed and the position)."""
+    state = session.export()
+    np.testing.assert_allclose(np.array(state.h.values).reshape(h.shape), h, atol=1e-5)
+    np.testing.assert_allclose(np.array(state.c.values).reshape(c.shape), c, atol=1e-5)
+
+
 def test_replicas_share_a_session_and_reload_stale_copies(start_server, start_redis, reference):
     redis = start_redis()
     a, b = start_server(**store_settings(redis)), start_server(**store_settings(redis))
-    expected, _, _ = reference.generate(PROMPT, 36, seed=SEED)
+    expected, h, c = reference.generate(PROMPT, 36, seed=SEED)
     with Client(a.address) as on_a, Client(b.address) as on_b:
         session = on_a.session(prompt=PROMPT, seed=SEED)
         first = text_of(session)
         second = text_of(on_b.attach(session.id))  # b loads it from the store
         third = text_of(session)  # a's copy is two turns old: it must reload, not reuse it
-    assert first + second + third == expected
+        assert first + second + third == expected
+        assert_state(session, h, c)
     assert [store_events(a, "loaded"), store_events(b, "loaded")] == [1, 1]
     assert [store_events(a, "saved"), store_events(b, "saved")] == [3, 1]  # created, turns 1 and 3; turn 2
 
@@ -53,7 +64,7 @@ def store_events(server: ServerThread, event: str) -> float:
 def test_idle_sessions_leave_memory_and_come_back(start_server, start_redis, reference):
     redis = start_redis()
     server = start_server(**store_settings(redis, evict_idle_s=0.2))
-    expected, _, _ = reference.generate(PROMPT, 24, seed=SEED)
+    expected, h, c = reference.generate(PROMPT, 24, seed=SEED)
     with Client(server.address) as client:
         session = client.session(prompt=PROMPT, seed=SEED)
         first = text_of(session)
@@ -61,20 +72,35 @@ def test_idle_sessions_leave_memory_and_come_back(start_server, start_redis, ref
         while client.list_sessions() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.list_sessions() == []
-        assert store_events(server, "evicted") == 1
+        assert store_events(server, "evicted") >= 1
         assert text_of(session) == expected[len(first) :]
+        assert_state(session, h, c)
 
 
 def test_a_full_table_evicts_the_least_recently_used_session(start_server, start_redis, reference):
     redis = start_redis()
     server = start_server(**store_settings(redis, max_sessions=2))
-    expected, _, _ = reference.generate(PROMPT, 12, seed=SEED)
+    expected, h, c = reference.generate(PROMPT, 12, seed=SEED)
     with Client(server.address) as client:
         oldest = client.session(prompt=PROMPT, seed=SEED)
         client.session(prompt=PROMPT)
         client.session(prompt=PROMPT)  # the table is full: `oldest` leaves memory, its state stays in the store
         assert oldest.id not in {s.session_id for s in client.list_sessions()}
         assert text_of(oldest) == expected
+        assert_state(oldest, h, c)
+
+
+def test_a_fork_in_a_full_table_copies_its_source(start_server, start_redis, reference):
+    redis = start_redis()
+    server = start_server(**store_settings(redis, max_sessions=2))
+    expected, h, c = reference.generate(PROMPT, 12, seed=SEED)
+    with Client(server.address) as client:
+        source = client.session(prompt=PROMPT, seed=SEED)
+        assert text_of(source) == expected
+        client.session(prompt=PROMPT)  # full: the fork must make room, but never by evicting its source
+        fork = source.fork()
+        assert_state(fork, h, c)
+        assert text_of(fork) == text_of(source)
 
 
 def test_a_state_written_by_another_model_version_is_refused(start_redis, repository):
@@ -143,7 +169,7 @@ def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_
         cluster.stop(redis)
         return await save(*args)
 
-    expected, _, _ = reference.generate(PROMPT, 24, seed=SEED)
+    expected, h, c = reference.generate(PROMPT, 24, seed=SEED)
     with Client(server.address, retries=0) as client:
         session = client.session(prompt=PROMPT, seed=SEED)
         first = text_of(session)
@@ -153,9 +179,65 @@ def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_
         assert failed.value.code == grpc.StatusCode.UNAVAILABLE
         assert "session store unavailable" in failed.value.details
         store.save = save
-        cluster.restart(redis)
-        assert text_of(session) == expected[len(first) :]  # as if the failed turn never happened
-        assert session.refresh().tokens_seen == len(PROMPT) + 24
+        redis = cluster.restart(redis)
+        try:
+            assert text_of(session) == expected[len(first) :]  # as if the failed turn never happened
+            assert session.refresh().tokens_seen == len(PROMPT) + 24
+            assert_state(session, h, c)
+        finally:
+            cluster.stop(redis)
+
+
+def test_a_save_whose_reply_is_lost_is_confirmed_not_repeated(start_server, start_redis, reference):
+    redis = start_redis()
+    server = start_server(**store_settings(redis))
+    store = server.server.core.store
+    script = store._save
+    expected, h, c = reference.generate(PROMPT, 24, seed=SEED)
+
+    async def applied_then_lost(*args, **kwargs):  # the write happens, its reply never arrives
+        await script(*args, **kwargs)
+        raise RedisConnectionError("connection reset by peer")
+
+    async def lost_before_applied(*args, **kwargs):
+        raise RedisConnectionError("connection refused")
+
+    with Client(server.address, retries=0) as client:
+        session = client.session(prompt=PROMPT, seed=SEED)
+        store._save = applied_then_lost
+        first = text_of(session)  # saved, though Redis's answer was lost: the turn stands
+        store._save = lost_before_applied
+        with pytest.raises(LstmError) as failed:
+            text_of(session)
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "no session was changed by this call" in failed.value.details
+        store._save = script
+        assert first + text_of(session) == expected  # the failed turn left no trace
+        assert_state(session, h, c)
+
+
+def test_a_session_closed_while_it_is_created_stays_closed(start_server, start_redis):
+    redis = start_redis()
+    server = start_server(**store_settings(redis))
+    core = server.server.core
+    save = core.store.save
+
+    async def close_then_save(session_id, *args):
+        await core.close(session_id)
+        return await save(session_id, *args)
+
+    proposed = "cd" * 16
+    with Client(server.address, retries=0) as client:
+        core.store.save = close_then_save
+        with pytest.raises(LstmError) as aborted:
+            request = pb.CreateSessionRequest(model="charlm", prompt=PROMPT)
+            client.call(client.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", proposed)])
+        core.store.save = save
+        assert aborted.value.code == grpc.StatusCode.ABORTED
+        assert "was closed while it was being made" in aborted.value.details
+        with pytest.raises(LstmError) as gone:
+            client.attach(proposed)
+        assert gone.value.code == grpc.StatusCode.NOT_FOUND
 
 
 def test_the_server_waits_for_the_store_then_gives_up_clearly(exported):
@@ -189,6 +271,10 @@ def test_saves_compare_and_set_on_the_revision(start_redis):
             assert 0 < await store._redis.pttl(KEY_PREFIX + "s1") <= 60_000
             await store.delete("s1")
             assert await store.load("s1") is None
+            with pytest.raises(ServiceError) as gone:
+                await store.save("s1", b"three", summary, 2)
+            assert gone.value.code == grpc.StatusCode.NOT_FOUND
+            assert "was closed (or expired) during this call" in gone.value.message
         finally:
             await store.close()
 

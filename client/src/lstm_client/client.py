@@ -130,8 +130,9 @@ class Client(Connection):
 
     def attach(self, session_id: str) -> Session:
         """An existing session, by id."""
+        request = pb.GetSessionRequest(session_id=session_id)
         return Session(
-            self, self.call(self.sessions.GetSession, pb.GetSessionRequest(session_id=session_id), idempotent=True)
+            self, self.call(self.sessions.GetSession, request, idempotent=True, metadata=session_metadata(session_id))
         )
 
     def import_session(self, state: pb.SessionState) -> Session:

@@ -58,6 +58,11 @@ def check_proposed_id(session_id: str) -> str:
     return session_id
 
 
+def check_not_closed(session: Session) -> None:
+    if session.closed:
+        raise ServiceError(grpc.StatusCode.ABORTED, f"session {session.id} was closed while it was being made")
+
+
 @dataclass
 class Core:
     """What every service shares."""
@@ -193,15 +198,20 @@ class Core:
         self.metrics.store_events.labels("saved").inc()
 
     async def save_new(self, session: Session) -> Session:
-        """Save a session just made here; if that fails, it never existed."""
+        """Save a session just made here; if that fails, or it is closed meanwhile, it never existed."""
         session.busy = True  # nobody may use it before it is in the store
         try:
+            check_not_closed(session)  # its slot may serve another session already
             await self.save(session)
+            if session.closed and self.store is not None:  # closed during the save: take the save back
+                await self.store.delete(session.id)
+            check_not_closed(session)
         except BaseException:
             self.evict(session)
             raise
         finally:
             session.busy = False
+        session.touch()
         return session
 
     async def after_turn(self, session: Session, error: BaseException | None) -> None:
@@ -219,6 +229,12 @@ class Core:
 
     def _restore(self, session_id: str, stored: StoredSession) -> Session:
         state = pb.SessionState.FromString(stored.state)
+        if state.checksum != state_checksum(state):
+            raise ServiceError(
+                grpc.StatusCode.DATA_LOSS,
+                f"session {session_id}'s state in the session store fails its checksum: it was altered or damaged "
+                "there; the session cannot be continued, create a new one",
+            )
         session = self.session_from_state(state, session_id)
         session.revision = stored.revision
         session.created_at = stored.created_at or session.created_at

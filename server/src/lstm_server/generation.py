@@ -209,6 +209,7 @@ class GenerationEngine:
         self._thread.start()
 
     async def stop(self) -> None:
+        await asyncio.gather(*self._settling, return_exceptions=True)  # turns being saved finish saving
         with self.lock:
             self._stopping = True
             self.lock.notify()
@@ -271,12 +272,14 @@ class GenerationEngine:
         self.slots.release(session.slot)
 
     def _flush_notifications(self) -> None:
-        with self.lock:
+        with self.lock:  # `complete` is read under the lock: Turn.finish sets it among other fields
             turns, self._to_notify = self._to_notify, set()
             self._notify_scheduled = False
-        for turn in turns:
-            if turn.complete and not turn.settling:
+            completed = {turn for turn in turns if turn.complete and not turn.settling}
+            for turn in completed:
                 turn.settling = True
+        for turn in turns:
+            if turn in completed:
                 if self.after_turn is None:
                     self._release(turn)
                 else:
@@ -290,6 +293,9 @@ class GenerationEngine:
             if not turn.session.closed:
                 await self.after_turn(turn.session, turn.error)
         except ServiceError as error:
+            turn.error = turn.error or error
+        except Exception as error:  # a bug in the hook: the turn must not look saved
+            log.exception("after_turn failed for session %s", turn.session.id)
             turn.error = turn.error or error
         finally:
             self._release(turn)

@@ -49,8 +49,12 @@ class SessionsService(rpc.SessionsServicer):
         source = await self.core.resolve(request.session_id)
         self.core.sessions.idle(source.id)
         model = self.core.registry.get(source.model)
-        fork = self.core.new_session(model, dict(source.defaults), source.tokens_seen, source.has_logits)
-        model.engine.slots.copy(source.slot, fork.slot)
+        source.busy = True  # a full table must not evict the source to make room for its fork
+        try:
+            fork = self.core.new_session(model, dict(source.defaults), source.tokens_seen, source.has_logits)
+            model.engine.slots.copy(source.slot, fork.slot)
+        finally:
+            source.busy = False
         return self.core.session_proto(await self.core.save_new(fork))
 
     async def CloseSession(self, request, context):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,14 +35,20 @@ from .errors import ServiceError
 log = logging.getLogger(__name__)
 KEY_PREFIX = "lstm:session:"
 
-# KEYS[1]: the session; ARGV: expected revision, state, model, model_version, tokens_seen, created_at, ttl (ms).
-# Returns the new revision, or -1 if the stored revision is not the expected one.
+# KEYS[1]: the session; ARGV: expected revision, state, model, model_version, tokens_seen, created_at, ttl (ms),
+# and a token unique to this save. Returns the new revision; if this very save was applied already (a retry after
+# a lost reply), its revision again; -1 if the stored revision is another; -2 if the session is gone.
 _COMPARE_AND_SAVE = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
-if current ~= tonumber(ARGV[1]) then return -1 end
+local expected = tonumber(ARGV[1])
+if current == expected + 1 and redis.call('HGET', KEYS[1], 'token') == ARGV[8] then return current end
+if current ~= expected then
+  if current == 0 then return -2 end
+  return -1
+end
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[6]
 redis.call('HSET', KEYS[1], 'revision', current + 1, 'state', ARGV[2], 'model', ARGV[3],
-           'model_version', ARGV[4], 'tokens_seen', ARGV[5], 'created_at', created)
+           'model_version', ARGV[4], 'tokens_seen', ARGV[5], 'created_at', created, 'token', ARGV[8])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return current + 1
 """
@@ -77,7 +84,7 @@ class SessionStore(Protocol):
 
     async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
         """Write over ``expected_revision`` (0: the session must be new) and return the new revision;
-        ABORTED if another writer got there first."""
+        ALREADY_EXISTS, ABORTED (another writer got there first) or NOT_FOUND (the session is gone) otherwise."""
 
     async def delete(self, session_id: str) -> None: ...
 
@@ -99,11 +106,10 @@ class RedisSessionStore:
         )
         self._save = self._redis.register_script(_COMPARE_AND_SAVE)
 
-    def _unavailable(self, error: Exception) -> ServiceError:
+    def _unavailable(self, error: Exception, outcome: str = "no session was changed by this call") -> ServiceError:
         return ServiceError(
             grpc.StatusCode.UNAVAILABLE,
-            f"session store unavailable (redis at {self.url}): {error}; no session was changed by this call, "
-            "retry when the store is back",
+            f"session store unavailable (redis at {self.url}): {error}; {outcome}, retry when the store is back",
         )
 
     async def connect(self, timeout_s: float) -> None:
@@ -121,8 +127,12 @@ class RedisSessionStore:
                 delay = min(2.0, delay * 2)
 
     async def revision(self, session_id: str) -> int | None:
+        """The stored revision (None: no such session); every call on a session asks, and so keeps it alive
+        for another idle timeout, reads included."""
+        key = KEY_PREFIX + session_id
         try:
-            value = await self._redis.hget(KEY_PREFIX + session_id, "revision")
+            async with self._redis.pipeline(transaction=True) as pipe:
+                value, _ = await pipe.hget(key, "revision").pexpire(key, self.ttl_ms).execute()
         except RedisError as error:
             raise self._unavailable(error) from error
         return None if value is None else int(value)
@@ -139,6 +149,8 @@ class RedisSessionStore:
         return StoredSession(int(revision), state, float(created_at or 0.0))
 
     async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
+        key = KEY_PREFIX + session_id
+        token = secrets.token_hex(8)
         args = [
             expected_revision,
             state,
@@ -147,17 +159,34 @@ class RedisSessionStore:
             summary.tokens_seen,
             repr(summary.created_at),
             self.ttl_ms,
+            token,
         ]
         try:
-            revision = int(await self._save(keys=[KEY_PREFIX + session_id], args=args))
-        except RedisError as error:
+            revision = int(await self._save(keys=[key], args=args))
+        except RedisError as error:  # the write may have happened (a timeout, a lost reply): ask before answering
+            try:
+                stored_revision, stored_token = await self._redis.hmget(key, "revision", "token")
+            except RedisError:
+                raise self._unavailable(
+                    error, "this turn may or may not have been saved (GetSession's tokens_seen tells)"
+                ) from error
+            if stored_token is not None and stored_token.decode() == token:
+                return int(stored_revision)
             raise self._unavailable(error) from error
-        if revision < 0:
-            what = "already exists" if expected_revision == 0 else "was changed by another replica during this call"
+        if revision == -2 and expected_revision:
             raise ServiceError(
-                grpc.StatusCode.ABORTED if expected_revision else grpc.StatusCode.ALREADY_EXISTS,
-                f"session {session_id} {what}; "
-                + ("create it with another id" if expected_revision == 0 else "retry the call"),
+                grpc.StatusCode.NOT_FOUND,
+                f"session {session_id} was closed (or expired) during this call; create a new one",
+            )
+        if revision < 0:
+            if expected_revision == 0:
+                raise ServiceError(
+                    grpc.StatusCode.ALREADY_EXISTS, f"session {session_id} already exists; create it with another id"
+                )
+            raise ServiceError(
+                grpc.StatusCode.ABORTED,
+                f"session {session_id} was changed by another replica during this call; this call's change was "
+                "discarded: retry it",
             )
         return revision
 
