@@ -27,13 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_generation import PROMPT, cluster, served
+
+from lstm_client import AsyncClient
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "deploy"))
-
-import cluster  # noqa: E402  (deploy/cluster.py)
-from serve_generation import PROMPT, served  # noqa: E402
-
-from lstm_client import AsyncClient  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from serve_generation import percentile, start_server
+from serve_generation import cluster, percentile, start_server
 from tokenizers import Tokenizer
 
 from lstm_client import AsyncClient
@@ -86,12 +86,11 @@ def main() -> None:
     args = parser.parse_args()
     sentences = load_sentences(args.sentences)
     ceiling = in_process(args.models, args.version, sentences, 64, args.threads)
-    process, address = start_server(args.models, args.threads, f"sentiment={args.version}")
+    server = start_server(args.models, args.threads, f"sentiment={args.version}")
     try:
-        rate, latencies = asyncio.run(served(address, sentences, args.clients, args.seconds))
+        rate, latencies = asyncio.run(served(server.address, sentences, args.clients, args.seconds))
     finally:
-        process.terminate()
-        process.wait(30)
+        cluster.stop(server)
     print(
         f"{len(sentences)} sentences ({args.sentences if args.sentences.is_file() else 'built-in'}), "
         f"{args.clients} clients, {args.threads} threads, sentiment version {args.version}\n"

@@ -23,23 +23,23 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstm_client import AsyncClient
 from lstm_server.model_repository import load_entry
 from lstm_training.models import CharLM, CharLMConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
+import cluster
 
 PROMPT = "ROMEO:\n"
 
@@ -48,42 +48,15 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_server(models: Path, threads: int, versions: str = "") -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "lstm-server"),
-            "--models",
-            str(models),
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--threads",
-            str(threads),
-            "--log-level",
-            "WARNING",
-            "--drain-delay-s",
-            "0",
-            "--model-versions",
-            versions,
-        ],
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        with grpc.insecure_channel(address) as channel:
-            try:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, address
-            except grpc.RpcError:
-                pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not start")
+def start_server(models: Path, threads: int, versions: str = "") -> cluster.Process:
+    """An lstm-server process on a free loopback port, serving (its log in a temporary folder)."""
+    port = cluster.free_port()
+    command = [str(Path(sys.executable).parent / "lstm-server"), "--models", str(models), "--port", str(port)]
+    command += ["--metrics-port", "0", "--threads", str(threads), "--log-level", "WARNING", "--drain-delay-s", "0"]
+    command += ["--model-versions", versions]
+    server = cluster.spawn("bench-server", command, port, Path(tempfile.mkdtemp(prefix="bench-server-")))
+    cluster.wait_until_serving(server)
+    return server
 
 
 async def served(address: str, concurrency: int, tokens: int, turn_prompt: str = "") -> dict[str, float]:
@@ -181,7 +154,8 @@ def main() -> None:
         f"model {entry.path} ({layers} x {hidden}); {platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} threads; {args.tokens} chars per session\n"
     )
-    process, address = start_server(args.models, args.threads, f"charlm={args.version}")
+    server = start_server(args.models, args.threads, f"charlm={args.version}")
+    address = server.address
     try:
         print(
             "| sessions | served chars/s | in-process chars/s | naive chars/s | served / in-process | served / naive "
@@ -215,8 +189,7 @@ def main() -> None:
             f"ratio {served_ttft / statistics.median(prefill):.2f}x"
         )
     finally:
-        process.terminate()
-        process.wait(30)
+        cluster.stop(server)
 
 
 if __name__ == "__main__":

@@ -4,37 +4,22 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import grpc
 import pexpect
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from cluster import free_port
 from lstm.v1 import lstm_pb2 as pb
 
 from lstm_client import Client
+from lstm_server.healthcheck import check
 
 from ..conftest import Stubs
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def health_status(address: str):
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-        except grpc.RpcError as error:
-            return error.code()
 
 
 def wait_for(predicate, timeout: float = 30.0, every: float = 0.05) -> None:
@@ -68,7 +53,7 @@ def test_sigterm_drains_streams_and_exits_zero(exported, tmp_path) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: health_status(address) == health_pb2.HealthCheckResponse.SERVING)
+        wait_for(lambda: check(address, timeout_s=1) == "SERVING")
         client = Client(address)
         session = client.session(model="charlm", prompt="KING:\nthe ")
         received: list[str] = []
@@ -83,7 +68,7 @@ def test_sigterm_drains_streams_and_exits_zero(exported, tmp_path) -> None:
         reader.start()
         wait_for(lambda: received)
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2.0)
+        wait_for(lambda: check(address, timeout_s=1) == "NOT_SERVING", timeout=2.0)
         reader.join(30)
         assert finished.is_set() and len("".join(received)) == 3000, "the running stream was cut off"
         assert process.wait(30) == 0

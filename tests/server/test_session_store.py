@@ -7,6 +7,8 @@ import asyncio
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import cluster
 import grpc
@@ -29,6 +31,22 @@ def store_settings(redis: cluster.Process, **overrides) -> dict:
     return {"session_store": "redis", "redis_url": f"redis://{redis.address}/0", **overrides}
 
 
+@dataclass
+class StoreServers:
+    """Servers of one test, sharing its private redis-server."""
+
+    redis: cluster.Process
+    start_server: Callable[..., ServerThread]
+
+    def start(self, **overrides) -> ServerThread:
+        return self.start_server(**store_settings(self.redis, **overrides))
+
+
+@pytest.fixture
+def stored(start_server, start_redis) -> StoreServers:
+    return StoreServers(start_redis(), start_server)
+
+
 def text_of(session, prompt: str = "", n: int = 12) -> str:
     return "".join(chunk.text for chunk in session.generate(prompt, max_tokens=n))
 
@@ -41,9 +59,8 @@ def assert_state(session, h: np.ndarray, c: np.ndarray) -> None:
     np.testing.assert_allclose(np.array(state.c.values).reshape(c.shape), c, atol=1e-5)
 
 
-def test_replicas_share_a_session_and_reload_stale_copies(start_server, start_redis, reference):
-    redis = start_redis()
-    a, b = start_server(**store_settings(redis)), start_server(**store_settings(redis))
+def test_replicas_share_a_session_and_reload_stale_copies(stored, reference):
+    a, b = stored.start(), stored.start()
     expected, h, c = reference.generate(PROMPT, 36, seed=SEED)
     with Client(a.address) as on_a, Client(b.address) as on_b:
         session = on_a.session(prompt=PROMPT, seed=SEED)
@@ -61,9 +78,8 @@ def store_events(server: ServerThread, event: str) -> float:
     return registry.get_sample_value("lstm_session_store_events_total", {"event": event}) or 0
 
 
-def test_idle_sessions_leave_memory_and_come_back(start_server, start_redis, reference):
-    redis = start_redis()
-    server = start_server(**store_settings(redis, evict_idle_s=0.2))
+def test_idle_sessions_leave_memory_and_come_back(stored, reference):
+    server = stored.start(evict_idle_s=0.2)
     expected, h, c = reference.generate(PROMPT, 24, seed=SEED)
     with Client(server.address) as client:
         session = client.session(prompt=PROMPT, seed=SEED)
@@ -77,9 +93,8 @@ def test_idle_sessions_leave_memory_and_come_back(start_server, start_redis, ref
         assert_state(session, h, c)
 
 
-def test_a_full_table_evicts_the_least_recently_used_session(start_server, start_redis, reference):
-    redis = start_redis()
-    server = start_server(**store_settings(redis, max_sessions=2))
+def test_a_full_table_evicts_the_least_recently_used_session(stored, reference):
+    server = stored.start(max_sessions=2)
     expected, h, c = reference.generate(PROMPT, 12, seed=SEED)
     with Client(server.address) as client:
         oldest = client.session(prompt=PROMPT, seed=SEED)
@@ -90,9 +105,8 @@ def test_a_full_table_evicts_the_least_recently_used_session(start_server, start
         assert_state(oldest, h, c)
 
 
-def test_a_fork_in_a_full_table_copies_its_source(start_server, start_redis, reference):
-    redis = start_redis()
-    server = start_server(**store_settings(redis, max_sessions=2))
+def test_a_fork_in_a_full_table_copies_its_source(stored, reference):
+    server = stored.start(max_sessions=2)
     expected, h, c = reference.generate(PROMPT, 12, seed=SEED)
     with Client(server.address) as client:
         source = client.session(prompt=PROMPT, seed=SEED)
@@ -124,9 +138,8 @@ def test_a_state_written_by_another_model_version_is_refused(start_redis, reposi
     assert "written by charlm version 1, but this server runs version 2" in refused.value.details
 
 
-def test_closing_removes_the_session_from_the_store(start_server, start_redis):
-    redis = start_redis()
-    a, b = start_server(**store_settings(redis)), start_server(**store_settings(redis))
+def test_closing_removes_the_session_from_the_store(stored):
+    a, b = stored.start(), stored.start()
     with Client(a.address) as on_a, Client(b.address, retries=0) as on_b:
         session = on_a.session(prompt=PROMPT)
         on_b.attach(session.id)
@@ -136,9 +149,8 @@ def test_closing_removes_the_session_from_the_store(start_server, start_redis):
     assert gone.value.code == grpc.StatusCode.NOT_FOUND
 
 
-def test_proposed_session_ids_are_checked(start_server, start_redis):
-    redis = start_redis()
-    a, b = start_server(**store_settings(redis)), start_server(**store_settings(redis))
+def test_proposed_session_ids_are_checked(stored):
+    a, b = stored.start(), stored.start()
     request = pb.CreateSessionRequest(model="charlm", prompt=PROMPT)
     proposed = "ab" * 16
     with Client(a.address) as on_a, Client(b.address) as on_b:
@@ -157,16 +169,13 @@ def test_proposed_session_ids_are_checked(start_server, start_redis):
             assert taken.value.code == grpc.StatusCode.ALREADY_EXISTS
 
 
-def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_state(
-    start_server, start_redis, reference
-):
-    redis = start_redis()
-    server = start_server(**store_settings(redis))
+def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_state(stored, reference):
+    server = stored.start()
     store = server.server.core.store
     save = store.save
 
     async def save_after_redis_stops(*args):  # Redis goes away while the turn runs, before its save
-        cluster.stop(redis)
+        cluster.stop(stored.redis)
         return await save(*args)
 
     expected, h, c = reference.generate(PROMPT, 24, seed=SEED)
@@ -179,7 +188,7 @@ def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_
         assert failed.value.code == grpc.StatusCode.UNAVAILABLE
         assert "session store unavailable" in failed.value.details
         store.save = save
-        redis = cluster.restart(redis)
+        redis = cluster.restart(stored.redis)
         try:
             assert text_of(session) == expected[len(first) :]  # as if the failed turn never happened
             assert session.refresh().tokens_seen == len(PROMPT) + 24
@@ -188,9 +197,8 @@ def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_
             cluster.stop(redis)
 
 
-def test_a_save_whose_reply_is_lost_is_confirmed_not_repeated(start_server, start_redis, reference):
-    redis = start_redis()
-    server = start_server(**store_settings(redis))
+def test_a_save_whose_reply_is_lost_is_confirmed_not_repeated(stored, reference):
+    server = stored.start()
     store = server.server.core.store
     script = store._save
     expected, h, c = reference.generate(PROMPT, 24, seed=SEED)
@@ -216,9 +224,8 @@ def test_a_save_whose_reply_is_lost_is_confirmed_not_repeated(start_server, star
         assert_state(session, h, c)
 
 
-def test_a_session_closed_while_it_is_created_stays_closed(start_server, start_redis):
-    redis = start_redis()
-    server = start_server(**store_settings(redis))
+def test_a_session_closed_while_it_is_created_stays_closed(stored):
+    server = stored.start()
     core = server.server.core
     save = core.store.save
 
@@ -288,9 +295,8 @@ def test_store_messages_never_show_the_password():
     assert "s3cret" not in RedisSessionStore("redis://:s3cret@127.0.0.1:1/0", ttl_s=1).url
 
 
-def test_closing_a_session_while_its_turn_is_being_saved(start_server, start_redis):
-    redis = start_redis()
-    server = start_server(**store_settings(redis))
+def test_closing_a_session_while_its_turn_is_being_saved(stored):
+    server = stored.start()
     core = server.server.core
     slots = core.registry.get("charlm").engine.slots
     save = core.store.save

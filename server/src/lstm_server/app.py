@@ -67,8 +67,7 @@ class LstmServer:
         await self.server.start()
         if self.config.metrics_port:
             self._http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
-        idle_limit = self.config.idle_timeout_s if self.store is None else self.config.evict_idle_s
-        every = max(0.05, min(60.0, idle_limit / 4))
+        every = max(0.05, min(60.0, self.core.idle_limit_s / 4))
         self._reaper = asyncio.get_running_loop().create_task(reap_idle_sessions(self.core, every))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(

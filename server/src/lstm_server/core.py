@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -104,9 +103,15 @@ class Core:
         1% of the table at a time, so that a full table costs one scan per hundred new sessions, not per one."""
         if self.store is not None and len(self.sessions) >= self.sessions.max_sessions:
             for session in self.sessions.least_recently_used(max(1, self.sessions.max_sessions // 100)):
-                self.evict(session)
-                self.metrics.store_events.labels("evicted").inc()
+                self.evict_idle(session)
         self.sessions.check_capacity()
+
+    @property
+    def idle_limit_s(self) -> float:
+        """How long a session may sit idle in memory: the idle timeout, or with a store the eviction delay."""
+        if self.store is None:
+            return self.config.idle_timeout_s
+        return min(self.config.evict_idle_s, self.config.idle_timeout_s)
 
     def new_session(
         self,
@@ -144,6 +149,11 @@ class Core:
         self.sessions.remove(session.id)
         self.engine(session).close(session)
         self._gauge(session.model)
+
+    def evict_idle(self, session: Session) -> None:
+        """Evict a saved, idle session to free memory (counted: the store will load it back on demand)."""
+        self.evict(session)
+        self.metrics.store_events.labels("evicted").inc()
 
     # -- state ------------------------------------------------------------------------
 
@@ -266,6 +276,10 @@ class Core:
             self.evict(local)
         return self._restore(session_id, stored)
 
+    async def resolve_idle(self, session_id: str) -> Session:
+        """The session, as ``resolve`` finds it, if no turn is using it (ABORTED otherwise)."""
+        return self.sessions.idle((await self.resolve(session_id)).id)
+
     # -- what the RPCs do ------------------------------------------------------------------
 
     async def create(self, request: pb.CreateSessionRequest, session_id: str = "") -> Session:
@@ -282,6 +296,17 @@ class Core:
         finally:
             session.busy = False
         return await self.save_new(session)
+
+    async def fork(self, session_id: str) -> Session:
+        source = await self.resolve_idle(session_id)
+        model = self.registry.get(source.model)
+        source.busy = True  # a full table must not evict the source to make room for its fork
+        try:
+            fork = self.new_session(model, dict(source.defaults), source.tokens_seen, source.has_logits)
+            model.engine.slots.copy(source.slot, fork.slot)
+        finally:
+            source.busy = False
+        return await self.save_new(fork)
 
     async def close(self, session_id: str) -> None:
         session = await self.resolve(session_id)
@@ -304,16 +329,11 @@ class Core:
 
 async def reap_idle_sessions(core: Core, every_s: float) -> None:
     """Forever: close sessions idle longer than the timeout; with a store, evict those idle longer than
-    ``evict_idle_s`` (the store expires them after the idle timeout)."""
-    config = core.config
+    ``evict_idle_s`` instead (the store expires them after the idle timeout)."""
     while True:
         await asyncio.sleep(every_s)
-        if core.store is None:
-            for session in core.sessions.expired():
+        for session in core.sessions.expired(idle_s=core.idle_limit_s):
+            if core.store is None:
                 await core.close(session.id)
-        else:
-            now = time.time()
-            limit = min(config.evict_idle_s, config.idle_timeout_s)
-            for session in core.sessions.expired(now, limit):
-                core.evict(session)
-                core.metrics.store_events.labels("evicted").inc()
+            else:
+                core.evict_idle(session)

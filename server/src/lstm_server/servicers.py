@@ -46,23 +46,14 @@ class SessionsService(rpc.SessionsServicer):
         )
 
     async def ForkSession(self, request, context):
-        source = await self.core.resolve(request.session_id)
-        self.core.sessions.idle(source.id)
-        model = self.core.registry.get(source.model)
-        source.busy = True  # a full table must not evict the source to make room for its fork
-        try:
-            fork = self.core.new_session(model, dict(source.defaults), source.tokens_seen, source.has_logits)
-            model.engine.slots.copy(source.slot, fork.slot)
-        finally:
-            source.busy = False
-        return self.core.session_proto(await self.core.save_new(fork))
+        return self.core.session_proto(await self.core.fork(request.session_id))
 
     async def CloseSession(self, request, context):
         await self.core.close(request.session_id)
         return pb.CloseSessionResponse()
 
     async def ExportSession(self, request, context):
-        session = self.core.sessions.idle((await self.core.resolve(request.session_id)).id)
+        session = await self.core.resolve_idle(request.session_id)
         session.touch()
         return self.core.state_of(session)
 

@@ -131,7 +131,7 @@ class RedisSessionStore:
         for another idle timeout, reads included."""
         key = KEY_PREFIX + session_id
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._redis.pipeline(transaction=False) as pipe:
                 value, _ = await pipe.hget(key, "revision").pexpire(key, self.ttl_ms).execute()
         except RedisError as error:
             raise self._unavailable(error) from error
