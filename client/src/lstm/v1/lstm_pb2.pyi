@@ -44,7 +44,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "model_version", "tokens_seen", "defaults", "busy", "created_at", "last_used_at")
+    __slots__ = ("session_id", "model", "model_version", "tokens_seen", "defaults", "busy", "created_at", "last_used_at", "tenant")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Session(_message.Message):
     BUSY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     model_version: int
@@ -61,7 +62,8 @@ class Session(_message.Message):
     busy: bool
     created_at: float
     last_used_at: float
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., tokens_seen: _Optional[int] = ..., defaults: _Optional[_Union[SamplingParams, _Mapping]] = ..., busy: _Optional[bool] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ...) -> None: ...
+    tenant: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., tokens_seen: _Optional[int] = ..., defaults: _Optional[_Union[SamplingParams, _Mapping]] = ..., busy: _Optional[bool] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("model", "defaults", "prompt", "unknown_characters")
@@ -82,16 +84,22 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "page_size", "page_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
-    __slots__ = ("sessions",)
+    __slots__ = ("sessions", "next_page_token")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     sessions: _containers.RepeatedCompositeFieldContainer[Session]
-    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -116,7 +124,7 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("model", "model_version", "tokens_seen", "h", "c", "next_logits", "defaults", "checksum")
+    __slots__ = ("model", "model_version", "tokens_seen", "h", "c", "next_logits", "defaults", "tenant", "key_id", "mac")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SEEN_FIELD_NUMBER: _ClassVar[int]
@@ -124,7 +132,9 @@ class SessionState(_message.Message):
     C_FIELD_NUMBER: _ClassVar[int]
     NEXT_LOGITS_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: int
     tokens_seen: int
@@ -132,8 +142,10 @@ class SessionState(_message.Message):
     c: Tensor
     next_logits: Tensor
     defaults: SamplingParams
-    checksum: str
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., tokens_seen: _Optional[int] = ..., h: _Optional[_Union[Tensor, _Mapping]] = ..., c: _Optional[_Union[Tensor, _Mapping]] = ..., next_logits: _Optional[_Union[Tensor, _Mapping]] = ..., defaults: _Optional[_Union[SamplingParams, _Mapping]] = ..., checksum: _Optional[str] = ...) -> None: ...
+    tenant: str
+    key_id: str
+    mac: bytes
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., tokens_seen: _Optional[int] = ..., h: _Optional[_Union[Tensor, _Mapping]] = ..., c: _Optional[_Union[Tensor, _Mapping]] = ..., next_logits: _Optional[_Union[Tensor, _Mapping]] = ..., defaults: _Optional[_Union[SamplingParams, _Mapping]] = ..., tenant: _Optional[str] = ..., key_id: _Optional[str] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class ImportSessionRequest(_message.Message):
     __slots__ = ("state",)
@@ -142,12 +154,12 @@ class ImportSessionRequest(_message.Message):
     def __init__(self, state: _Optional[_Union[SessionState, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("shape", "values")
+    __slots__ = ("shape", "data")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
-    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
-    values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "sampling", "unknown_characters")
@@ -172,16 +184,18 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens_seen: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("create", "session_id", "text", "sampling")
+    __slots__ = ("create", "session_id", "text", "sampling", "keep_session")
     CREATE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SESSION_FIELD_NUMBER: _ClassVar[int]
     create: CreateSessionRequest
     session_id: str
     text: str
     sampling: SamplingParams
-    def __init__(self, create: _Optional[_Union[CreateSessionRequest, _Mapping]] = ..., session_id: _Optional[str] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    keep_session: bool
+    def __init__(self, create: _Optional[_Union[CreateSessionRequest, _Mapping]] = ..., session_id: _Optional[str] = ..., text: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., keep_session: _Optional[bool] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
     __slots__ = ("session_id", "text", "end_of_turn", "finish_reason", "tokens_seen")
