@@ -117,25 +117,119 @@ class FailingOnce(CountingModel):
         return super().run(inputs)
 
 
-def test_a_failed_model_step_ends_its_turns_with_an_error_and_the_engine_keeps_serving() -> None:
+def run_turns(model, sessions_and_prompts, max_tokens: int = 30):
+    """One greedy turn per (name, prompt ids, c marker), then one more, on a fresh engine: (outcomes, sessions,
+    engine)."""
+
     async def scenario():
-        model = FailingOnce()
         engine = GenerationEngine("m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), 8, 1000, 0.0, Metrics())
-        engine.start()
-        turns = [
-            engine.submit(session(engine, str(i)), np.array([0]), Sampling(temperature=0, max_tokens=50))
-            for i in range(3)
-        ]
+        turns = []
+        for name, ids, marker in sessions_and_prompts:
+            made = session(engine, name)
+            engine.slots.c[0, made.slot, 0] = marker
+            turns.append(engine.submit(made, np.array(ids), Sampling(temperature=0, max_tokens=max_tokens)))
+        engine.start()  # after the submissions: every turn is admitted before the first step
         outcomes = await asyncio.gather(*(read_all(t) for t in turns), return_exceptions=True)
         after = engine.submit(session(engine, "later"), np.array([0]), Sampling(temperature=0, max_tokens=5))
-        text = await asyncio.wait_for(read_all(after), 10)
+        outcomes.append(await asyncio.wait_for(read_all(after), 10))
         await engine.stop()
-        return outcomes, turns, text
+        return outcomes, [t.session for t in turns], engine
 
-    outcomes, turns, text = asyncio.run(scenario())
-    failed = [o for o in outcomes if isinstance(o, ServiceError)]
-    assert failed and all(o.code == grpc.StatusCode.INTERNAL and "device lost" in o.message for o in failed)
-    assert all(not t.session.busy for t in turns) and text == "bbbbb"
+    return asyncio.run(scenario())
+
+
+def test_a_batched_step_that_fails_is_retried_apart_and_nobody_notices() -> None:
+    model = FailingOnce()
+    outcomes, made, engine = run_turns(model, [(str(i), [0], 0.0) for i in range(3)], max_tokens=50)
+    assert model.failed and outcomes == ["b" * 50] * 3 + ["bbbbb"]
+    assert all(s.tokens_seen == 51 and engine.slots.h[0, s.slot, 0] == 51 and not s.busy for s in made)
+
+
+class Poisoned(CountingModel):
+    """A row whose c carries marker -1 raises once it has read 5 characters; marker -2 turns NaN there."""
+
+    def run(self, inputs):
+        c0, h0 = inputs["c0"][0, :, 0], inputs["h0"][0, :, 0]
+        if np.any((c0 == -1) & (h0 >= 5)):
+            raise RuntimeError("kernel exploded")
+        logits, h, c = super().run(inputs)
+        h[0, (c0 == -2) & (h0 >= 5)] = np.nan
+        return logits, h, c
+
+
+def test_a_failing_row_ends_only_its_own_turn_and_keeps_its_state() -> None:
+    model = Poisoned()
+    plan = [("ok1", [0], 0.0), ("raises", [0, 0], -1.0), ("ok2", [0, 1, 0], 0.0), ("nan", [1], -2.0), ("ok3", [1], 0.0)]
+    outcomes, made, engine = run_turns(model, plan)
+    ok1, raises, ok2, nan, ok3, later = outcomes
+    assert ok1 == ok2 == ok3 == "b" * 30 and later == "bbbbb"
+    assert isinstance(raises, ServiceError) and raises.code == grpc.StatusCode.INTERNAL
+    assert f"model step failed for session {made[1].id}: kernel exploded" in raises.message
+    assert "keeps its state after 5 characters" in raises.message
+    assert isinstance(nan, ServiceError) and nan.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "non-finite (NaN or infinity)" in nan.message and "keeps its state after 5 characters" in nan.message
+    for bad in (made[1], made[3]):  # the failed step was not applied, and the count says so
+        assert bad.tokens_seen == 5 and engine.slots.h[0, bad.slot, 0] == 5 and not bad.busy
+    assert [s.tokens_seen for s in (made[0], made[2], made[4])] == [31, 33, 31]
+    assert max(model.batches) == 5  # they were stepped together
+
+
+class NanAfterPrompt(CountingModel):
+    """Any call that reads more than one character at once turns the state NaN; single steps are fine."""
+
+    def run(self, inputs):
+        logits, h, c = super().run(inputs)
+        if inputs["tokens"].shape[1] > 1:
+            c = c + np.inf
+        return logits, h, c
+
+
+def test_a_prompt_or_step_that_turns_non_finite_changes_nothing() -> None:
+    async def scenario():
+        engine = GenerationEngine(
+            "m", NanAfterPrompt(), CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), 8, 1000, 0.0, Metrics()
+        )
+        engine.start()
+        s = session(engine, "p")
+        await engine.read(s, np.array([0]))  # one character: fine
+        errors = []
+        for call in (
+            lambda: engine.read(s, np.array([0, 1])),
+            lambda: read_all(engine.submit(s, np.array([0, 1, 0]), Sampling(temperature=0, max_tokens=3))),
+            lambda: engine.step(np.array([0, 0]), np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.float32)),
+        ):
+            try:
+                await call()
+            except ServiceError as error:
+                errors.append(error)
+        s.busy = True
+        text = await read_all(engine.submit(s, np.array([1]), Sampling(temperature=0, max_tokens=3)))
+        await engine.stop()
+        return s, engine, errors, text
+
+    s, engine, errors, text = asyncio.run(scenario())
+    assert [e.code for e in errors] == [grpc.StatusCode.FAILED_PRECONDITION] * 3
+    assert "the prompt was not read" in errors[0].message and "after 1 characters" in errors[1].message
+    assert "nothing was kept" in errors[2].message
+    assert text == "bbb" and s.tokens_seen == 1 + 1 + 3 and engine.slots.h[0, s.slot, 0] == 5
+
+
+def test_sampling_positions_past_2_to_the_64_wrap_instead_of_failing_the_batch() -> None:
+    async def scenario():
+        engine, _ = make_engine(buffer=1000)
+        engine.start()
+        huge, normal = session(engine, "huge"), session(engine, "normal")
+        huge.tokens_seen = 2**64 - 2
+        turns = [
+            engine.submit(s, np.array([0]), Sampling(temperature=1.0, seed=2**64 - 1, max_tokens=6))
+            for s in (huge, normal)
+        ]
+        texts = await asyncio.gather(*(read_all(t) for t in turns))
+        await engine.stop()
+        return texts, huge
+
+    texts, huge = asyncio.run(scenario())
+    assert [len(t) for t in texts] == [6, 6] and huge.tokens_seen == 2**64 + 5
 
 
 def test_closing_a_session_mid_turn_aborts_the_stream_and_frees_the_slot_once() -> None:

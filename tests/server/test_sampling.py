@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lstm_server.sampling import sample, softmax, uniforms
+from lstm_server.sampling import as_uint64, sample, softmax, uniforms
 
 
 def one_row(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0):
@@ -26,6 +26,12 @@ def test_uniforms_depend_only_on_seed_and_position() -> None:
     assert uniforms(seeds[:1], positions[:1])[0] == u[0]
     many = uniforms(np.full(20000, 7, np.uint64), np.arange(20000, dtype=np.uint64))
     assert 0 <= many.min() and many.max() < 1 and abs(many.mean() - 0.5) < 0.01
+
+
+def test_seeds_and_positions_wrap_modulo_2_to_the_64() -> None:
+    assert as_uint64([2**64 + 3, -1, 2**63, 7]).tolist() == [3, 2**64 - 1, 2**63, 7]
+    u = uniforms(as_uint64([2**64 + 9, 9]), as_uint64([2**64 + 4, 4]))
+    assert u[0] == u[1]
 
 
 def test_temperature_zero_is_argmax() -> None:

@@ -4,19 +4,33 @@ Texts wait at most ``max_delay_ms`` (or until ``max_batch`` are queued), are
 sorted by token count so each call pads little, and run in calls of at most
 ``max_batch`` texts on the model's worker thread. Padding never changes a
 result: the model reads ``lengths`` (see the export's verification).
+
+Faults stay with their text. When a call raises, its texts are run again in
+halves, down to single texts (``generation.contain``), so only a text that
+fails alone gets the error (INTERNAL); the others get exactly the
+probabilities they get alone, since a row does not depend on its batch. A text
+whose logits are not all finite fails alone too (INTERNAL). A caller's error
+names the text: ``texts[i]: ...``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 
 from .backends import Backend
+from .errors import ServiceError
+from .generation import contain
 from .metrics import Metrics
 from .sampling import softmax
+
+log = logging.getLogger(__name__)
 
 
 class ClassifierEngine:
@@ -46,6 +60,7 @@ class ClassifierEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._queue: list[tuple[list[int], asyncio.Future, float]] = []
         self._wake = asyncio.Event()
+        self._full = asyncio.Event()  # max_batch texts are queued: stop waiting for more
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -69,9 +84,17 @@ class ClassifierEngine:
             self._queue.append((self.encode(text), future, time.perf_counter()))
             futures.append(future)
         self._wake.set()
-        return list(await asyncio.gather(*futures))
+        if len(self._queue) >= self.max_batch:
+            self._full.set()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for i, result in enumerate(results):
+            if isinstance(result, ServiceError):
+                raise ServiceError(result.code, f"texts[{i}]: {result.message}") from result
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
-    def _run(self, batch: list[list[int]]) -> np.ndarray:
+    def _logits(self, batch: list[list[int]]) -> np.ndarray:
         lengths = np.array([len(ids) for ids in batch], np.int64)
         tokens = np.full((len(batch), int(lengths.max())), self.pad_id, np.int64)
         for row, ids in enumerate(batch):
@@ -79,7 +102,30 @@ class ClassifierEngine:
         layers, hidden = self.state_shape
         zeros = np.zeros((layers, len(batch), hidden), np.float32)
         logits, _, _ = self.backend.run({"tokens": tokens, "lengths": lengths, "h0": zeros, "c0": zeros})
-        return softmax(logits)
+        return logits
+
+    def _run(self, batch: list[list[int]]) -> list[np.ndarray | ServiceError]:
+        """Per text, its label probabilities or the error of the model on that text alone."""
+        parts, raised = contain(len(batch), lambda rows: self._logits([batch[i] for i in rows]), "classifier call")
+        results: list[np.ndarray | ServiceError] = [None] * len(batch)  # type: ignore[list-item]
+        for i, error in raised.items():
+            log.error(
+                "classifier %s failed on a text of %d tokens: %s", self.name, len(batch[i]), error, exc_info=error
+            )
+            results[i] = ServiceError(grpc.StatusCode.INTERNAL, f"the classifier failed on this text: {error}")
+        for rows, logits in parts:
+            probabilities = softmax(logits)
+            finite = np.isfinite(logits).all(axis=1)
+            for i, ok, row in zip(rows.tolist(), finite.tolist(), probabilities, strict=True):
+                results[i] = row
+                if not ok:
+                    log.error("classifier %s gave non-finite logits for a text of %d tokens", self.name, len(batch[i]))
+                    results[i] = ServiceError(
+                        grpc.StatusCode.INTERNAL,
+                        "the classifier's output for this text is not finite (NaN or infinity), so it has no "
+                        "probabilities; the same text fails the same way again (the other texts are not affected)",
+                    )
+        return results
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -90,7 +136,9 @@ class ClassifierEngine:
             oldest = self._queue[0][2]
             wait = self.max_delay - (time.perf_counter() - oldest)
             if len(self._queue) < self.max_batch and wait > 0:
-                await asyncio.sleep(wait)
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):  # the delay is over, or max_batch texts are queued
+                    await asyncio.wait_for(self._full.wait(), wait)
             taken, self._queue = self._queue, []
             taken.sort(key=lambda item: len(item[0]))
             now = time.perf_counter()
@@ -102,12 +150,17 @@ class ClassifierEngine:
                     continue
                 self._batch_size.observe(len(chunk))
                 try:
-                    probabilities = await loop.run_in_executor(self._executor, self._run, [ids for ids, _, _ in chunk])
-                except Exception as error:  # the model failed: every waiting caller gets the error
+                    results = await loop.run_in_executor(self._executor, self._run, [ids for ids, _, _ in chunk])
+                except Exception as error:  # a bug outside the model call: every waiting caller gets the error
+                    log.exception("classifier %s: batch failed", self.name)
                     for _, future, _ in chunk:
                         if not future.done():
                             future.set_exception(error)
                     continue
-                for (_, future, _), row in zip(chunk, probabilities, strict=True):
-                    if not future.done():
-                        future.set_result(row)
+                for (_, future, _), result in zip(chunk, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, ServiceError):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)

@@ -27,6 +27,21 @@ been fed; the stream's final message is sent after that. A cancelled turn
 produced and stops: the session has seen the prompt and exactly the
 characters generated before the cancellation was noticed (at most
 ``stream_buffer_chars`` beyond what the client was sent).
+
+Faults stay in their row. A batched step that raises (model call, gather,
+sampling) is run again in halves, down to single rows, until the rows that
+fail alone are found (``contain``); the others go on exactly as if nothing had
+happened, since a row's result does not depend on its batch. A row whose new
+h, c or logits are not all finite (one vectorised check over the batch) fails
+too. A failed row's step is not applied: its slot keeps the state from before
+the step and its count goes back by the character that was not read (that
+character may have been sent already), so the session is consistent, can be
+exported, and continues from there; its turn ends with a ``SessionStepError``:
+INTERNAL "model step failed for session <id>: ..." when the runtime raised on
+it alone, FAILED_PRECONDITION when its state became NaN or infinite (the same
+continuation fails the same way again). The prompt of a turn, a
+CreateSession prompt and a Step call are checked the same way and change
+nothing when they fail.
 """
 
 from __future__ import annotations
@@ -37,10 +52,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -49,12 +65,58 @@ from .backends import Backend
 from .codec import CharCodec
 from .errors import ServiceError
 from .metrics import Metrics
-from .sampling import Sampling, sample, softmax
+from .sampling import Sampling, as_uint64, sample, softmax
 from .sessions import Session
-from .state import StateSlots
+from .state import StateSlots, finite_rows
 
 LENGTH, STOP = "length", "stop"
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SessionStepError(ServiceError):
+    """One session's step failed alone; its state and ``tokens_seen`` are as they were before that step."""
+
+
+class NonFinite(Exception):
+    """A model call produced NaN or infinity in its new state or logits."""
+
+
+def contain(
+    n: int, call: Callable[[np.ndarray], T], what: str = "model call"
+) -> tuple[list[tuple[np.ndarray, T]], dict[int, Exception]]:
+    """Run ``call(rows)`` on rows ``0..n-1`` together; if it raises, retry each half, down to single rows.
+
+    Returns the (rows, result) of every call that succeeded and the error of each row that fails alone: one call
+    when nothing fails, about ``2 log2(n)`` more per failing row.
+    """
+    parts: list[tuple[np.ndarray, T]] = []
+    failed: dict[int, Exception] = {}
+    todo = [np.arange(n)]
+    while todo:
+        rows = todo.pop()
+        try:
+            parts.append((rows, call(rows)))
+        except Exception as error:
+            if len(rows) == 1:
+                failed[int(rows[0])] = error
+                continue
+            if len(rows) == n:
+                log.warning("%s on %d rows failed (%s); retrying the rows apart", what, n, error)
+            half = len(rows) // 2
+            todo += [rows[half:], rows[:half]]
+    return parts, failed
+
+
+def _join(parts: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]):
+    """The rows and (logits, h, c) of several contained step calls, as one batch."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = np.concatenate([r for r, _ in parts])
+    logits = np.concatenate([out[0] for _, out in parts])
+    h = np.concatenate([out[1] for _, out in parts], axis=1)
+    c = np.concatenate([out[2] for _, out in parts], axis=1)
+    return rows, (logits, h, c)
 
 
 @dataclass
@@ -240,7 +302,7 @@ class GenerationEngine:
     async def read(self, session: Session, ids: np.ndarray) -> None:
         """Feed ``ids`` to the session's state in one call (the caller holds the session busy)."""
         if len(ids):
-            await self._call(self._prefill_slot, session.slot, ids)
+            await self._call(self._read, session, ids)
             session.tokens_seen += len(ids)
             session.has_logits = True
 
@@ -316,40 +378,86 @@ class GenerationEngine:
             self._notify_scheduled = True
             self._loop.call_soon_threadsafe(self._flush_notifications)
 
-    def _prefill_slot(self, slot: int, ids: np.ndarray) -> None:
-        rows = np.array([slot])
-        h, c = self.slots.gather(rows)
+    def _checked_run(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray):
+        """(last logits [1, vocab], h, c) after one sequence ``ids``; raises ``NonFinite`` on NaN or infinity."""
         logits, h, c = self.backend.run({"tokens": ids[None, :], "h0": h, "c0": c})
-        self.slots.scatter(rows, h, c, logits[:, -1])
+        logits = logits[:, -1]
+        if not finite_rows(h, c, logits).all():
+            raise NonFinite
+        return logits, h, c
+
+    def _prefill(self, session: Session, ids: np.ndarray, failed: str):
+        """The session's (logits, h, c) after ``ids``, nothing written; ``failed`` ends the error messages."""
+        try:
+            return self._checked_run(ids, *self.slots.gather(np.array([session.slot])))
+        except NonFinite:
+            raise SessionStepError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {session.id}'s state became non-finite (NaN or infinity) while reading the prompt "
+                f"({len(ids)} characters); {failed}",
+            ) from None
+        except Exception as error:
+            raise SessionStepError(
+                grpc.StatusCode.INTERNAL,
+                f"model step failed for session {session.id} while reading the prompt: {error}; {failed}",
+            ) from error
+
+    def _read(self, session: Session, ids: np.ndarray) -> None:
+        logits, h, c = self._prefill(session, ids, "the prompt was not read (try another prompt)")
+        self.slots.scatter(np.array([session.slot]), h, c, logits)
 
     def _explicit(self, ids: np.ndarray, h: np.ndarray, c: np.ndarray):
-        logits, h, c = self.backend.run({"tokens": ids[None, :], "h0": h, "c0": c})
-        return logits[0, -1], h, c
+        try:
+            logits, h, c = self._checked_run(ids, h, c)
+        except NonFinite:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the model's output for this input and state is not finite (NaN or infinity); nothing was kept: "
+                "send h and c as this model returned them, with finite values (or neither, for a fresh sequence)",
+            ) from None
+        except Exception as error:
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"model step failed: {error}") from error
+        return logits[0], h, c
 
-    def _sample(self, turns: list[Turn], logits: np.ndarray) -> np.ndarray:
+    def _sample(self, turns: Sequence[Turn], logits: np.ndarray, positions: Sequence[int] | None = None) -> np.ndarray:
+        """One token per row; a row's position is its session's count unless given (taken modulo 2**64)."""
         params = [t.sampling for t in turns]
         return sample(
             logits,
-            np.array([p.temperature for p in params]),
-            np.array([p.top_k for p in params]),
-            np.array([p.top_p for p in params]),
-            np.array([p.seed for p in params], dtype=np.uint64),
-            np.array([t.session.tokens_seen for t in turns], dtype=np.uint64),
+            np.array([p.temperature for p in params], np.float64),
+            np.array([p.top_k for p in params], np.int64),
+            np.array([p.top_p for p in params], np.float64),
+            as_uint64(p.seed for p in params),
+            as_uint64(positions if positions is not None else (t.session.tokens_seen for t in turns)),
         )
 
     def _admit(self, turn: Turn, ids: np.ndarray) -> None:
         self.metrics.queue_wait.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
         session = turn.session
-        try:
+        kept = f"the prompt was not read: the session keeps its state after {session.tokens_seen} characters"
+        try:  # nothing is written until the prompt is read and the first character drawn
+            position = session.tokens_seen + len(ids)
             if len(ids):
-                self._prefill_slot(session.slot, ids)
-                session.tokens_seen += len(ids)
-                session.has_logits = True
+                logits, h, c = self._prefill(
+                    session, ids, f"{kept}; it can be exported or continued with another prompt, or closed"
+                )
+            else:
+                logits = self.slots.logits[[session.slot]]
             token = None
             if not turn.cancelled and turn.sampling.max_tokens > 0:
-                token = int(self._sample([turn], self.slots.logits[[session.slot]])[0])
+                try:
+                    token = int(self._sample([turn], logits, [position])[0])
+                except Exception as error:
+                    raise SessionStepError(
+                        grpc.StatusCode.INTERNAL, f"sampling failed for session {session.id}: {error}; {kept}"
+                    ) from error
+            if len(ids):
+                self.slots.scatter(np.array([session.slot]), h, c, logits)
+                session.tokens_seen = position
+                session.has_logits = True
         except Exception as error:
-            log.exception("prefill failed for session %s", session.id)
+            cause = error.__cause__ if isinstance(error, SessionStepError) else error
+            log.error("turn failed for session %s: %s", session.id, error, exc_info=cause)
             with self.lock:
                 turn.finish(error)
                 self._notify([turn])
@@ -372,28 +480,84 @@ class GenerationEngine:
             self._turns.rotate(-self.max_batch)
         return batch
 
+    def _row_failure(self, turn: Turn, error: Exception | None, what: str = "model step") -> SessionStepError:
+        """The error that ends ``turn`` when its step fails alone (``error`` None: the state became non-finite)."""
+        session = turn.session
+        seen = session.tokens_seen - 1  # its pending character is counted, but not read
+        kept = (
+            f"the step was not applied: the session keeps its state after {seen} characters (the last character "
+            "sent was not read into it)"
+        )
+        if error is None:
+            message = (
+                f"session {session.id}'s state became non-finite (NaN or infinity) on reading character {seen + 1}; "
+                f"{kept}. It can still be exported, or continued with another prompt or sampling (the same "
+                "continuation fails the same way); or close it and start a new one"
+            )
+            return SessionStepError(grpc.StatusCode.FAILED_PRECONDITION, message)
+        failure = SessionStepError(
+            grpc.StatusCode.INTERNAL,
+            f"{what} failed for session {session.id}: {error}; {kept}. Retry the turn, or export or close the session",
+        )
+        failure.__cause__ = error
+        return failure
+
     def _step(self, batch: list[Turn]) -> None:
-        rows = np.array([t.session.slot for t in batch])
-        tokens = np.array([t.pending for t in batch], dtype=np.int64)
-        h, c = self.slots.gather(rows)
-        logits, h, c = self.backend.run({"tokens": tokens[:, None], "h0": h, "c0": c})
-        logits = logits[:, -1]
-        self.slots.scatter(rows, h, c, logits)
+        slots = np.array([t.session.slot for t in batch])
+        tokens = np.array([t.pending for t in batch], dtype=np.int64)[:, None]
+
+        def forward(rows: np.ndarray):
+            h, c = self.slots.gather(slots[rows])
+            logits, h, c = self.backend.run({"tokens": tokens[rows], "h0": h, "c0": c})
+            return logits[:, -1], h, c
+
+        parts, raised = contain(len(batch), forward, "model step")
+        failures = {i: self._row_failure(batch[i], error) for i, error in raised.items()}
         with self.lock:  # a cancellation arriving after this snapshot is handled at the next step
             finishing = [t.finishing for t in batch]
-        continuing = [i for i, done in enumerate(finishing) if not done]
-        drawn = self._sample([batch[i] for i in continuing], logits[continuing]).tolist() if continuing else []
+        drawn: dict[int, int] = {}
+        if parts:
+            rows, (logits, h, c) = _join(parts)
+            finite = finite_rows(h, c, logits)
+            if not finite.all():
+                for i in rows[~finite].tolist():
+                    failures[i] = self._row_failure(batch[i], None)
+                rows, logits, h, c = rows[finite], logits[finite], h[:, finite], c[:, finite]
+            continuing = np.flatnonzero([not finishing[i] for i in rows.tolist()])  # positions in rows
+
+            def draw(picked: np.ndarray) -> np.ndarray:
+                chosen = continuing[picked]
+                return self._sample([batch[i] for i in rows[chosen].tolist()], logits[chosen])
+
+            sampled, unsampled = contain(len(continuing), draw, "sampling") if len(continuing) else ([], {})
+            for j, error in unsampled.items():
+                i = int(rows[continuing[j]])
+                failures[i] = self._row_failure(batch[i], error, "sampling")
+            for picked, tokens_drawn in sampled:
+                drawn.update(zip(rows[continuing[picked]].tolist(), tokens_drawn.tolist(), strict=True))
+            if unsampled:
+                keep = np.array([i not in failures for i in rows.tolist()], bool)
+                rows, logits, h, c = rows[keep], logits[keep], h[:, keep], c[:, keep]
+            self.slots.scatter(slots[rows], h, c, logits)  # failed rows keep their state
+        for error in failures.values():
+            log.error("%s", error.message, exc_info=error.__cause__)
         vocab = self.codec.vocab
         with self.lock:
-            for turn, done in zip(batch, finishing, strict=True):
-                if done:  # its last character is fed now
+            for i, turn in enumerate(batch):
+                error = failures.get(i)
+                if error is not None:  # its pending character was not read
+                    turn.session.tokens_seen -= 1
+                    turn.finish(error)
+                    self._turns.remove(turn)
+                elif finishing[i]:  # its last character is fed now
                     turn.finish()
                     self._turns.remove(turn)
-            for i, token in zip(continuing, drawn, strict=True):
-                batch[i].deliver(token, vocab[token])
+                else:
+                    token = drawn[i]
+                    turn.deliver(token, vocab[token])
             self._notify(batch)
         self._batch_size.observe(len(batch))
-        self._tokens.inc(len(continuing))
+        self._tokens.inc(len(drawn))
 
     def _run(self) -> None:
         last_step = None

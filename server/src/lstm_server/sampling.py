@@ -6,11 +6,14 @@ counter-based generator (two rounds of the splitmix64 finaliser) turns
 (seed, position) into a uniform in [0, 1), and the token is drawn by inverting
 the row's cumulative distribution after temperature, top-k and top-p. The
 same session therefore samples the same text alone, in any batch, across
-turns, and after an export and import of its state.
+turns, and after an export and import of its state. Seeds and positions are
+taken modulo 2**64 (``as_uint64``): any integer a session holds gives a
+stream, none raises.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,12 @@ import numpy as np
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+
+def as_uint64(values: Iterable[int]) -> np.ndarray:
+    """Integers as uint64, modulo 2**64 (negative or huge ones wrap instead of raising)."""
+    return np.array([int(v) & _MASK64 for v in values], np.uint64)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

@@ -8,6 +8,10 @@ state back the same way: no per-session Python work. The arrays are
 allocated zeroed up front (the operating system maps pages only when they
 are first written), so the server's memory grows with the sessions it holds,
 never with a step.
+
+A step's new state is written only for the rows whose ``h``, ``c`` and
+``logits`` are all finite (``finite_rows``): a NaN or infinity never reaches a
+slot, so a session whose step fails keeps the state it had before it.
 """
 
 from __future__ import annotations
@@ -64,3 +68,9 @@ class StateSlots:
         self.h[:, slots] = h
         self.c[:, slots] = c
         self.logits[slots] = logits
+
+
+def finite_rows(h: np.ndarray, c: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per batch row, whether its new ``h``, ``c`` ([layers, batch, hidden]) and ``logits`` ([batch, vocab]) are
+    all finite: a few vectorised passes over the step's outputs, no per-row Python."""
+    return np.isfinite(logits).all(axis=1) & np.isfinite(h).all(axis=(0, 2)) & np.isfinite(c).all(axis=(0, 2))
