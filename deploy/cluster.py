@@ -1,18 +1,22 @@
 """The docker-compose topology as local processes on loopback (``make cluster``, ``make cluster-down``).
 
     python deploy/cluster.py up [--dir .cluster] [--replicas 2] [--models models] [--gateway-port 0]
+    python deploy/cluster.py env [--dir .cluster]     # shell exports for lstm-client: eval "$(...)"
     python deploy/cluster.py down [--dir .cluster]
 
-``up`` starts redis-server, the replicas (``lstm-server`` with the Redis
-session store) and the nginx gateway rendered from
-``deploy/nginx/gateway.conf.template``, each on a free loopback port, waits
-until each answers, and writes ``<dir>/state.json``: the gateway address and
-each process's name, address, pid and log file. ``down`` stops what
-``state.json`` names. nginx and redis-server come from Debian's packages and
-are installed when missing. The tests import this module to run the same
-topology under their control (kill a replica, stop Redis).
+``up`` makes (or completes) the secrets in ``<dir>/secrets`` (``credentials.py``: a CA and the gateway's
+certificate, a bearer token for the tenant ``dev``, the replicas' shared state keys, the Redis password), then
+starts redis-server with that password, the replicas (``lstm-server`` with the Redis session store,
+``--auth-tokens`` and ``--state-keys-file``) and the nginx gateway rendered from
+``deploy/nginx/gateway.conf.template`` (TLS, HTTP/2), each on a free loopback port, waits until each answers,
+and writes ``<dir>/state.json`` (mode 0600): the gateway address, the CA file, the tenant and its token, and each
+process's name, address, pid and log file. ``down`` stops what ``state.json`` names and removes it (the secrets
+stay, so the token does not change from one ``up`` to the next). nginx and redis-server come from Debian's
+packages and are installed when missing. The tests import this module to run the same topology under their
+control (kill a replica, stop Redis).
 
-Standard library only, so ``down`` works without the project's virtualenv.
+Standard library only outside ``up``, so ``down`` works without the project's virtualenv (``up`` needs
+``cryptography`` for the certificates).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -27,8 +32,10 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "deploy" / "nginx" / "gateway.conf.template"
@@ -146,20 +153,29 @@ def stop(process: Process, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -
         time.sleep(0.02)
 
 
-def start_redis(workdir: Path, port: int, binary: str) -> Process:
-    """redis-server on loopback; appendonly with an fsync per write, so a restart keeps every saved session."""
+def start_redis(
+    workdir: Path, port: int, binary: str, *, config: Path | None = None, extra_args: Sequence[str] = ()
+) -> Process:
+    """redis-server on loopback; appendonly with an fsync per write, so a restart keeps every saved session.
+
+    ``config``: a redis.conf read first (the cluster's holds ``requirepass``: a password never goes on a command
+    line, which every user of the machine can read); ``extra_args`` come last and override the rest (TLS:
+    ``--port 0 --tls-port PORT --tls-cert-file ...``)."""
     data = workdir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", ""]
-    command += ["--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"]
+    command = [binary, *([str(config)] if config else []), "--bind", "127.0.0.1", "--port", str(port)]
+    command += ["--dir", str(data), "--save", "", "--appendonly", "yes", "--appendfsync", "always", *extra_args]
     process = spawn("redis", command, port, workdir)
     wait_for(lambda: accepts(port), "redis-server", 20, Path(process.log))
     return process
 
 
-def start_replica(workdir: Path, name: str, port: int, models: Path, redis_url: str, **settings) -> Process:
-    """One ``lstm-server`` with the Redis session store, configured by environment like the compose service
-    (started, not yet serving: see ``wait_until_serving``)."""
+def start_replica(
+    workdir: Path, name: str, port: int, models: Path, *, config: Path | None = None, **settings: Any
+) -> Process:
+    """One ``lstm-server`` with the Redis session store, configured like the compose service: ``config`` (a TOML
+    file: the cluster's holds the Redis URL with its password), then ``LSTM_SERVER_*`` variables from
+    ``settings`` (started, not yet serving: see ``wait_until_serving``)."""
     env = {
         "LSTM_SERVER_REPLICA_NAME": name,
         "LSTM_SERVER_HOST": "127.0.0.1",
@@ -167,10 +183,10 @@ def start_replica(workdir: Path, name: str, port: int, models: Path, redis_url: 
         "LSTM_SERVER_MODELS": str(models),
         "LSTM_SERVER_METRICS_PORT": "0",
         "LSTM_SERVER_SESSION_STORE": "redis",
-        "LSTM_SERVER_REDIS_URL": redis_url,
         **{f"LSTM_SERVER_{key.upper()}": str(value) for key, value in settings.items()},
     }
-    return spawn(name, [sys.executable, "-m", "lstm_server.cli"], port, workdir, env)
+    command = [sys.executable, "-m", "lstm_server.cli", *(["--config", str(config)] if config else [])]
+    return spawn(name, command, port, workdir, env)
 
 
 def restart(process: Process) -> Process:
@@ -194,21 +210,29 @@ def wait_until_serving(process: Process, timeout_s: float = 60) -> None:
     )
 
 
-def render_gateway(workdir: Path, listen: str, upstreams: list[str]) -> Path:
-    """The gateway's nginx.conf: the compose gateway's template with loopback upstreams."""
+def render_gateway(workdir: Path, listen: str, upstreams: list[str], tls_cert: Path, tls_key: Path) -> Path:
+    """The gateway's nginx.conf: the compose gateway's template with loopback upstreams and the cluster's
+    certificate."""
     prefix = workdir / "nginx"
     prefix.mkdir(parents=True, exist_ok=True)
     block = "\n        ".join(f"server {address} max_fails=1 fail_timeout=5s;" for address in upstreams)
     text = string.Template(TEMPLATE.read_text()).safe_substitute(
-        GATEWAY_LISTEN=listen, GATEWAY_UPSTREAMS_BLOCK=block, GATEWAY_PREFIX=str(prefix)
+        GATEWAY_LISTEN=listen,
+        GATEWAY_UPSTREAMS_BLOCK=block,
+        GATEWAY_PREFIX=str(prefix),
+        GATEWAY_TLS_CERT=str(tls_cert),
+        GATEWAY_TLS_KEY=str(tls_key),
     )
     conf = workdir / "nginx.conf"
     conf.write_text(text)
     return conf
 
 
-def start_gateway(workdir: Path, port: int, upstreams: list[str], binary: str) -> Process:
-    conf = render_gateway(workdir, f"127.0.0.1:{port}", upstreams)
+def start_gateway(
+    workdir: Path, port: int, upstreams: list[str], binary: str, tls_cert: Path, tls_key: Path
+) -> Process:
+    """nginx terminating TLS on ``port`` (loopback) in front of ``upstreams``."""
+    conf = render_gateway(workdir, f"127.0.0.1:{port}", upstreams, tls_cert, tls_key)
     process = spawn("gateway", [binary, "-c", str(conf), "-g", "daemon off;"], port, workdir)
     try:
         wait_for(lambda: accepts(port), "nginx gateway", 20, Path(process.log))
@@ -223,6 +247,10 @@ class Cluster:
     gateway: Process
     redis: Process
     replicas: list[Process]
+    ca: str = ""  # the CA that signed the gateway's certificate (clients: --ca)
+    tenant: str = ""
+    token: str = ""  # the tenant's bearer token
+    secrets: str = ""  # the folder of credentials.py's files
 
     @property
     def processes(self) -> list[Process]:
@@ -231,56 +259,100 @@ class Cluster:
     def replica(self, name: str) -> Process:
         return next(r for r in self.replicas if r.name == name)
 
+    def client(self, address: str | None = None, **settings: Any):
+        """An ``lstm_client.Client`` with the cluster's token: to the gateway over TLS, or to one replica's
+        ``address`` (plaintext on loopback)."""
+        from lstm_client import Client, TlsConfig  # the project's venv: only clients need it
+
+        if address is None:
+            return Client(self.gateway.address, token=self.token, tls=TlsConfig(ca=self.ca), **settings)
+        return Client(address, token=self.token, **settings)
+
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """``state.json``, readable by its owner only: it holds the token."""
+        text = json.dumps(asdict(self), indent=2) + "\n"
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.unlink(missing_ok=True)
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
 
     @classmethod
     def load(cls, path: Path) -> Cluster:
         state = json.loads(path.read_text())
-        return cls(Process(**state["gateway"]), Process(**state["redis"]), [Process(**r) for r in state["replicas"]])
+        extra = {key: state.get(key, "") for key in ("ca", "tenant", "token", "secrets")}
+        return cls(
+            Process(**state["gateway"]),
+            Process(**state["redis"]),
+            [Process(**r) for r in state["replicas"]],
+            **extra,
+        )
 
     def down(self) -> None:
         for process in self.processes:
             stop(process)
 
 
-def up(workdir: Path, models: Path, replicas: int = 2, gateway_port: int = 0, **settings) -> Cluster:
+def up(workdir: Path, models: Path, replicas: int = 2, gateway_port: int = 0, **settings: Any) -> Cluster:
     """Start the whole topology; on any failure, stop what was started and raise. Unless ``settings`` say
     otherwise, the replicas share the cores: ``threads`` = cores // replicas (bench/RESULTS.md: two replicas of
-    two onnxruntime threads each on two cores are slower than one)."""
+    two onnxruntime threads each on two cores are slower than one). ``settings`` are the replicas' options."""
+    import credentials  # needs cryptography (the project's venv), unlike the rest of this module
+
     settings.setdefault("threads", max(1, (os.cpu_count() or 1) // replicas))
     binaries = ensure_packages()
     workdir.mkdir(parents=True, exist_ok=True)
+    redis_port = free_port()
+    made = credentials.write_stack_secrets(workdir / "secrets", redis_address=f"127.0.0.1:{redis_port}")
+    settings = {"auth_tokens": made.auth_tokens, "state_keys_file": made.state_keys, **settings}
     started: list[Process] = []
     try:
-        redis = start_redis(workdir, free_port(), binaries["redis-server"])
+        redis = start_redis(workdir, redis_port, binaries["redis-server"], config=made.redis_conf)
         started.append(redis)
-        redis_url = f"redis://{redis.address}/0"
         for i in range(1, replicas + 1):
-            started.append(start_replica(workdir, f"replica-{i}", free_port(), models, redis_url, **settings))
+            name = f"replica-{i}"
+            started.append(start_replica(workdir, name, free_port(), models, config=made.replica_config, **settings))
         for replica in started[1:]:  # started together, waited for one by one
             wait_until_serving(replica)
         gateway = start_gateway(
-            workdir, gateway_port or free_port(), [r.address for r in started[1:]], binaries["nginx"]
+            workdir,
+            gateway_port or free_port(),
+            [r.address for r in started[1:]],
+            binaries["nginx"],
+            made.server_cert,
+            made.server_key,
         )
     except BaseException:
         for process in started:
             stop(process)
         raise
-    cluster = Cluster(gateway, redis, started[1:])
+    cluster = Cluster(gateway, redis, started[1:], str(made.ca), made.tenant, made.token, str(made.folder))
     cluster.save(workdir / "state.json")
     return cluster
 
 
+def shell_exports(cluster: Cluster) -> str:
+    """``export`` lines that point lstm-client at the cluster's gateway (``eval "$(cluster.py env)"``)."""
+    values = {"LSTM_CLIENT_SERVER": cluster.gateway.address, "LSTM_CLIENT_CA": cluster.ca}
+    values["LSTM_CLIENT_TOKEN"] = cluster.token
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("action", choices=["up", "down", "env"])
     parser.add_argument("--dir", type=Path, default=REPO / ".cluster", help="state and logs (default .cluster)")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--models", type=Path, default=REPO / "models")
     parser.add_argument("--gateway-port", type=int, default=0, help="default: a free port")
     args = parser.parse_args(argv)
     state = args.dir / "state.json"
+    if args.action == "env":
+        if not state.exists():
+            print(f"cluster: not up ({state} not found); run make cluster", file=sys.stderr)
+            return 1
+        sys.stdout.write(shell_exports(Cluster.load(state)))
+        return 0
     if args.action == "down":
         if not state.exists():
             print(f"cluster: nothing to stop ({state} not found)", file=sys.stderr)
@@ -297,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as error:
         print(f"cluster: {error}", file=sys.stderr)
         return 1
-    print(f"cluster: gateway at {cluster.gateway.address}; state in {state}", file=sys.stderr)
+    print(f"cluster: gateway at {cluster.gateway.address} (TLS, CA {cluster.ca}); state in {state}", file=sys.stderr)
+    print(f"cluster: tenant {cluster.tenant!r}, token in {state}; for lstm-client:", file=sys.stderr)
+    print(f'  eval "$(python3 deploy/cluster.py env --dir {args.dir})"', file=sys.stderr)
     for process in cluster.processes:
         print(f"  {process.name:10} {process.address:22} pid {process.pid}  log {process.log}", file=sys.stderr)
     return 0

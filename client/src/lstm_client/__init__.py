@@ -1,7 +1,7 @@
 """Python client for the LSTM serving API (grpcio and protobuf only).
 
-from lstm_client import Client
-with Client("localhost:50051") as client:
+from lstm_client import Client, TlsConfig
+with Client("gateway.example:443", token="...", tls=TlsConfig(ca="ca.pem")) as client:
     client.classify(["a gorgeous film"], model="sentiment")[0].label
     with client.session(model="charlm") as session:
         for chunk in session.generate("ROMEO:", max_tokens=200, temperature=0.8, seed=7):
@@ -22,6 +22,8 @@ from .errors import (
     Unavailable,
 )
 from .results import Chunk, ClassifyResult, StepResult
+from .tensors import make_tensor, tensor_shape, tensor_values
+from .transport import InsecureTokenWarning, TlsConfig
 
 __all__ = [
     "AsyncClient",
@@ -32,6 +34,7 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "InsecureTokenWarning",
     "InvalidArgument",
     "LstmError",
     "NotFound",
@@ -39,5 +42,9 @@ __all__ = [
     "Session",
     "SessionBusy",
     "StepResult",
+    "TlsConfig",
     "Unavailable",
+    "make_tensor",
+    "tensor_shape",
+    "tensor_values",
 ]

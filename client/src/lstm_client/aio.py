@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
 from lstm.v1 import lstm_pb2 as pb
 
-from .client import RETRYABLE, Connection, backoff_delays
+from .client import RETRYABLE, Connection, PageTokens, backoff_delays
 from .errors import from_rpc_error
 from .results import (
     Chunk,
@@ -21,13 +21,34 @@ from .results import (
     replica_of,
     session_metadata,
 )
+from .transport import Metadata, TlsConfig
 
 
 class AsyncClient(Connection):
-    """``async with AsyncClient("localhost:50051") as client: ...``; same rules as ``Client``."""
+    """``async with AsyncClient("localhost:50051", token=..., tls=...) as client: ...``; the same settings and
+    rules as ``Client``."""
 
-    def __init__(self, target: str, **settings: Any) -> None:
-        self._connect(grpc.aio.insecure_channel(target, options=settings.pop("options", None) or []), **settings)
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self._connect(
+            target,
+            asyncio=True,
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            options=options,
+        )
 
     async def close(self) -> None:
         await self.channel.close()
@@ -35,13 +56,22 @@ class AsyncClient(Connection):
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def call(self, method, request, *, idempotent: bool, timeout: float | None = None, metadata=None):
+    async def call(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        *,
+        idempotent: bool,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Any:
+        """One unary call with the token, the deadline, the retry rule and typed errors; records the replica."""
         delays = backoff_delays(self.retries if idempotent else 0, self.backoff)
         while True:
-            call = method(request, timeout=timeout or self.timeout, metadata=metadata)
+            call = method(request, timeout=timeout or self.timeout, metadata=self.metadata(metadata))
             try:
                 response = await call
                 self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
@@ -62,6 +92,17 @@ class AsyncClient(Connection):
 
     async def models(self) -> list[pb.ModelInfo]:
         return list((await self.call(self.models_stub.ListModels, pb.ListModelsRequest(), idempotent=True)).models)
+
+    async def list_sessions(self, model: str = "", page_size: int = 0) -> list[pb.Session]:
+        """The caller's sessions (of ``model``, or all), oldest first, every page (see ``Client.list_sessions``)."""
+        found: list[pb.Session] = []
+        pages = PageTokens()
+        while True:
+            request = pb.ListSessionsRequest(model=model, page_size=page_size, page_token=pages.token)
+            response = await self.call(self.sessions.ListSessions, request, idempotent=True)
+            found.extend(response.sessions)
+            if not pages.advance(response.next_page_token):
+                return found
 
     def session(
         self, model: str = "charlm", prompt: str = "", unknown_characters: str = "reject", **defaults: Any
@@ -90,17 +131,19 @@ class AsyncSession:
     async def __aenter__(self) -> AsyncSession:
         return await self.open()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _metadata(self):
+    def _metadata(self) -> Metadata:
         return session_metadata(self.id)
 
     async def generate(
         self, prompt: str = "", *, timeout: float | None = None, unknown_characters: str = "reject", **sampling: Any
     ) -> AsyncIterator[Chunk]:
         request = generate_request(self.id, prompt, unknown_characters, sampling)
-        call = self.client.generation.Generate(request, timeout=timeout, metadata=self._metadata())
+        call = self.client.generation.Generate(
+            request, timeout=timeout, metadata=self.client.metadata(self._metadata())
+        )
         try:
             self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
             async for response in call:

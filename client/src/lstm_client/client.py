@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -24,8 +24,28 @@ from .results import (
     replica_of,
     session_metadata,
 )
+from .tensors import TensorLike, as_tensor
+from .transport import Metadata, TlsConfig, auth_metadata, open_channel
 
 RETRYABLE = grpc.StatusCode.UNAVAILABLE
+
+
+class PageTokens:
+    """Follows ``next_page_token`` from page to page; refuses a token the server already gave (a loop)."""
+
+    def __init__(self) -> None:
+        self.token = ""
+        self._seen: set[str] = set()
+
+    def advance(self, next_token: str) -> bool:
+        """Whether there is another page to ask for (with ``self.token``)."""
+        if not next_token:
+            return False
+        if next_token in self._seen:
+            raise LstmError(f"the server repeated the page token {next_token!r}", grpc.StatusCode.INTERNAL)
+        self._seen.add(next_token)
+        self.token = next_token
+        return True
 
 
 def backoff_delays(retries: int, base: float) -> Iterator[float]:
@@ -35,32 +55,72 @@ def backoff_delays(retries: int, base: float) -> Iterator[float]:
 
 
 class Connection:
-    """What the sync and asyncio clients share: the channel, the stubs and the call rules."""
+    """What the sync and asyncio clients share: the channel, the stubs, the token and the call rules."""
 
-    def _connect(self, channel, *, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1) -> None:
-        self.channel = channel
+    def _connect(
+        self,
+        target: str,
+        *,
+        asyncio: bool,
+        token: str | None,
+        tls: TlsConfig | bool | None,
+        timeout: float | None,
+        retries: int,
+        backoff: float,
+        options: Sequence[tuple[str, Any]] | None,
+    ) -> None:
+        self._auth = auth_metadata(token)  # checked before the channel is made
+        self.channel = open_channel(target, tls=tls, token=token, options=options, asyncio=asyncio)
+        self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.sessions = rpc.SessionsStub(channel)
-        self.generation = rpc.GenerationStub(channel)
-        self.classification = rpc.ClassificationStub(channel)
-        self.models_stub = rpc.ModelsStub(channel)
+        self.sessions = rpc.SessionsStub(self.channel)
+        self.generation = rpc.GenerationStub(self.channel)
+        self.classification = rpc.ClassificationStub(self.channel)
+        self.models_stub = rpc.ModelsStub(self.channel)
         self.last_replica: str | None = None
+
+    def metadata(self, extra: Metadata | None = None) -> Metadata:
+        """``extra`` plus the token's ``authorization`` metadata: what every call of this client sends (pass it
+        when calling the stubs directly)."""
+        return (*(extra or ()), *self._auth)
 
 
 class Client(Connection):
     """A connection to an lstm-server (or a gateway in front of several).
 
-    ``timeout`` is the default deadline in seconds of every call; idempotent
-    calls (classify, step, describe, get, export) are retried ``retries`` times
-    with backoff when the server is UNAVAILABLE. Failures raise ``LstmError``
-    subclasses carrying the status code. Settings: ``timeout``, ``retries``,
-    ``backoff`` (seconds) and gRPC channel ``options``.
+    ``token``: sent as ``authorization: Bearer <token>`` with every call (the server maps it to a tenant).
+    ``tls``: ``True`` for TLS with gRPC's default roots, a ``TlsConfig`` for a private CA, a client certificate
+    (mutual TLS) or a server name override; ``None`` (default) for plaintext. A token over plaintext is only for a
+    server on loopback (an ``InsecureTokenWarning`` says so otherwise).
+    ``timeout`` is the default deadline in seconds of every unary call; idempotent calls (classify, step,
+    describe, get, list, export) are retried ``retries`` times with backoff (``backoff`` seconds, doubling, with
+    jitter) when the server is UNAVAILABLE. ``options`` are gRPC channel options. Failures raise ``LstmError``
+    subclasses carrying the status code.
     """
 
-    def __init__(self, target: str, **settings: Any) -> None:
-        self._connect(grpc.insecure_channel(target, options=settings.pop("options", None) or []), **settings)
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self._connect(
+            target,
+            asyncio=False,
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            options=options,
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -68,15 +128,25 @@ class Client(Connection):
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method, request, *, idempotent: bool, timeout: float | None = None, metadata=None):
-        """One unary call with the deadline, the retry rule and typed errors; records the replica."""
+    def call(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        *,
+        idempotent: bool,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Any:
+        """One unary call with the token, the deadline, the retry rule and typed errors; records the replica."""
         delays = backoff_delays(self.retries if idempotent else 0, self.backoff)
         while True:
             try:
-                response, call = method.with_call(request, timeout=timeout or self.timeout, metadata=metadata)
+                response, call = method.with_call(
+                    request, timeout=timeout or self.timeout, metadata=self.metadata(metadata)
+                )
                 self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
                 return response
             except grpc.RpcError as error:
@@ -98,17 +168,19 @@ class Client(Connection):
         model: str,
         text: str | None = None,
         tokens: list[int] | None = None,
-        state: tuple[pb.Tensor, pb.Tensor] | None = None,
+        state: tuple[TensorLike, TensorLike] | None = None,
         unknown_characters: str = "reject",
     ) -> StepResult:
+        """Read ``text`` (or token ids) from ``state`` (h, c; default zeros): the next-character distribution and
+        the new state. ``state`` is a previous ``StepResult.state`` or plain ``(values, shape)`` pairs."""
         request = pb.StepRequest(model=model, unknown_characters=UNKNOWN[unknown_characters])
         if tokens is not None:
             request.tokens.ids.extend(tokens)
         else:
             request.text = text or ""
         if state is not None:
-            request.h.CopyFrom(state[0])
-            request.c.CopyFrom(state[1])
+            request.h.CopyFrom(as_tensor(state[0]))
+            request.c.CopyFrom(as_tensor(state[1]))
         response = self.call(self.generation.Step, request, idempotent=True)
         return StepResult(list(response.probabilities), response.h, response.c)
 
@@ -141,9 +213,17 @@ class Client(Connection):
             self, self.call(self.sessions.ImportSession, request, idempotent=False, metadata=session_metadata())
         )
 
-    def list_sessions(self, model: str = "") -> list[pb.Session]:
-        request = pb.ListSessionsRequest(model=model)
-        return list(self.call(self.sessions.ListSessions, request, idempotent=True).sessions)
+    def list_sessions(self, model: str = "", page_size: int = 0) -> list[pb.Session]:
+        """The caller's sessions (of ``model``, or all), oldest first: every page, ``page_size`` sessions per call
+        (0: the server's default)."""
+        found: list[pb.Session] = []
+        pages = PageTokens()
+        while True:
+            request = pb.ListSessionsRequest(model=model, page_size=page_size, page_token=pages.token)
+            response = self.call(self.sessions.ListSessions, request, idempotent=True)
+            found.extend(response.sessions)
+            if not pages.advance(response.next_page_token):
+                return found
 
 
 class Session:
@@ -159,11 +239,11 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if not self.closed:
             self.close()
 
-    def _metadata(self):
+    def _metadata(self) -> Metadata:
         return session_metadata(self.id)
 
     def _unary(self, method, request, idempotent: bool):
@@ -177,7 +257,9 @@ class Session:
         """Append ``prompt``, then stream the generated characters (sampling: temperature, top_k, top_p,
         seed, max_tokens, stop). Leaving the loop early cancels the turn."""
         request = generate_request(self.id, prompt, unknown_characters, sampling)
-        call = self.client.generation.Generate(request, timeout=timeout, metadata=self._metadata())
+        call = self.client.generation.Generate(
+            request, timeout=timeout, metadata=self.client.metadata(self._metadata())
+        )
         try:
             self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
             for response in call:
@@ -205,4 +287,4 @@ class Session:
             self.closed = True
 
 
-__all__ = ["Client", "LstmError", "Session"]
+__all__ = ["Client", "LstmError", "Session", "TlsConfig"]

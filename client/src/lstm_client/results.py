@@ -32,9 +32,16 @@ class Chunk:
 
 @dataclass(frozen=True)
 class StepResult:
+    """The next-character distribution and the state (h, c) after the text; ``state`` goes into the next step.
+    ``tensor_values(result.h)`` reads a state tensor's floats."""
+
     probabilities: list[float]
     h: pb.Tensor
     c: pb.Tensor
+
+    @property
+    def state(self) -> tuple[pb.Tensor, pb.Tensor]:
+        return self.h, self.c
 
 
 def sampling_params(
