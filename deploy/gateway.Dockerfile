@@ -1,8 +1,11 @@
-# The session-aware gRPC gateway: nginx (Debian's, 1.22) hashing each call's x-session-id onto the replicas
-# (deploy/nginx/gateway.conf.template). Build from the repository root:
+# The session-aware gRPC gateway: nginx (Debian's, 1.22) terminating TLS and hashing each call's x-session-id onto
+# the replicas (deploy/nginx/gateway.conf.template). Build from the repository root:
 #   docker build -f deploy/gateway.Dockerfile -t lstm-gateway .
-#   docker run -e GATEWAY_UPSTREAMS="replica-1:50051 replica-2:50051" -p 8080:8080 lstm-gateway
-# Configuration by environment: see deploy/nginx/entrypoint.sh (GATEWAY_LISTEN, GATEWAY_UPSTREAMS, ...).
+#   docker run -e GATEWAY_UPSTREAMS="replica-1:50051 replica-2:50051" -p 8080:8080 \
+#     -v "$PWD/deploy/secrets/server.pem:/run/secrets/tls-cert:ro" -v "$PWD/deploy/secrets/server-key.pem:/run/secrets/tls-key:ro" \
+#     -v "$PWD/deploy/secrets/ca.pem:/run/secrets/tls-ca:ro" lstm-gateway
+# Configuration by environment: see deploy/nginx/entrypoint.sh (GATEWAY_LISTEN, GATEWAY_UPSTREAMS, GATEWAY_TLS_*, ...).
+# No certificate is in the image: it is mounted (docker-compose.yml's secrets).
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
@@ -20,7 +23,10 @@ COPY deploy/nginx/entrypoint.sh deploy/nginx/healthcheck.sh /usr/local/lib/lstm-
 # Not root: the listen port is above 1024 and everything nginx writes goes to GATEWAY_PREFIX.
 USER 10002:10002
 ENV GATEWAY_LISTEN=0.0.0.0:8080 \
-    GATEWAY_PREFIX=/tmp/nginx
+    GATEWAY_PREFIX=/tmp/nginx \
+    GATEWAY_TLS_CERT=/run/secrets/tls-cert \
+    GATEWAY_TLS_KEY=/run/secrets/tls-key \
+    GATEWAY_TLS_CA=/run/secrets/tls-ca
 EXPOSE 8080
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["sh", "/usr/local/lib/lstm-gateway/healthcheck.sh"]

@@ -1,6 +1,7 @@
 # The gRPC server on an NVIDIA GPU (onnxruntime's CUDA execution provider). Build from the repository root:
 #   docker build -f deploy/server-gpu.Dockerfile -t lstm-server-gpu .
-#   docker run --gpus 1 -v "$PWD/models:/models:ro" -p 50051:50051 lstm-server-gpu
+#   docker run --gpus 1 -v "$PWD/models:/models:ro" -v "$PWD/deploy/secrets/auth-tokens:/run/secrets/auth-tokens:ro" \
+#     -e LSTM_SERVER_AUTH_TOKENS=/run/secrets/auth-tokens -p 127.0.0.1:50051:50051 lstm-server-gpu
 # or `docker compose --profile gpu up` (docker-compose.yml, service replica-gpu).
 #
 # Not built on the project's machines (no registry, no GPU there): written from onnxruntime's and NVIDIA's docs.

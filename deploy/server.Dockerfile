@@ -1,6 +1,9 @@
 # The gRPC server (lstm-server), CPU. Build from the repository root:
 #   docker build -f deploy/server.Dockerfile -t lstm-server .
-#   docker run -v "$PWD/models:/models:ro" -p 50051:50051 -p 9090:9090 lstm-server
+#   docker run -v "$PWD/models:/models:ro" -v "$PWD/deploy/secrets/auth-tokens:/run/secrets/auth-tokens:ro" \
+#     -e LSTM_SERVER_AUTH_TOKENS=/run/secrets/auth-tokens -p 127.0.0.1:50051:50051 lstm-server
+# It listens on 0.0.0.0, so it needs authentication (--auth-tokens or --tls-client-ca; --insecure-no-auth to go
+# without, which serves anyone who reaches the port); with --session-store redis, the replicas' shared state keys.
 # Only the client and server distributions are installed (no training, export or torch). The model repository is
 # not in the image: mount it at /models. Any LSTM_SERVER_* variable or lstm-server flag configures the server.
 #

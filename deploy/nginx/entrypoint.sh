@@ -3,6 +3,9 @@
 #
 #   GATEWAY_LISTEN            address to listen on (default 0.0.0.0:8080)
 #   GATEWAY_UPSTREAMS         the replicas, space-separated host:port (required), e.g. "replica-1:50051 replica-2:50051"
+#   GATEWAY_TLS_CERT, GATEWAY_TLS_KEY  the gateway's certificate chain and private key, PEM (default
+#                             /run/secrets/tls-cert and /run/secrets/tls-key: docker-compose.yml's secrets); reloaded
+#                             when they change (checked every GATEWAY_RESOLVE_INTERVAL_S)
 #   GATEWAY_PREFIX            writable folder for the rendered configuration, pid and temporary files (default /tmp/nginx)
 #   GATEWAY_RESOLVE_TIMEOUT_S how long to wait for the replicas' names to resolve (default 120)
 #   GATEWAY_MAX_FAILS, GATEWAY_FAIL_TIMEOUT  passive health of each upstream (default 1 and 5s): after that many
@@ -18,8 +21,19 @@ interval_s="${GATEWAY_RESOLVE_INTERVAL_S:-5}"
 max_fails="${GATEWAY_MAX_FAILS:-1}"
 fail_timeout="${GATEWAY_FAIL_TIMEOUT:-5s}"
 template="${GATEWAY_TEMPLATE:-/etc/lstm-gateway/gateway.conf.template}"
+GATEWAY_TLS_CERT="${GATEWAY_TLS_CERT:-/run/secrets/tls-cert}"
+GATEWAY_TLS_KEY="${GATEWAY_TLS_KEY:-/run/secrets/tls-key}"
 
 log() { echo "gateway-entrypoint: $*" >&2; }
+
+# The gateway serves TLS only: without its certificate it does not start.
+for file in "$GATEWAY_TLS_CERT" "$GATEWAY_TLS_KEY"; do
+    if [ ! -r "$file" ]; then
+        log "cannot read $file: mount the gateway's certificate and key (GATEWAY_TLS_CERT, GATEWAY_TLS_KEY);"
+        log "docker-compose.yml takes them from deploy/secrets, made by: python3 deploy/credentials.py"
+        exit 1
+    fi
+done
 
 # nginx resolves upstream names once, at start, and refuses to start on a name that does not resolve. Compose
 # starts the gateway as soon as the replicas' containers exist (podman-compose ignores health-gated depends_on),
@@ -49,12 +63,12 @@ for upstream in $GATEWAY_UPSTREAMS; do
         $line"
     fi
 done
-export GATEWAY_LISTEN GATEWAY_PREFIX GATEWAY_UPSTREAMS GATEWAY_UPSTREAMS_BLOCK
+export GATEWAY_LISTEN GATEWAY_PREFIX GATEWAY_UPSTREAMS GATEWAY_UPSTREAMS_BLOCK GATEWAY_TLS_CERT GATEWAY_TLS_KEY
 
 mkdir -p "$GATEWAY_PREFIX"
 # Only these variables are substituted: nginx's own ($http_x_session_id, $request_id, ...) stay as they are.
 # shellcheck disable=SC2016
-envsubst '${GATEWAY_LISTEN} ${GATEWAY_PREFIX} ${GATEWAY_UPSTREAMS} ${GATEWAY_UPSTREAMS_BLOCK}' \
+envsubst '${GATEWAY_LISTEN} ${GATEWAY_PREFIX} ${GATEWAY_UPSTREAMS} ${GATEWAY_UPSTREAMS_BLOCK} ${GATEWAY_TLS_CERT} ${GATEWAY_TLS_KEY}' \
     <"$template" >"$GATEWAY_PREFIX/nginx.conf"
 nginx_() { nginx -e stderr -p "$GATEWAY_PREFIX" -c "$GATEWAY_PREFIX/nginx.conf" "$@"; }
 
@@ -72,19 +86,26 @@ addresses() {
 # nginx 1.22 looks the names up only when it (re)loads its configuration, but a replica that is restarted may
 # come back on another address (podman and docker hand out a new one): then it would never get traffic again.
 # So, in the background, look the names up again every GATEWAY_RESOLVE_INTERVAL_S seconds and reload nginx
-# (graceful: running streams finish on the old workers) when an address changed and every name resolves.
+# (graceful: running streams finish on the old workers) when an address changed and every name resolves. The same
+# loop reloads nginx when the certificate or its key changed (renewal), which nginx also reads only at a (re)load.
+tls_files() { cat "$GATEWAY_TLS_CERT" "$GATEWAY_TLS_KEY" 2>/dev/null | cksum; }
 watch_addresses() {
     known="$(addresses)" || known=""
+    known_tls="$(tls_files)"
     while sleep "$interval_s"; do
         current="$(addresses)" || continue
-        if [ "$current" != "$known" ]; then
-            log "replica addresses changed, reloading nginx: $(echo "$current" | tr '\n' ';')"
-            if nginx_ -s reload; then known="$current"; fi
+        current_tls="$(tls_files)"
+        if [ "$current" != "$known" ] || [ "$current_tls" != "$known_tls" ]; then
+            log "replica addresses or TLS files changed, reloading nginx: $(echo "$current" | tr '\n' ';')"
+            if nginx_ -s reload; then
+                known="$current"
+                known_tls="$current_tls"
+            fi
         fi
     done
 }
 
 nginx_ -t -q
 if [ "$interval_s" != 0 ]; then watch_addresses & fi
-log "listening on $GATEWAY_LISTEN, upstreams: $GATEWAY_UPSTREAMS"
+log "listening on $GATEWAY_LISTEN (TLS), upstreams: $GATEWAY_UPSTREAMS"
 exec nginx -e stderr -p "$GATEWAY_PREFIX" -c "$GATEWAY_PREFIX/nginx.conf" -g 'daemon off;'

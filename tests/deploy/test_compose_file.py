@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import credentials
 import jsonschema
 import pytest
 import yaml
@@ -93,16 +95,61 @@ def test_every_variable_has_a_default() -> None:
         assert match.group(2) in (":-", "-"), f"{match.group(0)} has no default"
 
 
-def test_two_replicas_share_sessions_through_redis(services: dict[str, dict[str, Any]]) -> None:
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> credentials.StackSecrets:
+    """What `python3 deploy/credentials.py` writes for the compose stack (its defaults)."""
+    return credentials.write_stack_secrets(tmp_path_factory.mktemp("secrets") / "secrets", ["gateway"])
+
+
+def mounted(service: dict[str, Any], compose: dict[str, Any]) -> dict[str, Path]:
+    """The service's secrets: path in the container -> the generated file's name (compose's default target)."""
+    declared = interpolate(compose)["secrets"]
+    found = {}
+    for item in service.get("secrets") or []:
+        name = item if isinstance(item, str) else item["source"]
+        target = name if isinstance(item, str) else item.get("target", name)
+        found[target if target.startswith("/") else f"/run/secrets/{target}"] = Path(declared[name]["file"])
+    return found
+
+
+def test_secrets_are_generated_files_outside_the_images(compose: dict[str, Any], generated) -> None:
+    """Every secret is a file deploy/credentials.py writes into LSTM_SECRETS_DIR (./deploy/secrets by default),
+    which git ignores and no image's build context holds."""
+    raw = compose["secrets"]
+    for name, secret in interpolate(compose)["secrets"].items():
+        assert raw[name]["file"].startswith("${LSTM_SECRETS_DIR:-./deploy/secrets}/"), name
+        assert (generated.folder / Path(secret["file"]).name).is_file(), f"{name}: credentials.py does not write it"
+    assert (generated.folder / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert generated.folder.stat().st_mode & 0o777 == 0o700
+    allowed = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert not any("secrets" in line or line.rstrip("/") == "!deploy" for line in allowed), allowed
+
+
+def test_two_replicas_share_sessions_through_redis(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], generated
+) -> None:
     found = replicas(services)
     assert len(found) >= 2, f"expected at least two replicas built from {SERVER_DOCKERFILE}, found {sorted(found)}"
     for name, service in found.items():
         env = environment(service)
         assert env["LSTM_SERVER_REPLICA_NAME"] == name  # the x-replica metadata names the compose service
         assert env["LSTM_SERVER_SESSION_STORE"] == "redis"
-        redis_host = re.match(r"redis://([^:/]+)", env["LSTM_SERVER_REDIS_URL"]).group(1)
-        assert redis_host in services, f"{name}: the Redis of {env['LSTM_SERVER_REDIS_URL']} is not a service"
+        # The Redis URL carries the password, so it comes from a mounted TOML file, not from the environment
+        # (which would override the file).
+        assert "LSTM_SERVER_REDIS_URL" not in env
+        secrets = mounted(service, compose)
+        config = service["command"][service["command"].index("--config") + 1]
+        url = tomllib.loads((generated.folder / secrets[config].name).read_text())["redis_url"]
+        password, redis_host = re.fullmatch(r"redis://:([^@]+)@([^:/]+):6379/0", url).groups()
+        assert password == generated.redis_password and len(password) >= 32
+        assert redis_host in services, f"{name}: the Redis of its redis_url is not a service"
         assert redis_host in service["depends_on"]
+        # Authentication (a replica on 0.0.0.0 must have it) and the state keys every replica shares.
+        for variable in ("LSTM_SERVER_AUTH_TOKENS", "LSTM_SERVER_STATE_KEYS_FILE"):
+            assert env[variable] in secrets, f"{name}: {variable} is not a mounted secret"
+        assert secrets[env["LSTM_SERVER_AUTH_TOKENS"]].name == "auth-tokens"
+        assert secrets[env["LSTM_SERVER_STATE_KEYS_FILE"]].name == "state-keys"
+        assert "LSTM_SERVER_INSECURE_NO_AUTH" not in env
         assert "./models:/models:ro" in service["volumes"], f"{name} must mount the model repository read-only"
         assert service.get("restart") in ("always", "unless-stopped", "on-failure")
         assert "ports" not in service, f"{name}: replicas are reached through the gateway only"
@@ -120,6 +167,43 @@ def test_the_gateway_routes_sessions_to_the_replicas(services: dict[str, dict[st
     template = (ROOT / "deploy/nginx/gateway.conf.template").read_text()
     assert re.search(r"^\s*hash\s+\$\w+\s+consistent;", template, re.M), "sessions must hash consistently"
     assert "${GATEWAY_UPSTREAMS_BLOCK}" in template
+
+
+def test_the_gateway_serves_tls_with_the_generated_certificate(compose: dict[str, Any], generated) -> None:
+    gateway = interpolate(compose)["services"]["gateway"]
+    secrets = {target: path.name for target, path in mounted(gateway, compose).items()}
+    # The entrypoint's defaults (also the image's environment) are where compose mounts the files.
+    entrypoint = (ROOT / "deploy/nginx/entrypoint.sh").read_text()
+    for variable, file in (("GATEWAY_TLS_CERT", "server.pem"), ("GATEWAY_TLS_KEY", "server-key.pem")):
+        default = re.search(rf'^{variable}="\${{{variable}:-([^}}]+)}}"$', entrypoint, re.M).group(1)
+        assert secrets[default] == file, variable
+    template = (ROOT / "deploy/nginx/gateway.conf.template").read_text()
+    assert re.search(r"^\s*listen \$\{GATEWAY_LISTEN\} ssl http2;", template, re.M)
+    assert "ssl_certificate ${GATEWAY_TLS_CERT};" in template and "ssl_certificate_key ${GATEWAY_TLS_KEY};" in template
+    assert "${GATEWAY_TLS_CERT} ${GATEWAY_TLS_KEY}" in entrypoint  # envsubst renders them
+    # The certificate names the gateway's service and loopback (the published port), and chains to the CA.
+    assert {"gateway", "localhost", "127.0.0.1"} <= names_in(generated.server_cert)
+    assert secrets["/run/secrets/tls-ca"] == "ca.pem"
+
+
+def names_in(path: Path) -> set[str]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(name.value) for name in alt}
+
+
+def test_redis_requires_the_generated_password(compose: dict[str, Any], generated) -> None:
+    redis = interpolate(compose)["services"]["redis"]
+    secrets = {target: path.name for target, path in mounted(redis, compose).items()}
+    assert secrets == {"/run/secrets/redis-conf": "redis.conf"}
+    assert (generated.folder / "redis.conf").read_text() == f"requirepass {generated.redis_password}\n"
+    image = (ROOT / "deploy/redis.Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["redis-server", "/run/secrets/redis-conf"', image, re.M)
+    assert "--protected-mode" not in image
+    # The health check authenticates from the file (never a password on a command line).
+    assert "REDISCLI_AUTH=" in " ".join(redis["healthcheck"]["test"]) and "REDISCLI_AUTH=" in image
 
 
 def test_every_service_has_a_health_check(services: dict[str, dict[str, Any]]) -> None:
@@ -158,7 +242,7 @@ def test_the_server_image_holds_no_training_code_and_no_models() -> None:
     ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignored[0] == "*", ".dockerignore must start from nothing (an allow-list)"
     for allowed in (line for line in ignored if line.startswith("!")):
-        assert not re.search(r"(models|\.venv|\.git|training|export|runs|\.podman|\.cluster)", allowed), allowed
+        assert not re.search(r"(models|\.venv|\.git|training|export|runs|\.podman|\.cluster|secrets)", allowed), allowed
 
 
 def test_the_gpu_profile_adds_a_gpu_replica(services: dict[str, dict[str, Any]]) -> None:
