@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
 from lstm_export.pipeline import export_checkpoint
@@ -141,6 +142,18 @@ def repository(exported, tmp_path) -> Path:
 
 
 # -- a real server on loopback, and the in-process reference generator ------------------
+
+STATE_KEYS = "test-key:0123456789abcdef0123456789abcdef"  # shared by the replicas of a test
+
+
+def array_of(tensor: pb.Tensor) -> np.ndarray:
+    """A Tensor message's values (raw little-endian float32) as an array of its shape."""
+    return np.frombuffer(tensor.data, "<f4").reshape(tuple(tensor.shape)).astype(np.float32)
+
+
+def tensor_of(array: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(shape=list(array.shape), data=np.ascontiguousarray(array, "<f4").tobytes())
+
 
 
 class ServerThread:

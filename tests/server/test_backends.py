@@ -12,7 +12,7 @@ from lstm_client import Client
 from lstm_server.backends import load_backend
 from lstm_server.model_repository import ModelRepositoryError, load_entry
 
-from ..conftest import Stubs
+from ..conftest import Stubs, array_of
 
 PROMPT = "KING:\nthe "
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers() or torch.cuda.is_available()
@@ -27,7 +27,7 @@ def test_torchscript_backend_serves_the_same_model(start_server, reference) -> N
     logits, h, _ = reference.feed(PROMPT)
     expected = np.exp(logits - logits.max())
     np.testing.assert_allclose(step.probabilities, expected / expected.sum(), atol=1e-5)
-    np.testing.assert_allclose(step.h.values, h.ravel(), atol=1e-5)
+    np.testing.assert_allclose(array_of(step.h).ravel(), h.ravel(), atol=1e-5)
     with Client(running.address) as client, client.session(model="charlm", prompt=PROMPT) as session:
         text = "".join(c.text for c in session.generate(max_tokens=20, temperature=0))
     assert text == reference.generate(PROMPT, 20, temperature=0)[0]
@@ -81,7 +81,7 @@ def test_cuda_backend_matches_the_cpu_reference(start_server, reference, backend
     assert stubs.models.DescribeModel(pb.DescribeModelRequest(model="charlm")).device == "cuda"
     step = stubs.generation.Step(pb.StepRequest(model="charlm", text=PROMPT))
     _, h, _ = reference.feed(PROMPT)
-    np.testing.assert_allclose(step.h.values, h.ravel(), atol=1e-4)
+    np.testing.assert_allclose(array_of(step.h).ravel(), h.ravel(), atol=1e-4)
     stubs.channel.close()
 
 

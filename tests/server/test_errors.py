@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 from lstm.v1 import lstm_pb2 as pb
 
-from ..conftest import Stubs
+from ..conftest import Stubs, array_of, tensor_of
 
 PROMPT = "KING:\nthe "
 
@@ -185,47 +186,60 @@ def test_step_errors(stubs) -> None:
         "h must have shape [2, 1, 12]",
         stubs.generation.Step,
         pb.StepRequest(
-            model="charlm", text="the", h=pb.Tensor(shape=[1], values=[0.0]), c=pb.Tensor(shape=[1], values=[0.0])
+            model="charlm", text="the", h=pb.Tensor(shape=[1], data=bytes(4)), c=pb.Tensor(shape=[1], data=bytes(4))
         ),
     )
     expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         "give both h and c",
         stubs.generation.Step,
-        pb.StepRequest(model="charlm", text="the", h=pb.Tensor(shape=[2, 1, 12], values=[0.0] * 24)),
+        pb.StepRequest(model="charlm", text="the", h=pb.Tensor(shape=[2, 1, 12], data=bytes(96))),
     )
 
 
-def test_import_refuses_altered_or_foreign_state(stubs) -> None:
+def test_import_refuses_altered_or_foreign_state(server, stubs) -> None:
     session_id = new_session(stubs)
     state = stubs.sessions.ExportSession(pb.ExportSessionRequest(session_id=session_id))
-    altered = pb.SessionState()
-    altered.CopyFrom(state)
-    altered.h.values[0] += 0.5
-    expect(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "checksum mismatch",
-        stubs.sessions.ImportSession,
-        pb.ImportSessionRequest(state=altered),
-    )
-    other_version = pb.SessionState()
-    other_version.CopyFrom(state)
-    other_version.model_version = 7
-    expect(
+
+    def changed(sign: bool = True, **fields) -> pb.SessionState:
+        copy = pb.SessionState()
+        copy.CopyFrom(state)
+        for name, value in fields.items():
+            setattr(copy, name, value) if not isinstance(value, pb.Tensor) else getattr(copy, name).CopyFrom(value)
+        return server.server.core.signer.sign(copy) if sign else copy
+
+    def refused(code, match, altered) -> None:
+        expect(code, match, stubs.sessions.ImportSession, pb.ImportSessionRequest(state=altered))
+
+    h = array_of(state.h)
+    c = array_of(state.c)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    # a client cannot forge a state: any change without the server's key is refused
+    refused(invalid, "its signature does not match", changed(sign=False, tokens_seen=2**64 - 2))
+    refused(invalid, "its signature does not match", changed(sign=False, mac=b""))
+    refused(invalid, "which this server does not hold", changed(sign=False, key_id="old-deployment"))
+    refused(grpc.StatusCode.PERMISSION_DENIED, "belongs to another tenant", changed(tenant="someone-else"))
+    # and even a signed state is checked against the model and the limits before anything is stored
+    refused(invalid, "tokens_seen 18446744073709551614 is beyond the limit", changed(tokens_seen=2**64 - 2))
+    refused(invalid, "state.h holds NaN", changed(h=tensor_of(np.where(h == h.flat[0], np.nan, h))))
+    refused(invalid, "state.h holds values beyond +-1", changed(h=tensor_of(h * 0 + 1.5)))
+    refused(invalid, "state.c holds values beyond", changed(c=tensor_of(c * 0 + 1e6)))
+    refused(invalid, "state.c must have shape", changed(c=tensor_of(c[:1])))
+    refused(invalid, "next_logits must be given exactly when", changed(next_logits=pb.Tensor()))
+    refused(
         grpc.StatusCode.FAILED_PRECONDITION,
         "written by charlm version 7, but this server runs version 1",
-        stubs.sessions.ImportSession,
-        pb.ImportSessionRequest(state=other_version),
+        changed(model_version=7),
     )
-    other_model = pb.SessionState()
-    other_model.CopyFrom(state)
-    other_model.model = "nope"
-    expect(
-        grpc.StatusCode.NOT_FOUND,
-        "no model 'nope'",
-        stubs.sessions.ImportSession,
-        pb.ImportSessionRequest(state=other_model),
-    )
+    refused(grpc.StatusCode.NOT_FOUND, "no model 'nope'", changed(model="nope"))
+    bad_defaults = pb.SessionState()
+    bad_defaults.CopyFrom(state)
+    bad_defaults.defaults.top_p = 7.0
+    refused(invalid, "top_p must be in (0, 1]", server.server.core.signer.sign(bad_defaults))
+    before = len(list(stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions))
+    assert stubs.sessions.ImportSession(pb.ImportSessionRequest(state=state)).tokens_seen == state.tokens_seen
+    after = len(list(stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions))
+    assert after == before + 1  # only the untouched state made a session
 
 
 def test_chat_protocol_errors(stubs) -> None:
@@ -273,21 +287,17 @@ def test_message_size_limit(start_server) -> None:
     stubs.channel.close()
 
 
-def test_idle_sessions_expire(start_server) -> None:
+def test_idle_sessions_expire_and_any_call_keeps_them_alive(start_server) -> None:
     import time
 
-    running = start_server(idle_timeout_s=0.3)
+    running = start_server(idle_timeout_s=0.4)
     stubs = Stubs(running.address)
-    session_id = new_session(stubs)
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        try:
-            stubs.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.NOT_FOUND and "expired after 0.3 s idle" in error.details()
-            break
+    kept, left = new_session(stubs), new_session(stubs)
+    for _ in range(6):  # 0.6 s in all: GetSession, a read, keeps `kept` alive, as the Redis store does
         time.sleep(0.1)
-    else:
-        pytest.fail("the idle session did not expire")
-    assert running.server.registry.get("charlm").engine.slots.used == 0
-    stubs.channel.close()
+        stubs.sessions.GetSession(pb.GetSessionRequest(session_id=kept))
+    gone = pb.GetSessionRequest(session_id=left)
+    expect(grpc.StatusCode.NOT_FOUND, "expired after 0.4 s idle", stubs.sessions.GetSession, gone)
+    time.sleep(0.5)
+    gone = pb.GetSessionRequest(session_id=kept)
+    expect(grpc.StatusCode.NOT_FOUND, "expired after 0.4 s idle", stubs.sessions.GetSession, gone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -13,6 +14,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from lstm.v1 import lstm_pb2 as pb
 
 from lstm_client import Client, InvalidArgument
+
+from ..conftest import array_of
 
 PROMPT = "KING:\nthe "
 
@@ -52,7 +55,8 @@ def test_chat_keeps_the_session_across_turns(stubs, reference) -> None:
         yield pb.ChatRequest(
             create=pb.CreateSessionRequest(
                 model="charlm", prompt=PROMPT, defaults=pb.SamplingParams(seed=8, max_tokens=15)
-            )
+            ),
+            keep_session=True,
         )
         yield pb.ChatRequest(text="the ")
         yield pb.ChatRequest(text="good ", sampling=pb.SamplingParams(max_tokens=5))
@@ -74,13 +78,30 @@ def test_chat_keeps_the_session_across_turns(stubs, reference) -> None:
     assert turns[0] == expected
 
 
+def test_a_session_a_chat_stream_opened_closes_with_the_stream_unless_kept(stubs) -> None:
+    create = pb.CreateSessionRequest(model="charlm", prompt=PROMPT, defaults=pb.SamplingParams(max_tokens=3))
+    finished = list(stubs.generation.Chat(iter([pb.ChatRequest(create=create), pb.ChatRequest(text="the ")])))
+    cancelled = stubs.generation.Chat(iter([pb.ChatRequest(create=create, text="the ")]))
+    cancelled_id = next(cancelled).session_id
+    cancelled.cancel()  # the client goes away mid-turn
+    named = stubs.sessions.CreateSession(create).session_id
+    list(stubs.generation.Chat(iter([pb.ChatRequest(session_id=named, text="the ")])))
+    for session_id in (finished[0].session_id, cancelled_id):
+        with pytest.raises(grpc.RpcError) as gone:
+            for _ in range(50):  # the cancelled stream's close lands once the server sees the cancellation
+                stubs.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))
+                time.sleep(0.02)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stubs.sessions.GetSession(pb.GetSessionRequest(session_id=named)).tokens_seen == len(PROMPT) + 4 + 3
+
+
 def test_step_equals_the_in_process_model_and_chains(stubs, reference) -> None:
     first = stubs.generation.Step(pb.StepRequest(model="charlm", text="KING:\nthe"))
     second = stubs.generation.Step(pb.StepRequest(model="charlm", text=" good", h=first.h, c=first.c))
     logits, h, _ = reference.feed("KING:\nthe good")
     probabilities = np.exp(logits - logits.max())
     np.testing.assert_allclose(second.probabilities, probabilities / probabilities.sum(), atol=1e-5)
-    np.testing.assert_allclose(second.h.values, h.ravel(), atol=1e-5)
+    np.testing.assert_allclose(array_of(second.h).ravel(), h.ravel(), atol=1e-5)
     assert list(second.h.shape) == [2, 1, 12]
     by_ids = stubs.generation.Step(
         pb.StepRequest(model="charlm", tokens=pb.TokenList(ids=[reference.index[ch] for ch in "KING:\nthe"]))

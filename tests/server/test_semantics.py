@@ -11,6 +11,8 @@ import pytest
 
 from lstm_client import AsyncClient, Client, SessionBusy
 
+from ..conftest import array_of
+
 PROMPT = "KING:\nthe good "
 
 
@@ -20,7 +22,7 @@ def collect(session, prompt: str = "", **sampling) -> str:
 
 def state_of(session):
     state = session.export()
-    return np.array(state.h.values, np.float32), np.array(state.c.values, np.float32)
+    return array_of(state.h).ravel(), array_of(state.c).ravel()
 
 
 def test_32_concurrent_seeded_sessions_equal_alone_and_the_in_process_model(server, reference) -> None:

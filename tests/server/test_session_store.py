@@ -18,17 +18,19 @@ from lstm.v1 import lstm_pb2 as pb
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lstm_client import Client, LstmError
+from lstm_server.app import StartupError
+from lstm_server.config import ANONYMOUS
 from lstm_server.errors import ServiceError
 from lstm_server.session_store import KEY_PREFIX, RedisSessionStore, SessionSummary, redacted
 
-from ..conftest import ServerThread
+from ..conftest import STATE_KEYS, ServerThread, array_of
 
 PROMPT = "KING:\n"
 SEED = 77
 
 
 def store_settings(redis: cluster.Process, **overrides) -> dict:
-    return {"session_store": "redis", "redis_url": f"redis://{redis.address}/0", **overrides}
+    return {"session_store": "redis", "redis_url": f"redis://{redis.address}/0", "state_keys": STATE_KEYS, **overrides}
 
 
 @dataclass
@@ -55,8 +57,8 @@ def assert_state(session, h: np.ndarray, c: np.ndarray) -> None:
     """The session's (h, c), exported, equals the reference's: the text alone barely depends on the state with
     the tests' tiny model (it is mostly the seed and the position)."""
     state = session.export()
-    np.testing.assert_allclose(np.array(state.h.values).reshape(h.shape), h, atol=1e-5)
-    np.testing.assert_allclose(np.array(state.c.values).reshape(c.shape), c, atol=1e-5)
+    np.testing.assert_allclose(array_of(state.h), h, atol=1e-5)
+    np.testing.assert_allclose(array_of(state.c), c, atol=1e-5)
 
 
 def test_replicas_share_a_session_and_reload_stale_copies(stored, reference):
@@ -230,7 +232,7 @@ def test_a_session_closed_while_it_is_created_stays_closed(stored):
     save = core.store.save
 
     async def close_then_save(session_id, *args):
-        await core.close(session_id)
+        await core.close(session_id, ANONYMOUS)
         return await save(session_id, *args)
 
     proposed = "cd" * 16
@@ -249,17 +251,25 @@ def test_a_session_closed_while_it_is_created_stays_closed(stored):
 
 def test_the_server_waits_for_the_store_then_gives_up_clearly(exported):
     port = cluster.free_port()  # nothing listens there
-    with pytest.raises(ServiceError) as failure:
+    with pytest.raises(StartupError) as failure:
         ServerThread(
-            exported, session_store="redis", redis_url=f"redis://127.0.0.1:{port}/0", store_connect_timeout_s=0.3
+            exported,
+            session_store="redis",
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            store_connect_timeout_s=0.3,
+            state_keys=STATE_KEYS,
         )
-    assert failure.value.code == grpc.StatusCode.UNAVAILABLE
-    assert f"redis at redis://127.0.0.1:{port}/0" in failure.value.message
+    assert f"session store unavailable (redis at redis://127.0.0.1:{port}/0)" in str(failure.value)
+
+
+def test_replicas_of_a_redis_store_must_share_state_keys(exported):
+    with pytest.raises(StartupError, match="replicas must share the keys that sign session states"):
+        ServerThread(exported, session_store="redis", redis_url="redis://127.0.0.1:1/0")
 
 
 def test_saves_compare_and_set_on_the_revision(start_redis):
     redis = start_redis()
-    summary = SessionSummary("charlm", 1, 7, 123.0)
+    summary = SessionSummary("charlm", 1, 7, 123.0, "tenant-a")
 
     async def scenario():
         store = RedisSessionStore(f"redis://{redis.address}/0", ttl_s=60)
@@ -302,7 +312,7 @@ def test_closing_a_session_while_its_turn_is_being_saved(stored):
     save = core.store.save
 
     async def close_then_save(session_id, *args):  # a CloseSession lands while the turn's save is under way
-        await core.close(session_id)
+        await core.close(session_id, ANONYMOUS)
         return await save(session_id, *args)
 
     with Client(server.address, retries=0) as client:

@@ -23,8 +23,8 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_two_process_ddp_ends_with_identical_weights(tmp_path, corpus_file) -> None:
     run([str(Path(__file__).with_name("ddp_worker.py")), str(corpus_file), str(tmp_path)], cwd=tmp_path)
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0, msg=name)

@@ -1,4 +1,5 @@
-"""Assemble and run the server: models, services, health, reflection, metrics, idle expiry, graceful stop."""
+"""Assemble and run the server: models, services, authentication and TLS, health, reflection, metrics, idle
+expiry, graceful stop."""
 
 from __future__ import annotations
 
@@ -12,19 +13,26 @@ from grpc_reflection.v1alpha import reflection
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
+from .auth import AuthConfigError, Authenticator, ServerTls
 from .config import ServerConfig
 from .core import Core, reap_idle_sessions
+from .errors import ServiceError
 from .interceptors import ServiceInterceptor
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .servicers import ClassificationService, GenerationService, ModelsService, SessionsService
 from .session_store import open_store
 from .sessions import SessionTable
+from .state_signing import StateKeyError, StateSigner
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Sessions", "Generation", "Classification", "Models")
 ]
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message says why in one line."""
 
 
 class LstmServer:
@@ -33,16 +41,27 @@ class LstmServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
+        try:
+            authenticator = Authenticator(config)
+            tls = ServerTls(config) if config.tls_cert else None
+            signer = StateSigner.from_settings(
+                config.state_keys_file, config.state_keys, required=config.session_store == "redis"
+            )
+        except (AuthConfigError, StateKeyError) as error:
+            raise StartupError(str(error)) from error
         self.registry = ModelRegistry(config, self.metrics)
         self.store = open_store(config.session_store, config.redis_url, config.idle_timeout_s)
-        table = SessionTable(config.max_sessions, config.idle_timeout_s)
-        self.core = Core(config, self.registry, table, self.metrics, self.store)
+        table = SessionTable(
+            config.max_sessions, config.idle_timeout_s, config.tenant_max_sessions, config.tenant_max_turns
+        )
+        self.core = Core(config, self.registry, table, self.metrics, signer, self.store)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a used port must fail, not share it silently
         ]
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, config.replica_name)], options=options
+            interceptors=[ServiceInterceptor(self.metrics, config.replica_name, authenticator)], options=options
         )
         rpc.add_SessionsServicer_to_server(SessionsService(self.core), self.server)
         rpc.add_GenerationServicer_to_server(GenerationService(self.core), self.server)
@@ -51,7 +70,17 @@ class LstmServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        try:
+            if tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, tls.credentials())
+        except RuntimeError as error:
+            raise StartupError(
+                f"cannot listen on {address}: the port is in use (or the address is not this machine's); stop the "
+                "other server or choose another --port"
+            ) from error
         self._http = None
         self._reaper: asyncio.Task | None = None
 
@@ -62,11 +91,21 @@ class LstmServer:
     async def start(self) -> None:
         """Connect to the session store (retrying: it may start after us), start the models, then serve."""
         if self.store is not None:
-            await self.store.connect(self.config.store_connect_timeout_s)
+            try:
+                await self.store.connect(self.config.store_connect_timeout_s)
+            except ServiceError as error:
+                raise StartupError(error.message) from error
         self.registry.start()
         await self.server.start()
         if self.config.metrics_port:
-            self._http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            try:
+                self._http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            except OSError as error:
+                await self.server.stop(0)
+                raise StartupError(
+                    f"cannot serve metrics on {self.config.host}:{self.config.metrics_port} ({error.strerror}): "
+                    "choose another --metrics-port, or 0 for none"
+                ) from error
         every = max(0.05, min(60.0, self.core.idle_limit_s / 4))
         self._reaper = asyncio.get_running_loop().create_task(reap_idle_sessions(self.core, every))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

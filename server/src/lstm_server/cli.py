@@ -1,22 +1,26 @@
-"""``lstm-server --models models --port 50051 ...``; ``lstm-server --help`` lists every option."""
+"""``lstm-server --models models --port 50051 ...``; ``lstm-server --help`` lists every option.
+
+Anything that stops the server from starting (a bad option, a model that cannot be loaded, a port in use, an
+unreadable key or certificate) ends with one line on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 
-from .app import serve
-from .config import load_config
+from .app import StartupError, serve
+from .config import ConfigError, load_config
 from .logs import configure_logging
 from .model_repository import ModelRepositoryError
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = load_config(argv)
-    configure_logging(config.log_level, config.replica_name)
     try:
+        config = load_config(argv)
+        configure_logging(config.log_level, config.replica_name)
         asyncio.run(serve(config))
-    except ModelRepositoryError as error:
+    except (ConfigError, ModelRepositoryError, StartupError) as error:
         print(f"lstm-server: {error}", file=sys.stderr)
         return 2
     return 0

@@ -14,12 +14,19 @@ the store is the truth and the table a cache:
   is dropped, so the next call starts again from the last saved state;
 - idle sessions leave memory (``evict_idle_s``, or the least recently used
   one when the table is full) and come back on demand.
+
+Every session belongs to the tenant that created (or imported) it. Every
+operation names its caller's tenant; another tenant's session is NOT_FOUND,
+the same answer as an id that never existed. Any call on a session keeps it
+alive for another idle timeout; a session idle longer than that is gone (the
+reaper closes it in memory, Redis expires it), whichever store holds it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -31,18 +38,20 @@ from .generation import GenerationEngine, Turn
 from .metrics import Metrics
 from .registry import LoadedModel, ModelRegistry
 from .requests import (
-    UNKNOWN_POLICY,
+    MAX_TOKENS_SEEN,
     check_prompt,
     from_tensor,
     invalid,
     resolve_sampling,
     sampling_dict,
     sampling_proto,
-    state_checksum,
+    shown,
     to_tensor,
+    unknown_policy,
 )
 from .session_store import SessionStore, SessionSummary, StoredSession
 from .sessions import Session, SessionTable, new_seed, new_session_id, session_options
+from .state_signing import StateSigner
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -51,7 +60,7 @@ def check_proposed_id(session_id: str) -> str:
     """A client-proposed session id (``x-session-id`` metadata on create or import), or "" for none."""
     if session_id and not SESSION_ID.fullmatch(session_id):
         raise invalid(
-            f"x-session-id {session_id[:64]!r} is not a session id: propose 32 lowercase hex digits (128 random "
+            f"x-session-id {shown(session_id)} is not a session id: propose 32 lowercase hex digits (128 random "
             "bits), or send no x-session-id and the server picks one"
         )
     return session_id
@@ -70,6 +79,7 @@ class Core:
     registry: ModelRegistry
     sessions: SessionTable
     metrics: Metrics
+    signer: StateSigner
     store: SessionStore | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +101,7 @@ class Core:
             busy=session.busy,
             created_at=session.created_at,
             last_used_at=session.last_used_at,
+            tenant=session.tenant,
         )
 
     def _gauge(self, model: str) -> None:
@@ -98,13 +109,13 @@ class Core:
 
     # -- the table (this process) ---------------------------------------------------
 
-    def _make_room(self) -> None:
+    def _make_room(self, tenant: str) -> None:
         """With a store, a full table evicts its least recently used idle sessions (they are saved already):
         1% of the table at a time, so that a full table costs one scan per hundred new sessions, not per one."""
         if self.store is not None and len(self.sessions) >= self.sessions.max_sessions:
             for session in self.sessions.least_recently_used(max(1, self.sessions.max_sessions // 100)):
                 self.evict_idle(session)
-        self.sessions.check_capacity()
+        self.sessions.check_capacity(tenant)
 
     @property
     def idle_limit_s(self) -> float:
@@ -117,6 +128,7 @@ class Core:
         self,
         model: LoadedModel,
         defaults: dict,
+        tenant: str,
         tokens_seen: int = 0,
         has_logits: bool = False,
         session_id: str = "",
@@ -125,7 +137,7 @@ class Core:
             raise ServiceError(
                 grpc.StatusCode.ALREADY_EXISTS, f"session {session_id} already exists; propose another id"
             )
-        self._make_room()
+        self._make_room(tenant)
         defaults = {"seed": new_seed(), **defaults}
         resolve_sampling({}, defaults, self.config)  # refuse bad defaults now, not at the first turn
         slot = model.engine.slots.allocate()
@@ -137,8 +149,13 @@ class Core:
             session_options(defaults),
             tokens_seen,
             has_logits,
+            tenant=tenant,
         )
-        self.sessions.add(session)
+        try:
+            self.sessions.add(session)
+        except BaseException:
+            model.engine.slots.release(slot)
+            raise
         self._gauge(model.name)
         return session
 
@@ -158,7 +175,7 @@ class Core:
     # -- state ------------------------------------------------------------------------
 
     def state_of(self, session: Session) -> pb.SessionState:
-        """The session's state as a self-checking message (what ExportSession returns and the store keeps)."""
+        """The session's state, signed (what ExportSession returns and the store keeps)."""
         model = self.registry.get(session.model)
         slots = model.engine.slots
         state = pb.SessionState(
@@ -169,12 +186,25 @@ class Core:
             c=to_tensor(slots.c[:, session.slot : session.slot + 1]),
             next_logits=to_tensor(slots.logits[session.slot]) if session.has_logits else pb.Tensor(),
             defaults=sampling_proto(session.defaults),
+            tenant=session.tenant,
         )
-        state.checksum = state_checksum(state)
-        return state
+        return self.signer.sign(state)
 
-    def session_from_state(self, state: pb.SessionState, session_id: str = "") -> Session:
-        """A new session holding ``state``, refused unless this server runs the model version that wrote it."""
+    def check_signed(self, state: pb.SessionState, tenant: str, code: grpc.StatusCode, what: str) -> None:
+        """Refuse a state that this deployment did not sign, or that another tenant's session wrote."""
+        problem = self.signer.verify(state)
+        if problem:
+            raise ServiceError(code, f"{what} is refused: {problem}; states can only be brought back as exported")
+        if state.tenant != tenant:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{what} belongs to another tenant; import states your own sessions exported",
+            )
+
+    def session_from_state(self, state: pb.SessionState, tenant: str, session_id: str = "") -> Session:
+        """A new session holding ``state``: signed by this deployment for this tenant, written by the model
+        version this server runs, and every field within what the model and the limits allow."""
+        self.check_signed(state, tenant, grpc.StatusCode.INVALID_ARGUMENT, "this session state")
         model = self.registry.of_task(state.model, "generation")
         if state.model_version != model.version:
             raise ServiceError(
@@ -183,14 +213,22 @@ class Core:
                 f"version {model.version}; states do not carry over between versions (pin the version with "
                 "--model-versions, or start a new session)",
             )
-        if state.checksum != state_checksum(state):
-            raise invalid("session state checksum mismatch: the state was altered or truncated; export it again")
+        if state.tokens_seen > MAX_TOKENS_SEEN:
+            raise invalid(f"state.tokens_seen {state.tokens_seen} is beyond the limit of {MAX_TOKENS_SEEN}")
         slots = model.engine.slots
         shape = slots.h[:, :1].shape
-        h, c = from_tensor(state.h, shape, "state.h"), from_tensor(state.c, shape, "state.c")
+        # h = o * tanh(c) lies in [-1, 1]; c moves by at most 1 per character (|f c + i g| <= |c| + 1)
+        h = from_tensor(state.h, shape, "state.h", bound=1.0)
+        c = from_tensor(state.c, shape, "state.c", bound=float(state.tokens_seen))
         has_logits = bool(state.next_logits.shape)
+        if has_logits != (state.tokens_seen > 0):
+            raise invalid("state.next_logits must be given exactly when state.tokens_seen is above 0")
         logits = from_tensor(state.next_logits, slots.logits[0].shape, "state.next_logits") if has_logits else None
-        session = self.new_session(model, sampling_dict(state.defaults), state.tokens_seen, has_logits, session_id)
+        defaults = sampling_dict(state.defaults)
+        if "seed" not in defaults:
+            raise invalid("state.defaults.seed is missing")
+        resolve_sampling({}, defaults, self.config)
+        session = self.new_session(model, defaults, tenant, state.tokens_seen, has_logits, session_id)
         slots.h[:, session.slot], slots.c[:, session.slot] = h[:, 0], c[:, 0]
         if logits is not None:
             slots.logits[session.slot] = logits
@@ -203,7 +241,9 @@ class Core:
         if self.store is None:
             return
         state = self.state_of(session)
-        summary = SessionSummary(state.model, state.model_version, session.tokens_seen, session.created_at)
+        summary = SessionSummary(
+            state.model, state.model_version, session.tokens_seen, session.created_at, session.tenant
+        )
         session.revision = await self.store.save(session.id, state.SerializeToString(), summary, session.revision)
         self.metrics.store_events.labels("saved").inc()
 
@@ -238,24 +278,39 @@ class Core:
         self.evict(session)  # a failed turn's state is not trusted: reload the last saved one
 
     def _restore(self, session_id: str, stored: StoredSession) -> Session:
-        state = pb.SessionState.FromString(stored.state)
-        if state.checksum != state_checksum(state):
+        what = f"session {session_id}'s state in the session store"
+        try:
+            state = pb.SessionState.FromString(stored.state)
+        except Exception as error:  # protobuf's DecodeError
             raise ServiceError(
-                grpc.StatusCode.DATA_LOSS,
-                f"session {session_id}'s state in the session store fails its checksum: it was altered or damaged "
-                "there; the session cannot be continued, create a new one",
-            )
-        session = self.session_from_state(state, session_id)
+                grpc.StatusCode.DATA_LOSS, f"{what} cannot be parsed ({error}); close the session, create a new one"
+            ) from error
+        self.check_signed(state, stored.tenant, grpc.StatusCode.DATA_LOSS, what)
+        session = self.session_from_state(state, stored.tenant, session_id)
         session.revision = stored.revision
         session.created_at = stored.created_at or session.created_at
         self.metrics.store_events.labels("loaded").inc()
         return session
 
-    async def resolve(self, session_id: str) -> Session:
-        """The session, as the store has it: this process's copy if current, else (re)loaded."""
+    async def resolve(self, session_id: str, tenant: str) -> Session:
+        """The tenant's session, as the store has it: this process's copy if current, else (re)loaded. Any
+        call keeps it alive; one idle past the timeout is NOT_FOUND (and closed) at once."""
+        session = await self._resolve(session_id, tenant)
+        if session.tenant != tenant:
+            raise self.sessions.not_found(session_id)
+        session.touch()
+        return session
+
+    async def _resolve(self, session_id: str, tenant: str) -> Session:
         if self.store is None:
-            return self.sessions.get(session_id)
+            session = self.sessions.owned(session_id, tenant)
+            if not session.busy and time.time() - session.last_used_at > self.config.idle_timeout_s:
+                await self.close(session_id, tenant)
+                raise self.sessions.not_found(session_id)
+            return session
         local = self.sessions.find(session_id)
+        if local is not None and local.tenant != tenant:
+            raise self.sessions.not_found(session_id)
         if local is not None and local.busy:
             return local  # in a turn here: the caller gets the usual 'busy' answer
         revision = await self.store.revision(session_id)
@@ -267,7 +322,7 @@ class Core:
         if revision is None:
             raise self.sessions.not_found(session_id)
         stored = await self.store.load(session_id)
-        if stored is None:
+        if stored is None or stored.tenant != tenant:
             raise self.sessions.not_found(session_id)
         local = self.sessions.find(session_id)  # another call may have loaded it meanwhile
         if local is not None:
@@ -276,17 +331,17 @@ class Core:
             self.evict(local)
         return self._restore(session_id, stored)
 
-    async def resolve_idle(self, session_id: str) -> Session:
+    async def resolve_idle(self, session_id: str, tenant: str) -> Session:
         """The session, as ``resolve`` finds it, if no turn is using it (ABORTED otherwise)."""
-        return self.sessions.idle((await self.resolve(session_id)).id)
+        return self.sessions.idle((await self.resolve(session_id, tenant)).id)
 
     # -- what the RPCs do ------------------------------------------------------------------
 
-    async def create(self, request: pb.CreateSessionRequest, session_id: str = "") -> Session:
+    async def create(self, request: pb.CreateSessionRequest, tenant: str, session_id: str = "") -> Session:
         model = self.registry.of_task(request.model, "generation")
         check_prompt(request.prompt, self.config)
-        ids = model.engine.codec.encode(request.prompt, UNKNOWN_POLICY[request.unknown_characters])
-        session = self.new_session(model, sampling_dict(request.defaults), session_id=session_id)
+        ids = model.engine.codec.encode(request.prompt, unknown_policy(request.unknown_characters))
+        session = self.new_session(model, sampling_dict(request.defaults), tenant, session_id=session_id)
         session.busy = True
         try:
             await model.engine.read(session, ids)
@@ -297,34 +352,52 @@ class Core:
             session.busy = False
         return await self.save_new(session)
 
-    async def fork(self, session_id: str) -> Session:
-        source = await self.resolve_idle(session_id)
+    async def fork(self, session_id: str, tenant: str) -> Session:
+        source = await self.resolve_idle(session_id, tenant)
         model = self.registry.get(source.model)
         source.busy = True  # a full table must not evict the source to make room for its fork
         try:
-            fork = self.new_session(model, dict(source.defaults), source.tokens_seen, source.has_logits)
+            fork = self.new_session(model, dict(source.defaults), tenant, source.tokens_seen, source.has_logits)
             model.engine.slots.copy(source.slot, fork.slot)
         finally:
             source.busy = False
         return await self.save_new(fork)
 
-    async def close(self, session_id: str) -> None:
-        session = await self.resolve(session_id)
-        if self.store is not None:
-            await self.store.delete(session_id)
-        self.evict(session)
+    async def close(self, session_id: str, tenant: str) -> None:
+        """Close the tenant's session, here and in the store; also one whose stored state is damaged."""
+        if self.store is None:
+            self.evict(self.sessions.owned(session_id, tenant))
+            return
+        local = self.sessions.find(session_id)
+        if local is not None and local.tenant != tenant:
+            raise self.sessions.not_found(session_id)
+        if local is None and await self.store.tenant(session_id) != tenant:
+            raise self.sessions.not_found(session_id)
+        await self.store.delete(session_id)
+        if local is not None:
+            self.evict(local)
 
-    async def start_turn(self, session_id: str, prompt: str, sampling: pb.SamplingParams, policy: int) -> Turn:
+    async def start_turn(
+        self, session_id: str, tenant: str, prompt: str, sampling: pb.SamplingParams, policy: int
+    ) -> Turn:
         """Validate, then mark the session busy and submit the turn (busy is released when it completes)."""
-        session = await self.resolve(session_id)
+        session = await self.resolve(session_id, tenant)
         engine = self.engine(session)
         check_prompt(prompt, self.config)
-        ids = engine.codec.encode(prompt, UNKNOWN_POLICY[policy])
+        ids = engine.codec.encode(prompt, unknown_policy(policy))
         resolved = resolve_sampling(sampling_dict(sampling), session.defaults, self.config)
         if not len(ids) and not session.has_logits:
             raise invalid(f"session {session_id} has read no text yet: give a non-empty prompt")
-        self.sessions.acquire(session_id)
-        return engine.submit(session, ids, resolved)
+        self.sessions.start_turn(tenant)
+        try:
+            self.sessions.acquire(session_id)
+            turn = engine.submit(session, ids, resolved)
+        except BaseException:
+            self.sessions.end_turn(tenant)
+            raise
+        ended = asyncio.ensure_future(turn.ended.wait())
+        ended.add_done_callback(lambda _: self.sessions.end_turn(tenant))
+        return turn
 
 
 async def reap_idle_sessions(core: Core, every_s: float) -> None:
@@ -334,6 +407,6 @@ async def reap_idle_sessions(core: Core, every_s: float) -> None:
         await asyncio.sleep(every_s)
         for session in core.sessions.expired(idle_s=core.idle_limit_s):
             if core.store is None:
-                await core.close(session.id)
+                await core.close(session.id, session.tenant)
             else:
                 core.evict_idle(session)

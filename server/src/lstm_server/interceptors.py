@@ -1,28 +1,77 @@
-"""Cross-cutting concerns for every RPC of the lstm.v1 services: status mapping, metrics, logs, replica name."""
+"""Cross-cutting concerns for every RPC of the lstm.v1 services: authentication, requests that do not parse,
+status mapping, metrics, logs, replica name. Health and reflection pass untouched (load balancers call them
+without credentials)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
+from .auth import Authenticator
 from .errors import ServiceError
 from .metrics import Metrics
 
 log = logging.getLogger("lstm_server.rpc")
 OWN_SERVICES = "/lstm.v1."
+MAX_MESSAGE_CHARS = 2000  # status details travel in trailers, which a peer may cap at 8 KiB
+_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+
+
+def caller() -> str:
+    """The tenant of the call being served (set by the interceptor before the servicer runs)."""
+    return _tenant.get()
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Stands in for a request message that could not be parsed (answered INVALID_ARGUMENT, not UNKNOWN)."""
+
+    error: str
+
+
+def _tolerant(deserialize: Callable | None) -> Callable | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as error:  # protobuf's DecodeError, or anything a damaged message makes it raise
+            return Malformed(str(error) or type(error).__name__)
+
+    return parse
+
+
+def _check_parsed(request, method: str):
+    if isinstance(request, Malformed):
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the {method} request is not a valid message of its type ({request.error[:200]}): check that the "
+            "client uses this server's lstm.v1 protocol",
+        )
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator, method: str) -> AsyncIterator:
+    async for request in requests:
+        yield _check_parsed(request, method)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ``ServiceError`` into its status, counts calls by method and code, logs each call,
-    and sends the replica's name as ``x-replica`` initial metadata."""
+    """Authenticates each call (its tenant is ``caller()``), refuses requests that do not parse, turns
+    ``ServiceError`` into its status, counts calls by method and code, logs each call, and sends the replica's
+    name as ``x-replica`` initial metadata."""
 
-    def __init__(self, metrics: Metrics, replica: str) -> None:
+    def __init__(self, metrics: Metrics, replica: str, authenticator: Authenticator) -> None:
         self.metrics = metrics
         self.replica = replica
+        self.authenticator = authenticator
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -33,7 +82,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         behavior = (
             handler.unary_stream or handler.stream_stream if streaming else handler.unary_unary or handler.stream_unary
         )
-        wrapped = self._wrap_stream(behavior, method) if streaming else self._wrap_unary(behavior, method)
+        requests = handler.request_streaming
+        wrap = self._wrap_stream if streaming else self._wrap_unary
+        wrapped = wrap(behavior, method, requests)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -41,8 +92,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[(handler.request_streaming, streaming)]
         return factory(
-            wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            wrapped,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
         )
+
+    def _admit(self, request, context, method: str, streaming_requests: bool):
+        """Authenticate the call and check its request; returns the request (or request stream) to serve."""
+        _tenant.set(self.authenticator.tenant(context))
+        if streaming_requests:
+            return _checked_stream(request, method)
+        return _check_parsed(request, method)
 
     def _finish(self, method: str, code: grpc.StatusCode, started: float, message: str = "") -> None:
         self.metrics.requests.labels(method, code.name).inc()
@@ -54,48 +114,48 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 "method": method,
                 "code": code.name,
                 "ms": round(1e3 * (time.perf_counter() - started), 2),
-                "error": message,
+                "error": message[:MAX_MESSAGE_CHARS],
             },
         )
 
-    def _wrap_unary(self, behavior, method: str):
+    def _wrap_unary(self, behavior, method: str, streaming_requests: bool):
         async def wrapped(request, context):
             started = time.perf_counter()
             await context.send_initial_metadata((("x-replica", self.replica),))
             try:
-                response = await behavior(request, context)
+                response = await behavior(self._admit(request, context, method, streaming_requests), context)
             except asyncio.CancelledError:
                 self._finish(method, _ended(context), started)
                 raise
             except ServiceError as error:
                 self._finish(method, error.code, started, error.message)
-                await context.abort(error.code, error.message)
+                await context.abort(error.code, error.message[:MAX_MESSAGE_CHARS])
             except Exception as error:
                 self._finish(method, grpc.StatusCode.INTERNAL, started, repr(error))
                 log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}")
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}"[:2000])
             self._finish(method, grpc.StatusCode.OK, started)
             return response
 
         return wrapped
 
-    def _wrap_stream(self, behavior, method: str):
+    def _wrap_stream(self, behavior, method: str, streaming_requests: bool):
         async def wrapped(request, context):
             started = time.perf_counter()
             await context.send_initial_metadata((("x-replica", self.replica),))
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(self._admit(request, context, method, streaming_requests), context):
                     yield response
             except ServiceError as error:
                 self._finish(method, error.code, started, error.message)
-                await context.abort(error.code, error.message)
+                await context.abort(error.code, error.message[:MAX_MESSAGE_CHARS])
             except (asyncio.CancelledError, GeneratorExit):
                 self._finish(method, _ended(context), started)
                 raise
             except Exception as error:
                 self._finish(method, grpc.StatusCode.INTERNAL, started, repr(error))
                 log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}")
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}"[:2000])
             else:
                 self._finish(method, grpc.StatusCode.OK, started)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -23,10 +22,30 @@ UNKNOWN_POLICY = {
     pb.UNKNOWN_CHARACTERS_REPLACE: REPLACE,
 }
 FINISH_REASON = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
+MAX_TOKENS_SEEN = 2**53  # far beyond any real session; keeps counts exact in float64 and int64 everywhere
+MAX_SEED = 2**64 - 1
+SHOWN_ID_CHARS = 64
+FLOAT32_LE = np.dtype("<f4")
 
 
 def invalid(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def shown(session_id: str) -> str:
+    """A session id as messages and logs show it: cut short if it is longer than any real id."""
+    if len(session_id) <= SHOWN_ID_CHARS:
+        return repr(session_id)
+    return f"{session_id[:SHOWN_ID_CHARS]!r}... ({len(session_id)} characters)"
+
+
+def unknown_policy(value: int) -> str:
+    """The rule for unknown characters; INVALID_ARGUMENT for a number outside the enum."""
+    policy = UNKNOWN_POLICY.get(value)
+    if policy is None:
+        names = ", ".join(f"{pb.UnknownCharacters.Name(v)} ({v})" for v in UNKNOWN_POLICY)
+        raise invalid(f"unknown_characters {value} is not one of {names}")
+    return policy
 
 
 def sampling_dict(params: pb.SamplingParams) -> dict[str, Any]:
@@ -66,6 +85,8 @@ def resolve_sampling(request: dict[str, Any], defaults: dict[str, Any], config: 
         raise invalid(f"at most {config.max_stop_strings} stop strings (max_stop_strings), got {len(sampling.stop)}")
     if any(not s or len(s) > 64 for s in sampling.stop):
         raise invalid("stop strings must be 1 to 64 characters long")
+    if not 0 <= sampling.seed <= MAX_SEED:
+        raise invalid(f"seed must be in [0, 2^64 - 1], got {sampling.seed}")
     return sampling
 
 
@@ -75,24 +96,21 @@ def check_prompt(text: str, config: ServerConfig, what: str = "prompt") -> None:
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(shape=list(array.shape), values=array.ravel().tolist())
+    """float32 values as raw little-endian bytes, row-major."""
+    return pb.Tensor(shape=list(array.shape), data=np.ascontiguousarray(array, FLOAT32_LE).tobytes())
 
 
-def from_tensor(tensor: pb.Tensor, shape: tuple[int, ...], name: str) -> np.ndarray:
-    if tuple(tensor.shape) != shape or len(tensor.values) != math.prod(shape):
+def from_tensor(tensor: pb.Tensor, shape: tuple[int, ...], name: str, bound: float | None = None) -> np.ndarray:
+    """The tensor as a float32 array of exactly ``shape``, finite and (if given) within [-bound, bound]."""
+    size = math.prod(shape)
+    if tuple(tensor.shape) != shape or len(tensor.data) != 4 * size:
         raise invalid(
-            f"{name} must have shape {list(shape)} with {math.prod(shape)} values, got shape {list(tensor.shape)} "
-            f"with {len(tensor.values)} values"
+            f"{name} must have shape {list(shape)} and {4 * size} bytes of data ({size} little-endian float32), "
+            f"got shape {list(tensor.shape)[:8]} and {len(tensor.data)} bytes"
         )
-    array = np.asarray(tensor.values, dtype=np.float32).reshape(shape)
+    array = np.frombuffer(tensor.data, FLOAT32_LE).reshape(shape).astype(np.float32)
     if not np.isfinite(array).all():
         raise invalid(f"{name} holds NaN or infinite values")
+    if bound is not None and np.abs(array).max(initial=0.0) > bound:
+        raise invalid(f"{name} holds values beyond +-{bound:g}, which no run of the model can produce")
     return array
-
-
-def state_checksum(state: pb.SessionState) -> str:
-    """sha256 over every field of an exported state but the checksum itself."""
-    unsigned = pb.SessionState()
-    unsigned.CopyFrom(state)
-    unsigned.checksum = ""
-    return hashlib.sha256(unsigned.SerializeToString(deterministic=True)).hexdigest()

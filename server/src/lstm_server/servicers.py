@@ -1,11 +1,15 @@
 """The gRPC services: thin translations between protobuf messages and the engines.
 
 Errors are raised as ``ServiceError`` and turned into statuses by the
-interceptor (``interceptors.py``), which also counts and logs every call.
+interceptor (``interceptors.py``), which also authenticates every call:
+``caller()`` is the tenant the call acts for.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -13,9 +17,11 @@ from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
 from .core import Core, check_proposed_id
+from .errors import ServiceError
 from .generation import GenerationEngine, Turn
+from .interceptors import caller
 from .registry import LoadedModel
-from .requests import FINISH_REASON, UNKNOWN_POLICY, check_prompt, from_tensor, invalid, to_tensor
+from .requests import FINISH_REASON, check_prompt, from_tensor, invalid, to_tensor, unknown_policy
 from .sessions import Session
 
 
@@ -27,38 +33,59 @@ def proposed_session_id(context) -> str:
     return ""
 
 
+def _page_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"after:{seq}".encode()).decode() if seq else ""
+
+
+def _after(token: str) -> int:
+    """The position a page token continues after (0 for the first page)."""
+    if not token:
+        return 0
+    with contextlib.suppress(ValueError):
+        kind, _, seq = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "after" and seq.isdigit():
+            return int(seq)
+    raise invalid("page_token is not one this server gave: pass the next_page_token of the previous page")
+
+
 class SessionsService(rpc.SessionsServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
 
     async def CreateSession(self, request, context):
-        return self.core.session_proto(await self.core.create(request, proposed_session_id(context)))
+        return self.core.session_proto(await self.core.create(request, caller(), proposed_session_id(context)))
 
     async def GetSession(self, request, context):
-        return self.core.session_proto(await self.core.resolve(request.session_id))
+        return self.core.session_proto(await self.core.resolve(request.session_id, caller()))
 
     async def ListSessions(self, request, context):
-        """The sessions this process holds in memory (with a store, others may live in the store only)."""
+        """The caller's sessions this process holds in memory, a page at a time (with a store, others may live
+        in the store only)."""
+        config = self.core.config
         if request.model:
             self.core.registry.get(request.model)
+        if request.page_size < 0:
+            raise invalid(
+                f"page_size must be >= 0 (0: the default of {config.list_page_size}), got {request.page_size}"
+            )
+        size = min(request.page_size or config.list_page_size, config.list_max_page_size)
+        page, last = self.core.sessions.page(caller(), request.model, _after(request.page_token), size)
         return pb.ListSessionsResponse(
-            sessions=[self.core.session_proto(s) for s in self.core.sessions.sessions(request.model)]
+            sessions=[self.core.session_proto(s) for s in page], next_page_token=_page_token(last)
         )
 
     async def ForkSession(self, request, context):
-        return self.core.session_proto(await self.core.fork(request.session_id))
+        return self.core.session_proto(await self.core.fork(request.session_id, caller()))
 
     async def CloseSession(self, request, context):
-        await self.core.close(request.session_id)
+        await self.core.close(request.session_id, caller())
         return pb.CloseSessionResponse()
 
     async def ExportSession(self, request, context):
-        session = await self.core.resolve_idle(request.session_id)
-        session.touch()
-        return self.core.state_of(session)
+        return self.core.state_of(await self.core.resolve_idle(request.session_id, caller()))
 
     async def ImportSession(self, request, context):
-        session = self.core.session_from_state(request.state, proposed_session_id(context))
+        session = self.core.session_from_state(request.state, caller(), proposed_session_id(context))
         return self.core.session_proto(await self.core.save_new(session))
 
 
@@ -68,7 +95,7 @@ class GenerationService(rpc.GenerationServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:
         turn = await self.core.start_turn(
-            request.session_id, request.prompt, request.sampling, request.unknown_characters
+            request.session_id, caller(), request.prompt, request.sampling, request.unknown_characters
         )
         context.add_done_callback(lambda _: turn.cancel())
         try:
@@ -82,36 +109,48 @@ class GenerationService(rpc.GenerationServicer):
             turn.cancel()
 
     async def Chat(self, request_iterator, context) -> AsyncIterator[pb.ChatResponse]:
+        """A session opened by the stream (``create``) is closed when the stream ends, however it ends, unless
+        the first message sets ``keep_session``; a session named by ``session_id`` outlives the stream."""
+        tenant = caller()
         session: Session | None = None
+        owned = False  # opened by this stream, and closed with it
         current: list[Turn] = []  # the running turn, cancelled if the call ends under it
         context.add_done_callback(lambda _: current and current[-1].cancel())
-        async for message in request_iterator:
-            which = message.WhichOneof("session")
-            if session is None:
-                if which == "create":
-                    session = await self.core.create(message.create, proposed_session_id(context))
-                elif which == "session_id":
-                    session = await self.core.resolve(message.session_id)
-                else:
-                    raise invalid("the first Chat message must name a session (session_id) or create one (create)")
-                if not message.text:
-                    yield pb.ChatResponse(session_id=session.id, end_of_turn=True, tokens_seen=session.tokens_seen)
-                    continue
-            elif which is not None:
-                raise invalid("only the first Chat message may name or create the session")
-            turn = await self.core.start_turn(session.id, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT)
-            current[:] = [turn]
-            try:
-                async for chunk in turn.chunks():
-                    yield pb.ChatResponse(
-                        session_id=session.id,
-                        text=chunk.text,
-                        end_of_turn=chunk.finish_reason is not None,
-                        finish_reason=FINISH_REASON.get(chunk.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                        tokens_seen=chunk.tokens_seen,
-                    )
-            finally:
-                turn.cancel()
+        try:
+            async for message in request_iterator:
+                which = message.WhichOneof("session")
+                if session is None:
+                    if which == "create":
+                        session = await self.core.create(message.create, tenant, proposed_session_id(context))
+                        owned = not message.keep_session
+                    elif which == "session_id":
+                        session = await self.core.resolve(message.session_id, tenant)
+                    else:
+                        raise invalid("the first Chat message must name a session (session_id) or create one (create)")
+                    if not message.text:
+                        yield pb.ChatResponse(session_id=session.id, end_of_turn=True, tokens_seen=session.tokens_seen)
+                        continue
+                elif which is not None or message.keep_session:
+                    raise invalid("only the first Chat message may name or create the session, or keep it")
+                turn = await self.core.start_turn(
+                    session.id, tenant, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT
+                )
+                current[:] = [turn]
+                try:
+                    async for chunk in turn.chunks():
+                        yield pb.ChatResponse(
+                            session_id=session.id,
+                            text=chunk.text,
+                            end_of_turn=chunk.finish_reason is not None,
+                            finish_reason=FINISH_REASON.get(chunk.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                            tokens_seen=chunk.tokens_seen,
+                        )
+                finally:
+                    turn.cancel()
+        finally:
+            if owned:
+                with contextlib.suppress(ServiceError):  # closed already, or the store is down (it expires)
+                    await asyncio.shield(self.core.close(session.id, tenant))  # even if the call is cancelled
 
     async def Step(self, request, context):
         model = self.core.registry.of_task(request.model, "generation")
@@ -119,7 +158,7 @@ class GenerationService(rpc.GenerationServicer):
         which = request.WhichOneof("input")
         if which == "text":
             check_prompt(request.text, self.core.config, "text")
-            ids = engine.codec.encode(request.text, UNKNOWN_POLICY[request.unknown_characters])
+            ids = engine.codec.encode(request.text, unknown_policy(request.unknown_characters))
         elif which == "tokens":
             check_prompt(request.tokens.ids, self.core.config, "tokens")
             ids = engine.codec.validate_ids(list(request.tokens.ids))

@@ -2,10 +2,13 @@
 
 The default ("memory") is nowhere else: sessions live and die with the
 process, and the server keeps no store at all. With "redis", every session
-is a Redis hash ``lstm:session:<id>`` holding its serialized state (a
-``SessionState`` message, checksum included), a ``revision`` that grows by
-one at every save, the model's name and version and the token count (so an
-operator can read them with ``redis-cli HGETALL``), and its creation time.
+is a Redis hash ``lstm:session:<id>`` holding its serialized state (a signed
+``SessionState`` message), a ``revision`` that grows by one at every save,
+the tenant that owns it (checked on every load, and by close, which works
+even when the state is damaged), the model's name and version and the token
+count (so an operator can read them with ``redis-cli HGETALL``), and its
+creation time. Passwords (``redis://:PASSWORD@host``) and TLS (``rediss://``)
+work as redis-py reads them from the URL.
 The key expires after the server's idle timeout, refreshed at every save.
 
 Saves are compare-and-set on the revision (one Lua script, atomic in Redis):
@@ -36,8 +39,8 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "lstm:session:"
 
 # KEYS[1]: the session; ARGV: expected revision, state, model, model_version, tokens_seen, created_at, ttl (ms),
-# and a token unique to this save. Returns the new revision; if this very save was applied already (a retry after
-# a lost reply), its revision again; -1 if the stored revision is another; -2 if the session is gone.
+# a token unique to this save, and the tenant. Returns the new revision; if this very save was applied already
+# (a retry after a lost reply), its revision again; -1 if the stored revision is another; -2 if the session is gone.
 _COMPARE_AND_SAVE = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
 local expected = tonumber(ARGV[1])
@@ -48,7 +51,8 @@ if current ~= expected then
 end
 local created = redis.call('HGET', KEYS[1], 'created_at') or ARGV[6]
 redis.call('HSET', KEYS[1], 'revision', current + 1, 'state', ARGV[2], 'model', ARGV[3],
-           'model_version', ARGV[4], 'tokens_seen', ARGV[5], 'created_at', created, 'token', ARGV[8])
+           'model_version', ARGV[4], 'tokens_seen', ARGV[5], 'created_at', created, 'token', ARGV[8],
+           'tenant', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return current + 1
 """
@@ -59,6 +63,7 @@ class StoredSession:
     revision: int
     state: bytes  # a serialized SessionState
     created_at: float
+    tenant: str
 
 
 @dataclass
@@ -69,6 +74,7 @@ class SessionSummary:
     model_version: int
     tokens_seen: int
     created_at: float
+    tenant: str
 
 
 class SessionStore(Protocol):
@@ -81,6 +87,9 @@ class SessionStore(Protocol):
         """The stored revision, or None if the store has no such session."""
 
     async def load(self, session_id: str) -> StoredSession | None: ...
+
+    async def tenant(self, session_id: str) -> str | None:
+        """The owner of a stored session (None: no such session), read without its state."""
 
     async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
         """Write over ``expected_revision`` (0: the session must be new) and return the new revision;
@@ -139,14 +148,21 @@ class RedisSessionStore:
 
     async def load(self, session_id: str) -> StoredSession | None:
         try:
-            revision, state, created_at = await self._redis.hmget(
-                KEY_PREFIX + session_id, "revision", "state", "created_at"
+            revision, state, created_at, tenant = await self._redis.hmget(
+                KEY_PREFIX + session_id, "revision", "state", "created_at", "tenant"
             )
         except RedisError as error:
             raise self._unavailable(error) from error
         if revision is None or state is None:
             return None
-        return StoredSession(int(revision), state, float(created_at or 0.0))
+        return StoredSession(int(revision), state, float(created_at or 0.0), (tenant or b"").decode())
+
+    async def tenant(self, session_id: str) -> str | None:
+        try:
+            tenant = await self._redis.hget(KEY_PREFIX + session_id, "tenant")
+        except RedisError as error:
+            raise self._unavailable(error) from error
+        return None if tenant is None else tenant.decode()
 
     async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
         key = KEY_PREFIX + session_id
@@ -160,6 +176,7 @@ class RedisSessionStore:
             repr(summary.created_at),
             self.ttl_ms,
             token,
+            summary.tenant,
         ]
         try:
             revision = int(await self._save(keys=[key], args=args))

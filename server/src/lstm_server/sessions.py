@@ -1,12 +1,14 @@
-"""Sessions: unguessable ids, a global limit, idle expiry, and the rule that a session runs one turn at a time."""
+"""Sessions: unguessable ids, an owner (tenant) each, global and per-tenant limits, idle expiry, and the rule
+that a session runs one turn at a time."""
 
 from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import grpc
 
 from .errors import ServiceError
+from .requests import shown
 
 
 def new_session_id() -> str:
@@ -39,6 +42,7 @@ class Session:
     """One conversation with a generation model; its (h, c) lives in the model's StateSlots at ``slot``.
 
     ``revision`` is the session store's revision this copy was loaded or last saved at (0: not in a store).
+    ``seq`` orders the sessions of this process (ListSessions pages through them by it).
     """
 
     id: str
@@ -52,6 +56,8 @@ class Session:
     closed: bool = False
     turn: Any = None  # the running turn, if any
     revision: int = 0
+    tenant: str = ""
+    seq: int = 0
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
 
@@ -65,29 +71,44 @@ class Session:
 
 
 class SessionTable:
-    """All sessions of a server, by id."""
+    """All sessions of a server, by id, and what each tenant holds and runs."""
 
-    def __init__(self, max_sessions: int, idle_timeout_s: float) -> None:
+    def __init__(
+        self, max_sessions: int, idle_timeout_s: float, tenant_max_sessions: int = 2**62, tenant_max_turns: int = 2**62
+    ) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
+        self.tenant_max_sessions = tenant_max_sessions
+        self.tenant_max_turns = tenant_max_turns
         self._sessions: dict[str, Session] = {}
         self._per_model: collections.Counter[str] = collections.Counter()
+        self._per_tenant: dict[str, dict[str, Session]] = {}  # in the order they were added (seq)
+        self._turns: collections.Counter[str] = collections.Counter()
+        self._seq = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, tenant: str) -> None:
         if len(self._sessions) >= self.max_sessions:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"session limit reached: max_sessions is {self.max_sessions}; close idle sessions or raise "
                 "--max-sessions",
             )
+        if len(self._per_tenant.get(tenant, ())) >= self.tenant_max_sessions:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tenant {tenant!r} holds {self.tenant_max_sessions} sessions, its limit (tenant_max_sessions); "
+                "close some of them",
+            )
 
     def add(self, session: Session) -> None:
-        self.check_capacity()
+        self.check_capacity(session.tenant)
+        session.seq = next(self._seq)
         self._sessions[session.id] = session
         self._per_model[session.model] += 1
+        self._per_tenant.setdefault(session.tenant, {})[session.id] = session
 
     def count(self, model: str) -> int:
         return self._per_model[model]
@@ -95,9 +116,45 @@ class SessionTable:
     def not_found(self, session_id: str) -> ServiceError:
         return ServiceError(
             grpc.StatusCode.NOT_FOUND,
-            f"no session {session_id!r}: it was closed, expired after {self.idle_timeout_s:g} s idle, or never "
-            "existed; create a new one (or import its exported state)",
+            f"no session {shown(session_id)}: it was closed, expired after {self.idle_timeout_s:g} s idle, or "
+            "never existed; create a new one (or import its exported state)",
         )
+
+    def owned(self, session_id: str, tenant: str) -> Session:
+        """The session if ``tenant`` owns it; for anyone else it does not exist (NOT_FOUND, as an unknown id)."""
+        session = self._sessions.get(session_id)
+        if session is None or session.tenant != tenant:
+            raise self.not_found(session_id)
+        return session
+
+    def page(self, tenant: str, model: str, after: int, size: int) -> tuple[list[Session], int]:
+        """Up to ``size`` of the tenant's sessions (of ``model``, if given) added after ``seq`` ``after``, and
+        the ``seq`` to continue after (0: this is the last page)."""
+        found = (
+            s for s in self._per_tenant.get(tenant, {}).values() if s.seq > after and (not model or s.model == model)
+        )
+        taken = list(itertools.islice(found, size + 1))
+        if len(taken) > size:
+            return taken[:size], taken[size - 1].seq
+        return taken, 0
+
+    def start_turn(self, tenant: str) -> None:
+        """Count a turn against the tenant's concurrent-turn limit (RESOURCE_EXHAUSTED past it)."""
+        if self._turns[tenant] >= self.tenant_max_turns:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tenant {tenant!r} runs {self.tenant_max_turns} turns at once, its limit (tenant_max_turns); "
+                "wait for one to finish",
+            )
+        self._turns[tenant] += 1
+
+    def end_turn(self, tenant: str) -> None:
+        self._turns[tenant] -= 1
+        if not self._turns[tenant]:
+            del self._turns[tenant]
+
+    def tenant_sessions(self, tenant: str) -> Iterator[Session]:
+        return iter(list(self._per_tenant.get(tenant, {}).values()))
 
     def find(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -131,6 +188,10 @@ class SessionTable:
         session = self.get(session_id)
         del self._sessions[session_id]
         self._per_model[session.model] -= 1
+        owned = self._per_tenant[session.tenant]
+        del owned[session_id]
+        if not owned:
+            del self._per_tenant[session.tenant]
         return session
 
     def sessions(self, model: str = "") -> list[Session]:

@@ -58,7 +58,7 @@ def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, expected_kind: str | None = None) -> dict[str, Any]:
     """Read a checkpoint, checking its format and (optionally) its kind."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {path} does not exist") from error
     except Exception as error:  # torch raises many types for a damaged file

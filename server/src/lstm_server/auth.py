@@ -1,0 +1,177 @@
+"""Who is calling: bearer tokens and client certificates map a call to a tenant; TLS credentials.
+
+- Bearer tokens: ``authorization: Bearer <token>`` metadata, checked against the ``--auth-tokens`` file
+  ("TENANT TOKEN" lines, ``#`` comments). The file is re-read when its modification time or size changes, so
+  tokens are added and revoked without a restart. Tokens are kept and looked up only as SHA-256 digests: how
+  long a check takes depends on the digest of what the caller sent, which tells nothing about how much of a
+  real token it matched (what a constant-time comparison guarantees).
+- Client certificates (mTLS, ``--tls-client-ca``): the tenant is the subject CN of the verified certificate.
+  A token, when one is sent, takes precedence.
+- Without either, the server has one tenant, ``anonymous`` (allowed on loopback addresses only, or with
+  ``--insecure-no-auth``).
+
+TLS files (certificate, key, client CA) are re-read on change too: gRPC asks for them at each new connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+
+from .config import ANONYMOUS, ServerConfig
+from .errors import ServiceError
+
+log = logging.getLogger(__name__)
+MAX_TENANT_CHARS = 128
+
+
+class AuthConfigError(ValueError):
+    """An authentication or TLS file cannot be used; the message names it and the problem."""
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+def parse_tokens(text: str, where: str) -> dict[bytes, str]:
+    """SHA-256 of each token -> its tenant."""
+    tokens: dict[bytes, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise AuthConfigError(f"{where} line {number}: expected 'TENANT TOKEN', got {len(parts)} fields")
+        tenant, token = parts
+        if len(tenant) > MAX_TENANT_CHARS:
+            raise AuthConfigError(f"{where} line {number}: tenant names are at most {MAX_TENANT_CHARS} characters")
+        digest = hashlib.sha256(token.encode()).digest()
+        if digest in tokens:
+            raise AuthConfigError(f"{where} line {number}: this token is listed twice")
+        tokens[digest] = tenant
+    return tokens
+
+
+class TokenFile:
+    """The ``--auth-tokens`` file, re-read when it changes; a bad new version keeps the last good one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._stamp = _stamp(self.path)
+            self._tokens = parse_tokens(self.path.read_text(encoding="utf-8"), f"--auth-tokens {path}")
+        except OSError as error:
+            raise AuthConfigError(f"--auth-tokens {path}: cannot be read ({error.strerror})") from error
+
+    def _refresh(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+            if stamp == self._stamp:
+                return
+            tokens = parse_tokens(self.path.read_text(encoding="utf-8"), f"--auth-tokens {self.path}")
+        except (OSError, AuthConfigError, UnicodeDecodeError) as error:
+            log.error("keeping the previous tokens: %s", error)
+            return
+        with self._lock:
+            self._stamp, self._tokens = stamp, tokens
+        log.info("re-read the token file", extra={"tenants": len(set(tokens.values()))})
+
+    def tenant(self, token: str) -> str | None:
+        self._refresh()
+        return self._tokens.get(hashlib.sha256(token.encode()).digest())
+
+
+def _unauthenticated(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+class Authenticator:
+    """Maps a call's metadata and TLS peer to its tenant, or refuses it (UNAUTHENTICATED)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.tokens = TokenFile(config.auth_tokens) if config.auth_tokens else None
+        self.certificates = bool(config.tls_client_ca)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens is not None or self.certificates
+
+    def tenant(self, context: grpc.aio.ServicerContext) -> str:
+        if not self.enabled:
+            return ANONYMOUS
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _unauthenticated("the authorization metadata must be 'Bearer <token>'")
+            tenant = self.tokens.tenant(token.strip()) if self.tokens is not None else None
+            if tenant is None:
+                raise _unauthenticated("unknown bearer token: check the token, or ask the operator for one")
+            return tenant
+        if self.certificates:
+            names = (context.auth_context() or {}).get("x509_common_name") or []
+            if names:
+                return names[0].decode("utf-8", "replace")[:MAX_TENANT_CHARS]
+        how = "send 'authorization: Bearer <token>' metadata"
+        if self.certificates:
+            how += " or connect with a client certificate"
+        raise _unauthenticated(f"this server needs authentication: {how}")
+
+
+def _read(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise AuthConfigError(f"{option} {path}: cannot be read ({error.strerror})") from error
+
+
+class ServerTls:
+    """The server's TLS credentials; the files are re-read at a new connection after any of them changed."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.files = {
+            "--tls-cert": config.tls_cert,
+            "--tls-key": config.tls_key,
+            **({"--tls-client-ca": config.tls_client_ca} if config.tls_client_ca else {}),
+        }
+        self.require_client_auth = bool(config.tls_client_ca)
+        self._stamps = self._current_stamps()
+        self._initial = self._configuration()
+
+    def _current_stamps(self) -> tuple:
+        try:
+            return tuple(_stamp(Path(p)) for p in self.files.values())
+        except OSError as error:
+            raise AuthConfigError(f"TLS file {error.filename}: cannot be read ({error.strerror})") from error
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        data = {option: _read(path, option) for option, path in self.files.items()}
+        return grpc.ssl_server_certificate_configuration(
+            [(data["--tls-key"], data["--tls-cert"])], root_certificates=data.get("--tls-client-ca")
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC at each new connection: a new configuration if a file changed, else None."""
+        try:
+            stamps = self._current_stamps()
+            if stamps == self._stamps:
+                return None
+            configuration = self._configuration()
+        except AuthConfigError as error:
+            log.error("keeping the previous TLS files: %s", error)
+            return None
+        self._stamps = stamps
+        log.info("re-read the TLS files")
+        return configuration
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=self.require_client_auth
+        )
