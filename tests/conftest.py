@@ -155,7 +155,6 @@ def tensor_of(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=list(array.shape), data=np.ascontiguousarray(array, "<f4").tobytes())
 
 
-
 class ServerThread:
     """An LstmServer on 127.0.0.1 with an ephemeral port."""
 
@@ -163,11 +162,15 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        settings = {"port": 0, "metrics_port": 0, "replica_name": "test-replica", "threads": 1, "drain_delay_s": 0}
-        settings.update(overrides)
-        self.config = ServerConfig(models=str(models), **settings)
+        self.config = self.settings(models, **overrides)
         self.server: LstmServer = self.run(self._start())
         self.address = f"127.0.0.1:{self.server.port}"
+
+    @staticmethod
+    def settings(models: Path | str, **overrides) -> ServerConfig:
+        """A test server's configuration: loopback, an ephemeral port, no metrics port, one thread."""
+        settings = {"port": 0, "metrics_port": 0, "replica_name": "test-replica", "threads": 1, "drain_delay_s": 0}
+        return ServerConfig(models=str(models), **{**settings, **overrides})
 
     async def _start(self) -> LstmServer:
         server = LstmServer(self.config)
