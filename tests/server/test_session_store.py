@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,16 +15,17 @@ import cluster
 import grpc
 import numpy as np
 import pytest
+import redis
 from lstm.v1 import lstm_pb2 as pb
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lstm_client import Client, LstmError
+from lstm_client import Client, InsecureTokenWarning, LstmError
 from lstm_server.app import StartupError
 from lstm_server.config import ANONYMOUS
 from lstm_server.errors import ServiceError
 from lstm_server.session_store import KEY_PREFIX, RedisSessionStore, SessionSummary, redacted
 
-from ..conftest import STATE_KEYS, ServerThread, array_of
+from ..conftest import STATE_KEYS, ServerThread, Stubs, array_of
 
 PROMPT = "KING:\n"
 SEED = 77
@@ -149,6 +151,49 @@ def test_closing_removes_the_session_from_the_store(stored):
         with pytest.raises(LstmError) as gone:
             on_b.attach(session.id)  # b's cached copy is not trusted over the store
     assert gone.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_store_keeps_each_sessions_tenant_and_checks_it_on_every_load(stored, tmp_path):
+    tokens = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+    (tmp_path / "tokens.txt").write_text("".join(f"{t} {token}\n" for t, token in tokens.items()))
+    a, b = (stored.start(auth_tokens=str(tmp_path / "tokens.txt")) for _ in range(2))
+    stubs = Stubs(b.address)
+
+    def on_b(call, tenant: str, session_id: str):
+        return call(
+            pb.GetSessionRequest(session_id=session_id)
+            if call == stubs.sessions.GetSession
+            else pb.CloseSessionRequest(session_id=session_id),
+            metadata=(("authorization", f"Bearer {tokens[tenant]}"),),
+        )
+
+    def code_of(call, tenant: str, session_id: str) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as failed:
+            on_b(call, tenant, session_id)
+        return failed.value.code()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureTokenWarning)
+        with Client(a.address, token=tokens["alice"]) as alice:
+            session = alice.session(prompt=PROMPT, seed=SEED)
+            first = text_of(session)
+    # b loads the session from Redis for whoever asks, and answers bob as if it did not exist
+    assert code_of(stubs.sessions.GetSession, "bob", session.id) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stubs.sessions.CloseSession, "bob", session.id) == grpc.StatusCode.NOT_FOUND
+    assert on_b(stubs.sessions.GetSession, "alice", session.id).tokens_seen == len(PROMPT) + len(first)
+    assert code_of(stubs.sessions.GetSession, "bob", session.id) == grpc.StatusCode.NOT_FOUND  # cached on b now
+    # a damaged state: its owner gets DATA_LOSS and can still close it; nobody else can
+    direct = redis.Redis.from_url(f"redis://{stored.redis.address}/0")
+    try:
+        assert direct.hget(KEY_PREFIX + session.id, "tenant") == b"alice"
+        direct.hset(KEY_PREFIX + session.id, mapping={"state": b"damaged beyond repair", "revision": 99})
+    finally:
+        direct.close()
+    assert code_of(stubs.sessions.GetSession, "alice", session.id) == grpc.StatusCode.DATA_LOSS
+    assert code_of(stubs.sessions.CloseSession, "bob", session.id) == grpc.StatusCode.NOT_FOUND
+    on_b(stubs.sessions.CloseSession, "alice", session.id)
+    assert code_of(stubs.sessions.GetSession, "alice", session.id) == grpc.StatusCode.NOT_FOUND
+    stubs.channel.close()
 
 
 def test_proposed_session_ids_are_checked(stored):
