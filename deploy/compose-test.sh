@@ -2,10 +2,12 @@
 # make compose-test: the real docker-compose.yml under podman, end to end.
 #
 # Builds the images (on a local Debian base image made with debootstrap, since no container registry may be
-# reachable), brings up redis, replica-1, replica-2 and the gateway, waits until the gateway answers a gRPC health
-# check, runs every container's health check, then tests/deploy/test_compose.py (sticky sessions and failover when
-# a replica is killed) through the gateway's published port. Everything it started is removed on exit, and the
-# images it built too (KEEP_IMAGES=1 keeps them); the base image stays cached in .podman/.
+# reachable), makes the stack's secrets for this run (deploy/credentials.py: CA and gateway certificate, token,
+# state keys, Redis password; in .podman/, removed at the end), brings up redis, replica-1, replica-2 and the
+# gateway, waits until the gateway answers a gRPC health check over TLS, runs every container's health check, then
+# tests/deploy/test_compose.py (TLS and tokens, sticky sessions and failover when a replica is killed) through the
+# gateway's published port. Everything it started is removed on exit, and the images it built too (KEEP_IMAGES=1
+# keeps them); the base image stays cached in .podman/.
 # Where podman cannot run (not root, no podman and no apt-get, `podman info` failing) it says why and exits 0.
 #
 # Environment: KEEP_IMAGES=1; LSTM_BASE_IMAGE (default localhost/lstm-base:bookworm, built when missing; set it to
@@ -29,6 +31,7 @@ PROJECT="lstmct$$"
 UP_TIMEOUT_S="${COMPOSE_TEST_UP_TIMEOUT_S:-240}"
 SERVICES=(redis replica-1 replica-2 gateway)
 PYTHON="$ROOT/.venv/bin/python"
+SECRETS_DIR="$PODMAN_DIR/secrets-$PROJECT"
 mkdir -p "$PODMAN_DIR/logs"
 LOG="$PODMAN_DIR/logs/$PROJECT.log"
 : >"$LOG"
@@ -176,6 +179,7 @@ teardown() {
     project_containers | xargs -r podman rm -f >>"$LOG" 2>&1
     podman network ls --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Name}}' |
         xargs -r podman network rm -f >>"$LOG" 2>&1
+    rm -rf "$SECRETS_DIR"
     if [[ "${KEEP_IMAGES:-0}" != 1 ]]; then
         podman images --format '{{.Repository}}:{{.Tag}}' | grep "/${PROJECT}_" | xargs -r podman rmi -f >>"$LOG" 2>&1
         podman image prune -f >>"$LOG" 2>&1  # the build's intermediate layers (the store is ours alone)
@@ -192,6 +196,11 @@ trap 'exit 143' TERM
 GATEWAY_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 export GATEWAY_PORT
 GATEWAY="127.0.0.1:$GATEWAY_PORT"
+
+# This run's secrets (an absolute path: podman-compose 1.0.3 hands secret files to podman as they are written).
+"$PYTHON" deploy/credentials.py "$SECRETS_DIR" --server-names gateway >>"$LOG" 2>&1
+export LSTM_SECRETS_DIR="$SECRETS_DIR"
+log "secrets for this run in $SECRETS_DIR"
 
 log "building ${SERVICES[*]} (project $PROJECT; log: $LOG)"
 build_start=$SECONDS
@@ -212,13 +221,14 @@ log "starting ${SERVICES[*]}; gateway on $GATEWAY"
 compose up -d --no-build "${SERVICES[@]}" >>"$LOG" 2>&1
 
 gateway_serving() {
-    "$PYTHON" - "$GATEWAY" <<'PY' 2>/dev/null
+    "$PYTHON" - "$GATEWAY" "$SECRETS_DIR/ca.pem" <<'PY' 2>/dev/null
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-with grpc.insecure_channel(sys.argv[1]) as channel:
+credentials = grpc.ssl_channel_credentials(open(sys.argv[2], "rb").read())
+with grpc.secure_channel(sys.argv[1], credentials) as channel:
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
 sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 PY
@@ -230,7 +240,7 @@ until gateway_serving; do
     fi
     sleep 2
 done
-log "gateway answers SERVING after $((SECONDS - up_start))s"
+log "gateway answers SERVING (TLS) after $((SECONDS - up_start))s"
 
 # podman does not run health checks by itself here (no systemd timers): run each container's once.
 for name in $(project_containers); do
@@ -247,6 +257,6 @@ done
 
 log "running tests/deploy/test_compose.py"
 test_start=$SECONDS
-LSTM_COMPOSE_GATEWAY="$GATEWAY" LSTM_COMPOSE_PROJECT="$PROJECT" \
+LSTM_COMPOSE_GATEWAY="$GATEWAY" LSTM_COMPOSE_PROJECT="$PROJECT" LSTM_COMPOSE_SECRETS="$SECRETS_DIR" \
     "$PYTHON" -m pytest -p no:cacheprovider tests/deploy/test_compose.py
 log "tests took $((SECONDS - test_start))s; total $((SECONDS - START))s"

@@ -1,22 +1,29 @@
-"""The compose topology as loopback processes (deploy/cluster.py): routing, failover, Redis outages."""
+"""The compose topology as loopback processes (deploy/cluster.py): TLS and tokens at the gateway, routing, failover,
+Redis outages, a password on Redis."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import time
+from pathlib import Path
 
 import cluster as topology
 import grpc
 import pytest
+import redis
+from lstm.v1 import lstm_pb2 as pb
 
-from lstm_client import Client, LstmError
+from lstm_client import LstmError, TlsConfig
 
 from .scenarios import (
     PROMPT,
     SAMPLING,
     TURNS,
     assert_failover,
+    assert_gateway_security,
     assert_same_state,
     assert_sticky,
     run_turn,
@@ -40,8 +47,16 @@ def replace(cluster: topology.Cluster, name: str, process: topology.Process) -> 
     cluster.replicas = [process if r.name == name else r for r in cluster.replicas]
 
 
+def redis_password(cluster: topology.Cluster) -> str:
+    return (Path(cluster.secrets) / "redis-password").read_text().strip()
+
+
+def test_the_gateway_is_tls_and_the_replicas_check_the_token(running):
+    assert_gateway_security(running.gateway.address, running.ca, running.token)
+
+
 def test_calls_of_a_session_reach_one_replica(running):
-    assert_sticky(running.gateway.address)
+    assert_sticky(running.client)
 
 
 def test_kill_9_between_turns_continues_identically_on_another_replica(running):
@@ -51,11 +66,11 @@ def test_kill_9_between_turns_continues_identically_on_another_replica(running):
     def restart(name: str) -> None:
         replace(running, name, topology.restart(running.replica(name)))
 
-    assert_failover(running.gateway.address, kill, restart)
+    assert_failover(running.client, kill, restart)
 
 
 def test_graceful_restart_loses_no_turn(running):
-    with Client(running.gateway.address) as client:
+    with running.client() as client:
         expected, expected_state = uninterrupted(client, "charlm")
         session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
         got = [run_turn(session, *TURNS[0])]
@@ -67,11 +82,68 @@ def test_graceful_restart_loses_no_turn(running):
         assert_same_state(session.export(), expected_state)
 
 
+def test_step_state_round_trips_through_the_gateway(running):
+    """The bytes tensors of Step pass the gateway unchanged, and a (values, shape) state is accepted."""
+    from lstm_client import tensor_values
+
+    with running.client() as client:
+        first = client.step("charlm", text="KING:")
+        again = client.step("charlm", text="\n", state=first.state)
+        plain = (tensor_values(first.h), list(first.h.shape)), (tensor_values(first.c), list(first.c.shape))
+        assert client.step("charlm", text="\n", state=plain).probabilities == again.probabilities
+        assert isinstance(first.h, pb.Tensor) and len(first.h.data) == 4 * len(tensor_values(first.h))
+
+
+def test_redis_needs_the_password(running):
+    host, port = running.redis.address.split(":")
+    with redis.Redis(host=host, port=int(port), socket_timeout=5) as anonymous:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.ping()
+    password = redis_password(running)
+    with redis.Redis(host=host, port=int(port), password=password, socket_timeout=5) as allowed:
+        assert allowed.ping()
+    assert all(password not in " ".join(p.command) for p in running.processes)  # never on a command line
+
+
+def test_a_tenant_added_to_the_token_file_works_without_a_restart_and_sees_only_its_sessions(running):
+    tokens = Path(running.secrets) / "auth-tokens"
+    original = tokens.read_text()
+    other = "other-tenant-token-" + os.urandom(8).hex()
+    with running.client() as dev, dev.session(model="charlm", prompt=PROMPT) as mine:
+        with open(tokens, "a") as handle:
+            handle.write(f"other {other}\n")
+        try:
+            with dataclasses.replace(running, token=other).client(retries=0) as stranger:
+                deadline = time.monotonic() + 20
+                while True:  # the replicas re-read the file when it changes
+                    try:
+                        stranger.models()
+                        break
+                    except LstmError as error:
+                        assert error.code == grpc.StatusCode.UNAUTHENTICATED
+                        assert time.monotonic() < deadline, "the new token was not accepted within 20 s"
+                        time.sleep(0.2)
+                with pytest.raises(LstmError) as failure:
+                    stranger.attach(mine.id)
+                assert failure.value.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+            # ListSessions lists the sessions of the replica that answers: ask the one holding the session (on
+            # loopback, plaintext with the token), a page of one at a time.
+            holder = running.replica(mine.last_replica).address
+            with running.client(holder) as direct:
+                assert mine.id in {s.session_id for s in direct.list_sessions(page_size=1)}
+            with dataclasses.replace(running, token=other).client(holder) as stranger:
+                assert mine.id not in {s.session_id for s in stranger.list_sessions()}
+        finally:
+            tokens.write_text(original)
+
+
+# Last of the tests on `running`: after Redis comes back, a replica's first store call may fail once (reported).
 def test_redis_outage_is_unavailable_then_recovers_without_corruption(running):
-    with Client(running.gateway.address, retries=0) as client:
+    with running.client(retries=0) as client:
         expected, expected_state = uninterrupted(client, "charlm")
         session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
         got = [run_turn(session, *TURNS[0])]
+        password = redis_password(running)
         topology.stop(running.redis)
         try:
             for call in (
@@ -82,8 +154,9 @@ def test_redis_outage_is_unavailable_then_recovers_without_corruption(running):
                 with pytest.raises(LstmError) as failure:
                     call()
                 assert failure.value.code == grpc.StatusCode.UNAVAILABLE
-                assert "session store unavailable (redis at" in failure.value.details
+                assert "session store unavailable (redis at redis://:***@127.0.0.1:" in failure.value.details
                 assert "retry when the store is back" in failure.value.details
+                assert password not in failure.value.details
         finally:
             running.redis = topology.restart(running.redis)
         got += [run_turn(session, *turn) for turn in TURNS[1:]]
@@ -92,16 +165,28 @@ def test_redis_outage_is_unavailable_then_recovers_without_corruption(running):
         assert session.refresh().tokens_seen == len(PROMPT) + sum(len(p) + n for p, n in TURNS)
 
 
-def test_cluster_command_writes_state_and_stops_what_it_started(exported, tmp_path):
+def test_cluster_command_writes_state_and_stops_what_it_started(exported, tmp_path, capsys):
     workdir = tmp_path / "c"
     assert topology.main(["up", "--dir", str(workdir), "--models", str(exported), "--replicas", "2"]) == 0
-    state = json.loads((workdir / "state.json").read_text())
+    state_file = workdir / "state.json"
+    assert state_file.stat().st_mode & 0o777 == 0o600  # it holds the token
+    state = json.loads(state_file.read_text())
     pids = [state["gateway"]["pid"], state["redis"]["pid"], *(r["pid"] for r in state["replicas"])]
     assert [r["name"] for r in state["replicas"]] == ["replica-1", "replica-2"]
-    with Client(state["gateway"]["address"]) as client:
+    assert state["tenant"] == "dev" and len(state["token"]) >= 32
+    assert state["ca"] == str(workdir / "secrets" / "ca.pem")
+    from lstm_client import Client
+
+    with Client(state["gateway"]["address"], token=state["token"], tls=TlsConfig(ca=state["ca"])) as client:
         assert {m.name for m in client.models()} == {"charlm", "sentiment"}
+        assert isinstance(client.list_sessions(), list)
+    capsys.readouterr()
+    assert topology.main(["env", "--dir", str(workdir)]) == 0
+    exports = capsys.readouterr().out
+    assert f"export LSTM_CLIENT_SERVER={state['gateway']['address']}\n" in exports
+    assert f"export LSTM_CLIENT_TOKEN={state['token']}\n" in exports and "LSTM_CLIENT_CA=" in exports
     assert topology.main(["down", "--dir", str(workdir)]) == 0
-    assert not (workdir / "state.json").exists()
+    assert not state_file.exists()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

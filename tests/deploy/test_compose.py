@@ -2,9 +2,10 @@
 replica is killed carries on, on the other one, with the same text, and a restarted replica gets sessions again.
 
 Needs the running stack: ``make compose-test`` (deploy/compose-test.sh) brings it up under podman and runs this
-file with LSTM_COMPOSE_GATEWAY (host:port of the gateway) and LSTM_COMPOSE_PROJECT (the compose project, whose
-containers carry the label com.docker.compose.project). LSTM_COMPOSE_ENGINE picks the container CLI (podman,
-or docker for a stack brought up with docker compose).
+file with LSTM_COMPOSE_GATEWAY (host:port of the gateway), LSTM_COMPOSE_PROJECT (the compose project, whose
+containers carry the label com.docker.compose.project) and LSTM_COMPOSE_SECRETS (the stack's secrets folder, made by
+deploy/credentials.py: the CA that signed the gateway's certificate and the tenant ``dev``'s token).
+LSTM_COMPOSE_ENGINE picks the container CLI (podman, or docker for a stack brought up with docker compose).
 """
 
 from __future__ import annotations
@@ -12,23 +13,37 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
+from typing import Any
 
+import credentials
 import pytest
 
-from lstm_client import Client
+from lstm_client import Client, TlsConfig
 from lstm_client.errors import Unavailable
 
-from .scenarios import assert_failover, assert_sticky
+from .scenarios import assert_failover, assert_gateway_security, assert_sticky
 
 GATEWAY = os.environ.get("LSTM_COMPOSE_GATEWAY", "")
 PROJECT = os.environ.get("LSTM_COMPOSE_PROJECT", "")
+SECRETS = Path(os.environ.get("LSTM_COMPOSE_SECRETS", "deploy/secrets"))
 ENGINE = os.environ.get("LSTM_COMPOSE_ENGINE", "podman")
 HEALTHY_TIMEOUT_S = 120.0
 
 pytestmark = pytest.mark.skipif(
     not (GATEWAY and PROJECT),
-    reason="needs the compose stack: run `make compose-test`, which sets LSTM_COMPOSE_GATEWAY and LSTM_COMPOSE_PROJECT",
+    reason="needs the compose stack: run `make compose-test`, which sets LSTM_COMPOSE_GATEWAY, LSTM_COMPOSE_PROJECT "
+    "and LSTM_COMPOSE_SECRETS",
 )
+
+
+def token() -> str:
+    return credentials.read_token(SECRETS / "auth-tokens", credentials.TENANT)
+
+
+def connect(**settings: Any) -> Client:
+    """A client of the gateway: TLS against the stack's CA, the tenant dev's token."""
+    return Client(GATEWAY, token=token(), tls=TlsConfig(ca=SECRETS / "ca.pem"), **settings)
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -81,7 +96,7 @@ def sessions_reach(replica: str, timeout_s: float = 30.0) -> bool:
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with Client(GATEWAY, retries=0) as client:
+        with connect(retries=0) as client:
             try:
                 with client.session(model="charlm", prompt="KING:\n") as session:
                     if session.last_replica == replica:
@@ -92,12 +107,16 @@ def sessions_reach(replica: str, timeout_s: float = 30.0) -> bool:
     return False
 
 
+def test_the_gateway_is_tls_and_the_replicas_check_the_token() -> None:
+    assert_gateway_security(GATEWAY, str(SECRETS / "ca.pem"), token())
+
+
 def test_session_stays_on_one_replica() -> None:
-    assert_sticky(GATEWAY)
+    assert_sticky(connect)
 
 
 def test_session_survives_the_loss_of_its_replica() -> None:
-    assert_failover(GATEWAY, kill=kill, restart=restart)
+    assert_failover(connect, kill=kill, restart=restart)
 
 
 def test_a_restarted_replica_gets_sessions_again() -> None:
