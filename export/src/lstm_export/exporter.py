@@ -1,11 +1,13 @@
-"""Write a model as TorchScript and as ONNX with explicit (h, c) inputs and outputs.
+"""Write a model as TorchScript, and the helpers shared by the ONNX exports.
 
 Tensor names and dynamic axes follow the model repository contract
-(``lstm_server.model_repository.expected_signature``). ONNX goes through
-torch's TorchScript-based exporter (``dynamo=False``): it maps ``nn.LSTM`` to
-the ONNX ``LSTM`` operator and a packed sequence to that operator's
-``sequence_lens`` input, which is exactly the variable-length semantics the
-classifier needs.
+(``lstm_server.model_repository.expected_signature``). The shipped ONNX graph
+is written by ``step_graph`` (batch invariant by construction, checked by
+``invariance``). ``export_onnx`` keeps the previous route for comparisons
+(``bench/step_graphs.py``, the tests): torch's TorchScript-based exporter
+(``dynamo=False``), which maps ``nn.LSTM`` to the fused ONNX ``LSTM`` operator
+and a packed sequence to its ``sequence_lens`` input; that graph is not batch
+invariant (for the classifier with padding).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def export_torchscript(model: nn.Module, path: Path) -> torch.jit.ScriptModule:
 
 
 def export_onnx(model: nn.Module, task: str, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Export to ONNX, then run the checker (full check) and strict shape inference."""
+    """Export to ONNX with the fused ``LSTM`` operator (the previous graph), then run ``check_onnx``."""
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset {opset} is too old: use {DEFAULT_OPSET} or newer")
     with warnings.catch_warnings():

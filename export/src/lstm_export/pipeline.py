@@ -1,12 +1,16 @@
 """Checkpoint in, verified model repository entry out: ``<root>/<name>/<version>/``.
 
-Everything is written into a temporary directory beside the target, verified,
-and only then moved into place: a failed export leaves nothing behind.
+Everything is written into a temporary directory beside the target, verified
+against eager PyTorch, checked for batch invariance (``invariance.py``: the
+onnxruntime graph must be invariant or nothing is written; TorchScript is
+measured and recorded as it is), and only then moved into place: a failed
+export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -16,7 +20,6 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from lstm_server.model_repository import (
     FORMAT,
@@ -33,8 +36,10 @@ from lstm_server.model_repository import (
 from lstm_training.checkpoint import git_commit, load_checkpoint, model_from_checkpoint
 
 from .evaluate import measure_quality, step_seconds
-from .exporter import DEFAULT_OPSET, export_onnx, export_torchscript
-from .verify import verify_export
+from .exporter import DEFAULT_OPSET, check_onnx, export_torchscript
+from .invariance import InvarianceResult, ModelShape, check_batch_invariance
+from .step_graph import GRAPH_DESCRIPTION, QUANTIZATION_METHOD, export_step_onnx
+from .verify import onnx_runner, torch_runner, verify_export, verify_quantized
 
 TASK_OF_KIND = {"charlm": "generation", "sentiment": "classification"}
 
@@ -127,21 +132,22 @@ def _training_quality(payload: dict[str, Any], task: str) -> dict[str, Any]:
     return {"metric": "dev_accuracy", "value": round(best["val_accuracy"], 5), "backend": "eager PyTorch"}
 
 
-def _quantize(work: Path, manifest: dict[str, Any], eval_data: Path | None, tokenizer_json: str | None) -> None:
-    """Replace the fp32 ONNX model in ``work`` by its int8 dynamic quantization; record quality and speed."""
+def _quantize(
+    work: Path, model: torch.nn.Module, manifest: dict[str, Any], eval_data: Path, tokenizer_json: str | None
+) -> None:
+    """Replace the fp32 ONNX model in ``work`` by the per-row int8 graph; verify it, record quality and speed."""
+    task, opset = manifest["task"], manifest["export"]["opset"]
     fp32, int8 = work / "fp32.onnx", work / ONNX_FILE
-    (work / ONNX_FILE).rename(fp32)
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-    onnx.checker.check_model(str(int8))
+    int8.rename(fp32)
+    export_step_onnx(model, task, int8, quantize=True, opset=opset)
+    check_onnx(int8)
     (work / TORCHSCRIPT_FILE).unlink()
     sessions = {"fp32": _session(fp32), "int8": _session(int8)}
-    block: dict[str, Any] = {
-        "method": "onnxruntime.quantization.quantize_dynamic, weights int8 (QInt8)",
-        "backends": ["onnxruntime"],
-    }
-    if eval_data is not None:
-        block["quality"] = {k: measure_quality(s, manifest, eval_data, tokenizer_json) for k, s in sessions.items()}
-        manifest["quality"] = block["quality"]["int8"]
+    int8_runner = onnx_runner(sessions["int8"], task)
+    manifest["export"]["verified"] += verify_quantized(model, task, "onnxruntime int8", int8_runner)
+    block: dict[str, Any] = {"method": QUANTIZATION_METHOD, "backends": ["onnxruntime"]}
+    block["quality"] = {k: measure_quality(s, manifest, eval_data, tokenizer_json) for k, s in sessions.items()}
+    manifest["quality"] = block["quality"]["int8"]
     block["step_ms"] = {
         f"batch_{batch}": {k: round(v * 1e3, 4) for k, v in step_seconds(sessions, manifest, batch).items()}
         for batch in (1, 64)
@@ -151,8 +157,36 @@ def _quantize(work: Path, manifest: dict[str, Any], eval_data: Path | None, toke
     fp32.unlink()
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session set up as the server sets up its own (``threads`` intra-op threads, one inter-op thread)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _batch_invariance(work: Path, manifest: dict[str, Any], scripted: Any) -> dict[str, dict[str, Any]]:
+    """Check every backend the entry ships; ExportError if the onnxruntime graph is not invariant."""
+    task, shape = manifest["task"], ModelShape.from_manifest(manifest)
+    results: list[tuple[int, InvarianceResult]] = []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        session = _session(work / ONNX_FILE, threads)
+        results.append((threads, check_batch_invariance(onnx_runner(session, task), shape)))
+    failures = [f"with {threads} intra-op threads: {r.first_failure}" for threads, r in results if not r.invariant]
+    counts = " and ".join(str(threads) for threads, _ in results)
+    onnx_result = InvarianceResult(
+        not failures,
+        f"{results[0][1].checked}; onnxruntime {ort.__version__}, CPU, {counts} intra-op threads",
+        "; ".join(failures) or None,
+    )
+    if not onnx_result.invariant:
+        raise ExportError(f"the onnxruntime graph is not batch invariant: {onnx_result.first_failure}")
+    record = {"onnxruntime": onnx_result.to_json()}
+    if scripted is not None:
+        result = check_batch_invariance(torch_runner(scripted), shape)
+        checked = f"{result.checked}; torch {torch.__version__}, CPU, {torch.get_num_threads()} threads"
+        record["torchscript"] = InvarianceResult(result.invariant, checked, result.first_failure).to_json()
+    return record
 
 
 def _check_inputs(payload: dict[str, Any], checkpoint: Path, eval_data: Path | None, quantize: bool) -> None:
@@ -209,11 +243,14 @@ def export_checkpoint(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         scripted = export_torchscript(model, work / TORCHSCRIPT_FILE)
-        export_onnx(model, task, work / ONNX_FILE, opset)
+        export_step_onnx(model, task, work / ONNX_FILE, quantize=False, opset=opset)
+        check_onnx(work / ONNX_FILE)
         manifest = _base_manifest(payload, task, name, version, opset)
         manifest["export"]["command"] = command
         manifest["export"]["checkpoint_sha256"] = sha256_file(checkpoint)
-        manifest["export"]["verified"] = verify_export(model, task, scripted, _session(work / ONNX_FILE))
+        manifest["export"]["graph"] = GRAPH_DESCRIPTION
+        runners = {"TorchScript": torch_runner(scripted), "onnxruntime": onnx_runner(_session(work / ONNX_FILE), task)}
+        manifest["export"]["verified"] = verify_export(model, task, runners)
         tokenizer_json = payload.get("tokenizer")
         if tokenizer_json is not None:
             (work / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
@@ -223,8 +260,9 @@ def export_checkpoint(
             manifest["quality"] = _training_quality(payload, task)
         manifest["backends"] = ["onnxruntime", "torchscript"]
         if quantize:
-            _quantize(work, manifest, eval_data, tokenizer_json)
+            _quantize(work, model, manifest, eval_data, tokenizer_json)
             manifest["backends"] = ["onnxruntime"]
+        manifest["batch_invariance"] = _batch_invariance(work, manifest, None if quantize else scripted)
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(work.iterdir())}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _replace(work, out)

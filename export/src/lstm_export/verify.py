@@ -3,10 +3,16 @@
 Checks (each failure names the check, the backend, the tensor and the difference):
 
 1. random tokens and random (h0, c0), batch 1 and 5, time 1 and 37: TorchScript and
-   onnxruntime equal eager PyTorch on logits, hn and cn;
+   onnxruntime equal eager PyTorch on logits, hn and cn (within ``TOLERANCE``);
 2. language model: stepping one token at a time with (h, c) carried equals one call
    on the whole sequence, in TorchScript and in onnxruntime;
 3. classifier: in a padded batch with ``lengths``, each text gets its result alone.
+
+An int8 graph (``verify_quantized``) is held to checks 2 and 3 at ``TOLERANCE``
+(rounding is per row, so they hold exactly) but to eager PyTorch only for one
+step from random states, at ``INT8_TOLERANCE``: over a sequence the rounding
+error of a recurrent model compounds, so what decides an int8 entry is its
+quality on real data, measured at export against fp32 (``quantization.quality``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from torch import nn
 from .exporter import OUTPUT_NAMES, input_names
 
 TOLERANCE = 1e-4
+# one step from random states; the shipped models measure at most 0.036 (charlm) and 0.032 (sentiment)
+INT8_TOLERANCE = 0.1
 Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
@@ -44,16 +52,16 @@ def onnx_runner(session, task: str) -> Runner:
     return run
 
 
-def assert_same(actual: list[np.ndarray], expected: list[np.ndarray], check: str) -> None:
+def assert_same(actual: list[np.ndarray], expected: list[np.ndarray], check: str, tolerance: float = TOLERANCE) -> None:
     for name, a, e in zip(OUTPUT_NAMES, actual, expected, strict=True):
         if a.shape != e.shape:
             raise VerificationError(
                 f"export verification failed: {check}: {name} has shape {a.shape}, expected {e.shape}"
             )
         diff = float(np.max(np.abs(a - e))) if a.size else 0.0
-        if not diff <= TOLERANCE:  # also catches NaN
+        if not diff <= tolerance:  # also catches NaN
             raise VerificationError(
-                f"export verification failed: {check}: {name} differs by {diff:.3g} (tolerance {TOLERANCE})"
+                f"export verification failed: {check}: {name} differs by {diff:.3g} (tolerance {tolerance})"
             )
 
 
@@ -71,12 +79,12 @@ def random_inputs(model: nn.Module, task: str, batch: int, time: int, rng: np.ra
     return [tokens, lengths, h0, c0]
 
 
-def verify_export(model: nn.Module, task: str, scripted, session, seed: int = 0) -> list[str]:
-    """Run every check; return their descriptions, or raise VerificationError at the first mismatch."""
+def verify_export(model: nn.Module, task: str, backends: dict[str, Runner], seed: int = 0) -> list[str]:
+    """Run every check on every named backend; return their descriptions, or raise VerificationError at the first
+    mismatch."""
     model = model.eval()
     rng = np.random.default_rng(seed)
     eager = torch_runner(model)
-    backends = {"TorchScript": torch_runner(scripted), "onnxruntime": onnx_runner(session, task)}
     passed = []
     for batch in (1, 5):
         for time in (1, 37):
@@ -86,6 +94,25 @@ def verify_export(model: nn.Module, task: str, scripted, session, seed: int = 0)
                 check = f"{backend} vs eager PyTorch, batch {batch}, time {time}"
                 assert_same(run(inputs), expected, check)
                 passed.append(check)
+    passed += _structural_checks(model, task, backends, rng)
+    return passed
+
+
+def verify_quantized(model: nn.Module, task: str, backend: str, run: Runner, seed: int = 1) -> list[str]:
+    """The checks for an int8 graph: one step vs eager PyTorch at ``INT8_TOLERANCE``, the rest at ``TOLERANCE``."""
+    model = model.eval()
+    rng = np.random.default_rng(seed)
+    passed = []
+    for batch in (1, 5):
+        inputs = random_inputs(model, task, batch, 1, rng)
+        check = f"{backend} vs eager PyTorch, batch {batch}, time 1 (tolerance {INT8_TOLERANCE})"
+        assert_same(run(inputs), torch_runner(model)(inputs), check, INT8_TOLERANCE)
+        passed.append(check)
+    return passed + _structural_checks(model, task, {backend: run}, rng)
+
+
+def _structural_checks(model: nn.Module, task: str, backends: dict[str, Runner], rng: np.random.Generator) -> list[str]:
+    passed = []
     for backend, run in backends.items():
         if task == "generation":
             check = f"{backend}: one token at a time with (h, c) carried == whole sequence"

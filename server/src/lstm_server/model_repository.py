@@ -5,6 +5,9 @@ writes it) and reads an entry back, checking everything a server relies on:
 the manifest parses and has the supported format, its name and version match
 the directory, every listed file exists and has its recorded sha256, and the
 tensor signature is the one the task requires. It imports no torch.
+
+The optional ``batch_invariance`` block records, per backend, whether the export
+found each row's results bitwise independent of its batch (``batch_invariant``).
 """
 
 from __future__ import annotations
@@ -166,7 +169,20 @@ def load_entry(path: str | Path) -> ModelEntry:
     entry = ModelEntry(path, manifest)
     _check_files(entry)
     _check_signature(entry, manifest_path)
+    _check_batch_invariance(manifest, manifest_path)
     return entry
+
+
+def _check_batch_invariance(manifest: dict[str, Any], manifest_path: Path) -> None:
+    record = manifest.get("batch_invariance")
+    if record is None:
+        return
+    if not isinstance(record, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("invariant"), bool) for r in record.values()
+    ):
+        raise ModelRepositoryError(
+            f"{manifest_path}: corrupted batch_invariance, expected {{backend: {{'invariant': true|false, ...}}}}"
+        )
 
 
 def _check_files(entry: ModelEntry) -> None:
@@ -225,6 +241,16 @@ def check_onnx_session(entry: ModelEntry, session) -> None:
             raise ModelRepositoryError(
                 f"{entry.file(ONNX_FILE)}: wrong shape, the model's {side}s {got} do not match the manifest's {want}"
             )
+
+
+def batch_invariant(entry: ModelEntry, backend: str) -> bool:
+    """Whether the export found ``backend`` of ``entry`` batch invariant (a row's logits, hn and cn bitwise the same
+    alone or in any batch): ``manifest["batch_invariance"][backend]["invariant"]``, False where the manifest does
+    not say (an entry exported before the check, or a backend it did not check)."""
+    record = entry.manifest.get("batch_invariance")
+    if not isinstance(record, dict) or not isinstance(record.get(backend), dict):
+        return False
+    return record[backend].get("invariant") is True
 
 
 def list_entries(root: str | Path) -> dict[str, list[int]]:
