@@ -12,14 +12,22 @@ from lstm_client import Client
 from lstm_server.backends import load_backend
 from lstm_server.model_repository import ModelRepositoryError, load_entry
 
-from ..conftest import Stubs, array_of
+from ..conftest import ServerThread, Stubs, array_of
 
 PROMPT = "KING:\nthe "
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers() or torch.cuda.is_available()
 
 
+def test_a_backend_not_proven_batch_invariant_is_batched_only_when_the_operator_opts_in(exported) -> None:
+    with pytest.raises(ModelRepositoryError, match="charlm/1 on torchscript is not batch-invariant") as refused:
+        ServerThread(exported, backend="torchscript")
+    assert "--allow-batch-variance" in str(refused.value) and "--max-batch 1" in str(refused.value)
+    unbatched = ServerThread(exported, backend="torchscript", max_batch=1, classify_max_batch=1)
+    unbatched.stop()
+
+
 def test_torchscript_backend_serves_the_same_model(start_server, reference) -> None:
-    running = start_server(backend="torchscript")
+    running = start_server(backend="torchscript", allow_batch_variance=True)
     stubs = Stubs(running.address)
     info = stubs.models.DescribeModel(pb.DescribeModelRequest(model="charlm"))
     assert info.backend == "torchscript" and info.device == "cpu"
@@ -42,7 +50,7 @@ def client_classify(address: str):
 
 
 def test_per_model_backend_choice(start_server) -> None:
-    running = start_server(model_backends="sentiment=torchscript")
+    running = start_server(model_backends="sentiment=torchscript", allow_batch_variance=True)
     stubs = Stubs(running.address)
     backends = {m.name: m.backend for m in stubs.models.ListModels(pb.ListModelsRequest()).models}
     assert backends == {"charlm": "onnxruntime", "sentiment": "torchscript"}

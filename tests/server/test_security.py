@@ -168,10 +168,14 @@ def test_list_sessions_pages_through_the_callers_sessions_only(server) -> None:
     stubs.channel.close()
 
 
+async def make_server(config) -> LstmServer:
+    return LstmServer(config)
+
+
 def test_a_second_server_on_a_port_in_use_refuses_to_start(server, capsys, monkeypatch) -> None:
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # the CLI sets up its own; the test's stay
     with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{server.server.port}: the port is in use"):
-        LstmServer(ServerThread.settings(server.config.models, port=server.server.port))
+        server.run(make_server(ServerThread.settings(server.config.models, port=server.server.port)))
     argv = ["--models", server.config.models, "--port", str(server.server.port), "--metrics-port", "0"]
     assert server_main(argv) == 2
     err = capsys.readouterr().err

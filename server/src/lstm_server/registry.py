@@ -1,5 +1,10 @@
 """The models a server holds: one version of each model in the repository (the highest unless pinned with
-``model_versions``), opened and with its engine."""
+``model_versions``), opened and with its engine.
+
+A model is batched across sessions only if its manifest records that the backend it runs on is batch-invariant
+(``lstm-export`` checks it: a row's results are bitwise the same alone and beside any other rows). Otherwise
+one session's results would depend on the others', and the server refuses to start unless the operator opts
+in with ``allow_batch_variance`` (or turns batching off: ``max_batch`` / ``classify_max_batch`` 1)."""
 
 from __future__ import annotations
 
@@ -16,7 +21,14 @@ from .config import ServerConfig
 from .errors import ServiceError
 from .generation import GenerationEngine
 from .metrics import Metrics
-from .model_repository import ModelEntry, ModelRepositoryError, list_entries, load_entry, load_latest
+from .model_repository import (
+    ModelEntry,
+    ModelRepositoryError,
+    batch_invariant,
+    list_entries,
+    load_entry,
+    load_latest,
+)
 from .state import StateSlots
 
 log = logging.getLogger(__name__)
@@ -41,7 +53,23 @@ class LoadedModel:
         return self.entry.task
 
 
+def check_batching(entry: ModelEntry, backend: str, config: ServerConfig) -> None:
+    """Refuse to batch sessions on an entry not proven batch-invariant with ``backend`` (unless opted in)."""
+    batch = config.max_batch if entry.task == "generation" else config.classify_max_batch
+    if batch == 1 or config.allow_batch_variance or batch_invariant(entry, backend):
+        return
+    found = entry.manifest.get("batch_invariance", {}).get(backend, {}).get("first_failure")
+    why = f" ({found})" if found else " (its manifest records no batch-invariance check)"
+    option = "--max-batch 1" if entry.task == "generation" else "--classify-max-batch 1"
+    raise ModelRepositoryError(
+        f"{entry.name}/{entry.version} on {backend} is not batch-invariant{why}: batched, one session's results "
+        f"would depend on the others'. Serve an invariant version (--model-versions), re-export it with "
+        f"lstm-export, turn batching off ({option}), or pass --allow-batch-variance to batch it anyway"
+    )
+
+
 def _open(entry: ModelEntry, config: ServerConfig, metrics: Metrics) -> LoadedModel:
+    check_batching(entry, config.backend_for(entry.name), config)
     backend = load_backend(entry, config.backend_for(entry.name), config.device, config.threads or None)
     layers = entry.num_layers * entry.num_directions
     if entry.task == "generation":
