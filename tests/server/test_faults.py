@@ -15,6 +15,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstm.v1 import lstm_pb2 as pb
 
+from lstm_server.model_repository import batch_invariant
+
 from ..conftest import Stubs
 
 # prompt, sampling, max_tokens: greedy and seeded sessions side by side
@@ -192,11 +194,6 @@ class BreaksOnTexts:
         return logits, h, c
 
 
-def proven_batch_invariant(model) -> bool:
-    """Whether the export proved the entry's onnxruntime graph bitwise batch-invariant (its manifest says so)."""
-    return bool(model.entry.manifest.get("batch_invariance", {}).get("onnxruntime", {}).get("invariant"))
-
-
 def test_a_text_that_breaks_the_classifier_fails_only_its_caller(start_server) -> None:
     texts = ["wonderful and funny", "dull and lifeless", "the best acting of the year", "a boring , ugly mess"]
     raising, nan = "sweet , smart and touching", "the worst script ever"
@@ -237,7 +234,7 @@ def test_a_text_that_breaks_the_classifier_fails_only_its_caller(start_server) -
         else:
             assert error is None
             got, expected = dict(result.results[0].probabilities), alone(these[0])
-            if proven_batch_invariant(model):
+            if batch_invariant(model.entry, model.backend.name):
                 assert got == expected  # bitwise what it gets alone
             else:  # an export from before the invariance check: equal up to rounding
                 assert got.keys() == expected.keys()
