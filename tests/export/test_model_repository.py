@@ -10,6 +10,7 @@ import pytest
 
 from lstm_server.model_repository import (
     ModelRepositoryError,
+    batch_invariant,
     check_onnx_session,
     list_entries,
     load_entry,
@@ -97,3 +98,15 @@ def test_an_onnx_model_that_does_not_fit_its_manifest(repository) -> None:
     session = ort.InferenceSession(str(entry.file("model.onnx")), providers=["CPUExecutionProvider"])
     with pytest.raises(ModelRepositoryError, match=r"model\.onnx: wrong shape, the model's inputs"):
         check_onnx_session(entry, session)
+
+
+def test_batch_invariance_is_read_and_a_damaged_record_is_named(repository) -> None:
+    charlm = repository / "charlm" / "1"
+    assert batch_invariant(load_entry(charlm), "onnxruntime")
+    edit_manifest(charlm, lambda m: m["batch_invariance"].pop("torchscript"))
+    assert not batch_invariant(load_entry(charlm), "torchscript")
+    edit_manifest(charlm, lambda m: m.pop("batch_invariance"))
+    assert not batch_invariant(load_entry(charlm), "onnxruntime")  # an entry exported before the check
+    edit_manifest(charlm, lambda m: m.update(batch_invariance={"onnxruntime": {"invariant": "yes"}}))
+    with pytest.raises(ModelRepositoryError, match=r"manifest\.json: corrupted batch_invariance"):
+        load_entry(charlm)
