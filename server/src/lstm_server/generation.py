@@ -67,7 +67,7 @@ from .errors import ServiceError
 from .metrics import Metrics
 from .sampling import Sampling, as_uint64, sample, softmax
 from .sessions import Session
-from .state import StateSlots, finite_rows
+from .state import StateSlots, all_finite, finite_rows
 
 LENGTH, STOP = "length", "stop"
 log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ class GenerationEngine:
         """(last logits [1, vocab], h, c) after one sequence ``ids``; raises ``NonFinite`` on NaN or infinity."""
         logits, h, c = self.backend.run({"tokens": ids[None, :], "h0": h, "c0": c})
         logits = logits[:, -1]
-        if not finite_rows(h, c, logits).all():
+        if not all_finite(h, c, logits):
             raise NonFinite
         return logits, h, c
 
@@ -518,8 +518,8 @@ class GenerationEngine:
         drawn: dict[int, int] = {}
         if parts:
             rows, (logits, h, c) = _join(parts)
-            finite = finite_rows(h, c, logits)
-            if not finite.all():
+            finite = None if all_finite(h, c, logits) else finite_rows(h, c, logits)
+            if finite is not None and not finite.all():
                 for i in rows[~finite].tolist():
                     failures[i] = self._row_failure(batch[i], None)
                 rows, logits, h, c = rows[finite], logits[finite], h[:, finite], c[:, finite]

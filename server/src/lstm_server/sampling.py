@@ -26,7 +26,11 @@ _MASK64 = (1 << 64) - 1
 
 def as_uint64(values: Iterable[int]) -> np.ndarray:
     """Integers as uint64, modulo 2**64 (negative or huge ones wrap instead of raising)."""
-    return np.array([int(v) & _MASK64 for v in values], np.uint64)
+    values = list(values)
+    try:
+        return np.array(values, np.uint64)
+    except OverflowError:
+        return np.array([int(v) & _MASK64 for v in values], np.uint64)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

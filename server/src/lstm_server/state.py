@@ -70,6 +70,11 @@ class StateSlots:
         self.logits[slots] = logits
 
 
+def all_finite(*arrays: np.ndarray) -> bool:
+    """Whether every value of every array is finite (the cheap check a step makes when nothing went wrong)."""
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
 def finite_rows(h: np.ndarray, c: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """Per batch row, whether its new ``h``, ``c`` ([layers, batch, hidden]) and ``logits`` ([batch, vocab]) are
     all finite: a few vectorised passes over the step's outputs, no per-row Python."""
