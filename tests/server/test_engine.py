@@ -174,6 +174,33 @@ def test_a_failing_row_ends_only_its_own_turn_and_keeps_its_state() -> None:
     assert max(model.batches) == 5  # they were stepped together
 
 
+def test_a_row_whose_sampling_raises_fails_alone_and_its_step_is_not_applied() -> None:
+    model = CountingModel()
+
+    async def scenario():
+        engine = GenerationEngine("m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), 8, 1000, 0.0, Metrics())
+        sample = engine._sample
+
+        def flaky_sample(turns, logits, positions=None):
+            if any(t.session.id == "bad" and t.session.tokens_seen >= 4 for t in turns):
+                raise FloatingPointError("bad draw")
+            return sample(turns, logits, positions)
+
+        engine._sample = flaky_sample
+        made = [session(engine, name) for name in ("good", "bad", "also-good")]
+        turns = [engine.submit(s, np.array([0]), Sampling(temperature=0, max_tokens=20)) for s in made]
+        engine.start()
+        outcomes = await asyncio.gather(*(read_all(t) for t in turns), return_exceptions=True)
+        await engine.stop()
+        return outcomes, made, engine
+
+    (good, bad, also_good), made, engine = asyncio.run(scenario())
+    assert good == also_good == "b" * 20
+    assert isinstance(bad, ServiceError) and bad.code == grpc.StatusCode.INTERNAL
+    assert bad.message.startswith("sampling failed for session bad: bad draw; the step was not applied")
+    assert made[1].tokens_seen == 3 and engine.slots.h[0, made[1].slot, 0] == 3  # as before the failed step
+
+
 class NanAfterPrompt(CountingModel):
     """Any call that reads more than one character at once turns the state NaN; single steps are fine."""
 
