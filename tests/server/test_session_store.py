@@ -373,3 +373,38 @@ def test_closing_a_session_while_its_turn_is_being_saved(stored):
     while slots.used != used - 1 and time.monotonic() < deadline:  # the slot is freed on the model thread
         time.sleep(0.01)
     assert slots.used == used - 1
+
+
+class NaNAfter:
+    """A backend wrapper: single-character steps from state ``poisoned`` (h0 column) give a NaN state."""
+
+    def __init__(self, inner, poisoned: np.ndarray) -> None:
+        self.inner, self.name, self.device, self.poisoned = inner, inner.name, inner.device, poisoned
+
+    def run(self, inputs):
+        logits, h, c = self.inner.run(inputs)
+        hit = np.all(np.abs(inputs["h0"] - self.poisoned) <= 1e-6, axis=(0, 2))
+        if inputs["tokens"].shape[1] == 1 and hit.any():
+            h = h.copy()
+            h[:, hit] = np.nan
+        return logits, h, c
+
+
+def test_a_turn_that_fails_on_its_own_row_saves_the_state_it_kept(stored):
+    a, b = stored.start(), stored.start()
+    with Client(a.address, retries=0) as on_a, Client(b.address, retries=0) as on_b:
+        session = on_a.session(prompt=PROMPT, seed=SEED)
+        text_of(session, n=6)
+        fork = session.fork()  # same seed: it continues exactly as the session will
+        text_of(fork, n=3)
+        poisoned = array_of(fork.export().h)  # the state after 3 characters of the session's next turn
+        engine = a.server.registry.get("charlm").engine
+        engine.backend = NaNAfter(engine.backend, poisoned)
+        with pytest.raises(LstmError) as failed:
+            text_of(session, n=8)
+        assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        kept = session.refresh().tokens_seen
+        assert kept == len(PROMPT) + 6 + 3  # the 4th character was sent, but reading it failed
+        assert f"keeps its state after {kept} characters" in failed.value.details
+        assert on_b.attach(session.id).info.tokens_seen == kept  # saved: every replica sees the kept state
+        np.testing.assert_array_equal(array_of(on_b.attach(session.id).export().h), poisoned)

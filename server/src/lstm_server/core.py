@@ -34,7 +34,7 @@ from lstm.v1 import lstm_pb2 as pb
 
 from .config import ServerConfig
 from .errors import ServiceError
-from .generation import GenerationEngine, Turn
+from .generation import GenerationEngine, SessionStepError, Turn
 from .metrics import Metrics
 from .registry import LoadedModel, ModelRegistry
 from .requests import (
@@ -265,8 +265,10 @@ class Core:
         return session
 
     async def after_turn(self, session: Session, error: BaseException | None) -> None:
-        """Called by the engine when a turn's last character is fed, before its last message goes out."""
-        if error is None:
+        """Called by the engine when a turn's last character is fed, before its last message goes out. A turn
+        that failed on its own row (``SessionStepError``) left a consistent state: it is saved as the session's
+        truth, as the error message says; after any other failure the last saved state is reloaded."""
+        if error is None or isinstance(error, SessionStepError):
             try:
                 await self.save(session)
                 return

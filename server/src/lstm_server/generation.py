@@ -391,12 +391,14 @@ class GenerationEngine:
         try:
             return self._checked_run(ids, *self.slots.gather(np.array([session.slot])))
         except NonFinite:
+            self.metrics.row_failures.labels(self.name, "non_finite").inc()
             raise SessionStepError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session {session.id}'s state became non-finite (NaN or infinity) while reading the prompt "
                 f"({len(ids)} characters); {failed}",
             ) from None
         except Exception as error:
+            self.metrics.row_failures.labels(self.name, "exception").inc()
             raise SessionStepError(
                 grpc.StatusCode.INTERNAL,
                 f"model step failed for session {session.id} while reading the prompt: {error}; {failed}",
@@ -483,6 +485,7 @@ class GenerationEngine:
     def _row_failure(self, turn: Turn, error: Exception | None, what: str = "model step") -> SessionStepError:
         """The error that ends ``turn`` when its step fails alone (``error`` None: the state became non-finite)."""
         session = turn.session
+        self.metrics.row_failures.labels(self.name, "non_finite" if error is None else "exception").inc()
         seen = session.tokens_seen - 1  # its pending character is counted, but not read
         kept = (
             f"the step was not applied: the session keeps its state after {seen} characters (the last character "

@@ -45,6 +45,13 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.row_failures = Counter(
+            "lstm_row_failures",
+            "Rows that failed alone and ended only their own turn or text: exception (the runtime raised on the "
+            "row) or non_finite (its new state or logits held NaN or infinity)",
+            ["model", "kind"],
+            registry=r,
+        )
         self.requests = Counter("lstm_requests", "RPCs by method and status code", ["method", "code"], registry=r)
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
