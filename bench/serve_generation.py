@@ -48,21 +48,25 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_server(models: Path, threads: int, versions: str = "") -> cluster.Process:
-    """An lstm-server process on a free loopback port, serving (its log in a temporary folder)."""
+def start_server(models: Path, threads: int, versions: str = "", extra: tuple[str, ...] = ()) -> cluster.Process:
+    """An lstm-server process on a free loopback port, serving (its log in a temporary folder); ``extra``
+    options are passed on."""
     port = cluster.free_port()
     command = [str(Path(sys.executable).parent / "lstm-server"), "--models", str(models), "--port", str(port)]
     command += ["--metrics-port", "0", "--threads", str(threads), "--log-level", "WARNING", "--drain-delay-s", "0"]
-    command += ["--model-versions", versions]
+    command += ["--model-versions", versions, *extra]
     server = cluster.spawn("bench-server", command, port, Path(tempfile.mkdtemp(prefix="bench-server-")))
     cluster.wait_until_serving(server)
     return server
 
 
-async def served(address: str, concurrency: int, tokens: int, turn_prompt: str = "") -> dict[str, float]:
+async def served(
+    address: str, concurrency: int, tokens: int, turn_prompt: str = "", **client_settings
+) -> dict[str, float]:
+    """N sessions stream ``tokens`` characters each at once; ``client_settings`` go to the AsyncClient."""
     ttft: list[float] = []
     gaps: list[float] = []
-    async with AsyncClient(address, timeout=600) as client:
+    async with AsyncClient(address, timeout=600, **client_settings) as client:
         sessions = [await client.session(model="charlm", prompt=PROMPT).open() for _ in range(concurrency)]
 
         async def one(session, seed: int) -> int:
