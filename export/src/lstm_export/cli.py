@@ -1,4 +1,5 @@
-"""``lstm-export CHECKPOINT --out models/<name>/<version>``: TorchScript + ONNX + manifest, verified."""
+"""``lstm-export CHECKPOINT --out models/<name>/<version>``: TorchScript + ONNX + manifest, verified and checked
+for batch invariance."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval-data", type=Path, help="measure quality with onnxruntime: the corpus (language model) or a dev TSV"
     )
-    parser.add_argument("--quantize", action="store_true", help="write the int8 dynamic quantization (ONNX only)")
+    parser.add_argument("--quantize", action="store_true", help="write the per-row int8 graph (ONNX only)")
     parser.add_argument("--force", action="store_true", help="replace an existing entry")
     return parser
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}: {manifest['task']} model, {quality['metric']} {quality['value']} ({quality['backend']})")
     for check in manifest["export"]["verified"]:
         print(f"  verified: {check}")
+    for backend, record in manifest["batch_invariance"].items():
+        verdict = "invariant" if record["invariant"] else f"NOT invariant ({record['first_failure']})"
+        print(f"  batch invariance, {backend}: {verdict}")
     return 0
 
 
