@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import platform
+import secrets
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from serve_generation import PROMPT, cluster, served
 
-from lstm_client import AsyncClient
+from lstm_client import AsyncClient, TlsConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,8 +71,9 @@ def idle(args: argparse.Namespace) -> None:
     settings = {"max_sessions": args.cache if redis else args.sessions + 100, "idle_timeout_s": 86400}
     env = {f"LSTM_SERVER_{k.upper()}": str(v) for k, v in settings.items()}
     env |= {"LSTM_SERVER_LOG_LEVEL": "WARNING", "LSTM_SERVER_METRICS_PORT": "0", "LSTM_SERVER_MODELS": str(args.models)}
-    if redis:
+    if redis:  # a bench-only key: replicas sharing a store must share the keys that sign states
         env |= {"LSTM_SERVER_SESSION_STORE": "redis", "LSTM_SERVER_REDIS_URL": f"redis://{redis.address}/0"}
+        env |= {"LSTM_SERVER_STATE_KEYS": "bench:" + secrets.token_hex(16)}
     port = cluster.free_port()
     server = cluster.spawn("server", [sys.executable, "-m", "lstm_server.cli", "--port", str(port)], port, workdir, env)
     try:
@@ -110,12 +112,14 @@ def throughput(args: argparse.Namespace) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
         threads = args.threads or os.cpu_count()
         running = cluster.up(workdir, args.models, replicas=replicas, log_level="WARNING", threads=threads)
+        token = running.token
+        through_gateway = {"token": token, "tls": TlsConfig(ca=running.ca)}
         try:
             for n in args.concurrency:
                 direct, gateway = [], []
                 for _ in range(args.rounds):  # alternating, so drift in the machine's load hits both alike
-                    direct.append(asyncio.run(served(running.replicas[0].address, n, args.tokens)))
-                    gateway.append(asyncio.run(served(running.gateway.address, n, args.tokens)))
+                    direct.append(asyncio.run(served(running.replicas[0].address, n, args.tokens, token=token)))
+                    gateway.append(asyncio.run(served(running.gateway.address, n, args.tokens, **through_gateway)))
                 d = statistics.median(r["chars_per_s"] for r in direct)
                 g = statistics.median(r["chars_per_s"] for r in gateway)
                 ttft_d = statistics.median(r["ttft_p50"] for r in direct)
