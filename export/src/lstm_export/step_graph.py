@@ -12,20 +12,22 @@ claim is not taken on trust: ``invariance.py`` checks every export.
 
 Layout (gate order inside the graph is i, f, o, g, so one ``Sigmoid`` covers three gates):
 
-- each layer's input projection for all time steps is one matrix multiply
-  (``x @ W_ih + b``) hoisted out of the recurrence; a ``Scan`` over time then
-  does only ``h @ W_hh``, the cell and (classifier) the padding masks. A
-  one-token call runs each layer's ``Scan`` body once, and the same operators
-  see the same rows whatever the call's length, so stepping a text and
-  reading it at once give identical bits;
-- language model: the first layer's input projection is folded into a
-  [vocab, 4 * hidden] table (computed in float64) read with ``Gather``;
-- classifier: both directions of a layer share one ``Scan`` (a
-  [2, batch, hidden] state, one 2-D matrix multiply per direction); the
-  backward direction reads each row reversed within its own length; a row
-  past its length keeps its state, sum and max through ``Where``, so padding,
-  whatever it holds, changes nothing; max and mean pooling are running values
-  carried in the ``Scan`` state, summed in the row's own order.
+- language model: one ``Scan`` over time steps all layers, so a one-token
+  call (the hot path of serving) is one iteration of one loop; the first
+  layer's input projection is folded into a [vocab, 4 * hidden] table
+  (computed in float64) read with ``Gather`` for all time steps at once; a
+  deeper layer multiplies ``[x, h] @ [W_ih; W_hh]`` in one product;
+- classifier: each layer's input projection for all time steps is one matrix
+  multiply hoisted out of the recurrence; both directions of a layer share
+  one ``Scan`` (a [2, batch, hidden] state, one 2-D matrix multiply per
+  direction); the backward direction reads each row reversed within its own
+  length; a row past its length keeps its state, sum and max through
+  ``Where``, so padding, whatever it holds, changes nothing; max and mean
+  pooling are running values carried in the ``Scan`` state, summed in the
+  row's own order.
+
+The same operators see the same rows whatever the call's length, so stepping
+a text one token at a time and reading it at once give identical bits.
 
 Nested subgraphs are avoided on purpose: in onnxruntime 1.31 a ``MatMul`` two
 subgraph levels below its constant weight is not prepacked, and its one-row
@@ -51,12 +53,14 @@ FLOAT = TensorProto.FLOAT
 
 GRAPH_DESCRIPTION = (
     "lstm_export.step_graph: Gather, MatMul / MatMulInteger against 2-D constant weights, element-wise ops, "
-    "ReverseSequence and one Scan over time per layer; no fused LSTM operator"
+    "ReverseSequence and Scan over time (language model: one Scan for all layers; classifier: one per layer, both "
+    "directions in it); no fused LSTM operator"
 )
 QUANTIZATION_METHOD = (
     "per-row int8 (lstm_export.step_graph): every activation row x of the LSTM's matrix multiplies gets its own "
     "scale max|x|/127 and is stored as uint8 round(x/scale)+128; weights int8 with one symmetric scale per output "
-    "column; MatMulInteger (activation zero point 128) sums exactly in int32, then times the row and column scales; "
+    "column; MatMulInteger (activation zero point 128) sums exactly in int32, then times the row and column scales "
+    "(a language model layer past the first quantizes its [x, h] as one row). "
     "The classifier's embedding is int8 per token; the language model's first-layer gate table and both output "
     "heads stay float32. No scale is shared between rows, so the result of a row never depends on its batch."
 )
@@ -222,40 +226,48 @@ def _concat0(g: _Graph, parts: list[str]) -> str:
 
 
 def _charlm_graph(model: nn.Module, quantize: bool, opset: int) -> _Graph:
-    config = model.config
-    hidden = config.hidden_size
+    """One ``Scan`` over time whose body steps every layer: a one-token call (the hot path of serving) is one
+    iteration. Layer 0 reads its input projection from the gate table; a deeper layer multiplies
+    ``[x, h] @ [W_ih; W_hh]`` at once (for int8, ``[x, h]`` is quantized as one row)."""
+    hidden = model.config.hidden_size
     g = _Graph(opset)
-    layers = lstm_directions(model.lstm)
-    first = layers[0][0]
+    layers = [directions[0] for directions in lstm_directions(model.lstm)]
     embedding = model.embedding.weight.detach().double().numpy()
-    table = g.const((embedding @ first.w_ih + first.bias).astype(np.float32), "gate_table")
+    table = g.const((embedding @ layers[0].w_ih + layers[0].bias).astype(np.float32), "gate_table")
     head = _head(g, model.head)
-    x = g.op("Gather", table, "tokens")  # the first layer's input projection: [batch, time, 4 * hidden]
-    hs, cs = [], []
-    for layer, (direction,) in enumerate(layers):
-        if layer:
-            x = _projection(g, direction.w_ih, direction.bias, quantize, f"w_ih{layer}").apply(g, x)
-        recurrent = _projection(g, direction.w_hh, None, quantize, f"w_hh{layer}")
-        body = g.child()
-        h, c, xt = body.name("h"), body.name("c"), body.name("x")
-        h_new, c_new = _cell(body, body.op("Add", xt, recurrent.apply(body, h)), c, hidden)
-        y = body.op("Identity", h_new)
-        step = body.graph(f"layer{layer}_step", [_info(h), _info(c), _info(xt)], [_info(h_new), _info(c_new), _info(y)])
-        index = g.const(np.int64(layer), "layer")
-        h, c, x = g.op(
-            "Scan",
-            g.op("Gather", "h0", index, axis=0),
-            g.op("Gather", "c0", index, axis=0),
-            x,
-            outputs=3,
-            body=step,
-            num_scan_inputs=1,
-            scan_input_axes=[1],
-            scan_output_axes=[1],
-        )
-        hs.append(g.op("Unsqueeze", h, g.ints([0])))
-        cs.append(g.op("Unsqueeze", c, g.ints([0])))
-    g.outputs({"logits": head.apply(g, x), "hn": _concat0(g, hs), "cn": _concat0(g, cs)})
+    products = [_projection(g, layers[0].w_hh, None, quantize, "w_hh0")]
+    for index, layer in enumerate(layers[1:], start=1):
+        weight = np.concatenate([layer.w_ih, layer.w_hh], axis=0)  # [2 * hidden, 4 * hidden]
+        products.append(_projection(g, weight, layer.bias, quantize, f"w{index}"))
+    body = g.child()
+    hs, cs = [body.name(f"h{i}") for i in range(len(layers))], [body.name(f"c{i}") for i in range(len(layers))]
+    xt = body.name("x")
+    new_h, new_c = [], []
+    for index, product in enumerate(products):
+        if index == 0:
+            gates = body.op("Add", xt, product.apply(body, hs[0]))
+        else:
+            gates = product.apply(body, body.op("Concat", new_h[-1], hs[index], axis=-1))
+        h, c = _cell(body, gates, cs[index], hidden)
+        new_h.append(h)
+        new_c.append(c)
+    y = body.op("Identity", new_h[-1])
+    step = body.graph("step", [_info(n) for n in [*hs, *cs, xt]], [_info(n) for n in [*new_h, *new_c, y]])
+    layer_index = [g.const(np.int64(i), "layer") for i in range(len(layers))]
+    results = g.op(
+        "Scan",
+        *(g.op("Gather", "h0", i, axis=0) for i in layer_index),
+        *(g.op("Gather", "c0", i, axis=0) for i in layer_index),
+        g.op("Gather", table, "tokens"),  # [batch, time, 4 * hidden]
+        outputs=2 * len(layers) + 1,
+        body=step,
+        num_scan_inputs=1,
+        scan_input_axes=[1],
+        scan_output_axes=[1],
+    )
+    hn = _concat0(g, [g.op("Unsqueeze", h, g.ints([0])) for h in results[: len(layers)]])
+    cn = _concat0(g, [g.op("Unsqueeze", c, g.ints([0])) for c in results[len(layers) : 2 * len(layers)]])
+    g.outputs({"logits": head.apply(g, results[-1]), "hn": hn, "cn": cn})
     return g
 
 
