@@ -306,9 +306,11 @@ def _classifier_graph(model: nn.Module, quantize: bool, opset: int) -> _Graph:
         rows = (g.ints([layer * d]), g.ints([layer * d + d]), g.ints([0]))
         h0, c0 = g.op("Slice", "h0", *rows), g.op("Slice", "c0", *rows)
         states = [h0, c0]
-        if last:
-            zeros = g.op("Mul", h0, g.scalar(0.0))
-            states += [zeros, g.op("Add", zeros, g.scalar(-np.inf))]
+        if last:  # the running sum starts at +0.0 and the running max at -inf
+            shape = g.op("Shape", h0)
+            for start in (0.0, -np.inf):
+                value = numpy_helper.from_array(np.array([start], np.float32))
+                states.append(g.op("ConstantOfShape", shape, value=value))
         results = g.op(
             "Scan",
             *states,
