@@ -139,6 +139,16 @@ def test_per_tenant_limits_name_the_tenant_and_spare_the_others(start_server, tm
                 pytest.fail("the cancelled turn never freed the tenant's turn")
 
 
+def test_without_authentication_only_the_servers_own_limits_apply(start_server) -> None:
+    running = start_server(tenant_max_sessions=1, tenant_max_turns=1)  # one tenant: the whole server
+    with Client(running.address) as client:
+        one, two = (client.session(model="charlm", prompt=PROMPT) for _ in range(2))
+        long_turn = one.generate(max_tokens=4000)
+        next(long_turn)
+        assert len("".join(c.text for c in two.generate(max_tokens=3))) == 3
+        long_turn.close()
+
+
 def test_list_sessions_pages_through_the_callers_sessions_only(server) -> None:
     stubs = Stubs(server.address)
     made = [

@@ -51,9 +51,9 @@ class LstmServer:
             raise StartupError(str(error)) from error
         self.registry = ModelRegistry(config, self.metrics)
         self.store = open_store(config.session_store, config.redis_url, config.idle_timeout_s)
-        table = SessionTable(
-            config.max_sessions, config.idle_timeout_s, config.tenant_max_sessions, config.tenant_max_turns
-        )
+        # without authentication every caller is the one tenant: only the server's own limits apply
+        tenant_limits = (config.tenant_max_sessions, config.tenant_max_turns) if config.authenticated else ()
+        table = SessionTable(config.max_sessions, config.idle_timeout_s, *tenant_limits)
         self.core = Core(config, self.registry, table, self.metrics, signer, self.store)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -68,8 +68,9 @@ class ServerConfig:
     insecure_no_auth: bool = False  # allow a non-loopback host without authentication
     state_keys_file: str = ""  # "KEY_ID SECRET" lines: the first signs exported states, all are accepted
     state_keys: str = ""  # the same inline, "id1:secret1,id2:secret2" (for LSTM_SERVER_STATE_KEYS)
-    tenant_max_sessions: int = 1000  # sessions one tenant may hold in this process
-    tenant_max_turns: int = 64  # turns one tenant may run at once in this process
+    # per-tenant limits in this process, with authentication (without it, the one tenant is the whole server)
+    tenant_max_sessions: int = 1000  # sessions one tenant may hold
+    tenant_max_turns: int = 256  # turns one tenant may run at once (a full batch)
     list_page_size: int = 100  # ListSessions: the default page
     list_max_page_size: int = 1000  # and the largest
     allow_batch_variance: bool = False  # batch sessions on an entry not proven batch-invariant
