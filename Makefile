@@ -46,7 +46,7 @@ proto: install
 
 # The commands that trained the shipped checkpoints and exported the shipped entries (models/README.md).
 # DATA points at the real data; the checkpoints land in runs/ and are copied to models/checkpoints/.
-DATA ?= ../shared/data
+DATA ?= $(error set DATA to the folder that holds tinyshakespeare/input.txt and sst2/{train,dev}.tsv)
 train-charlm: install
 	$(BIN)/lstm-train charlm --data $(DATA)/tinyshakespeare/input.txt --out runs/charlm \
 	  --num-layers 3 --hidden-size 448 --embedding-dim 64 --dropout 0.25 --batch-size 64 --seq-len 128 \

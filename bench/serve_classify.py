@@ -6,7 +6,7 @@ p50 / p99 latency. In the same run, onnxruntime classifies the same sentences
 in-process in batches of ``classify_max_batch`` (64), sorted by length, as the
 server's batcher does: the ceiling.
 
-    .venv/bin/python bench/serve_classify.py [--models models] [--sentences ../shared/data/sst2/dev.tsv]
+    .venv/bin/python bench/serve_classify.py --sentences path/to/sst2/dev.tsv [--models models]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def in_process(models: Path, version: int, sentences: list[str], batch: int, thr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--sentences", type=Path, default=Path("../shared/data/sst2/dev.tsv"))
+    parser.add_argument("--sentences", type=Path, required=True, help="an SST-2 TSV file: its sentences are sent")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
