@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -21,34 +21,14 @@ from .results import (
     replica_of,
     session_metadata,
 )
-from .transport import Metadata, TlsConfig
+from .transport import Metadata
 
 
 class AsyncClient(Connection):
     """``async with AsyncClient("localhost:50051", token=..., tls=...) as client: ...``; the same settings and
     rules as ``Client``."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: TlsConfig | bool | None = None,
-        timeout: float | None = 30.0,
-        retries: int = 3,
-        backoff: float = 0.1,
-        options: Sequence[tuple[str, Any]] | None = None,
-    ) -> None:
-        self._connect(
-            target,
-            asyncio=True,
-            token=token,
-            tls=tls,
-            timeout=timeout,
-            retries=retries,
-            backoff=backoff,
-            options=options,
-        )
+    asyncio = True
 
     async def close(self) -> None:
         await self.channel.close()

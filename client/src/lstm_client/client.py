@@ -57,20 +57,21 @@ def backoff_delays(retries: int, base: float) -> Iterator[float]:
 class Connection:
     """What the sync and asyncio clients share: the channel, the stubs, the token and the call rules."""
 
-    def _connect(
+    asyncio = False  # whether the channel is a grpc.aio one (AsyncClient)
+
+    def __init__(
         self,
         target: str,
         *,
-        asyncio: bool,
-        token: str | None,
-        tls: TlsConfig | bool | None,
-        timeout: float | None,
-        retries: int,
-        backoff: float,
-        options: Sequence[tuple[str, Any]] | None,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        backoff: float = 0.1,
+        options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
         self._auth = auth_metadata(token)  # checked before the channel is made
-        self.channel = open_channel(target, tls=tls, token=token, options=options, asyncio=asyncio)
+        self.channel = open_channel(target, tls=tls, token=token, options=options, asyncio=self.asyncio)
         self.target = target
         self.timeout = timeout
         self.retries = retries
@@ -99,28 +100,6 @@ class Client(Connection):
     jitter) when the server is UNAVAILABLE. ``options`` are gRPC channel options. Failures raise ``LstmError``
     subclasses carrying the status code.
     """
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: TlsConfig | bool | None = None,
-        timeout: float | None = 30.0,
-        retries: int = 3,
-        backoff: float = 0.1,
-        options: Sequence[tuple[str, Any]] | None = None,
-    ) -> None:
-        self._connect(
-            target,
-            asyncio=False,
-            token=token,
-            tls=tls,
-            timeout=timeout,
-            retries=retries,
-            backoff=backoff,
-            options=options,
-        )
 
     def close(self) -> None:
         self.channel.close()
