@@ -51,9 +51,19 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name) or next((f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
 
 
+def find_packages() -> dict[str, str | None]:
+    """Paths of redis-server and nginx (None for one that is missing); installs nothing (the tests use this)."""
+    return {binary: find_binary(binary) for binary in PACKAGES}
+
+
+def install_command(binaries: Sequence[str] = tuple(PACKAGES)) -> str:
+    """The command that installs ``binaries`` from Debian's packages (as root)."""
+    return f"apt-get install -y {' '.join(PACKAGES[binary] for binary in binaries)}"
+
+
 def ensure_packages() -> dict[str, str]:
-    """Paths of redis-server and nginx, installing Debian's packages when they are missing."""
-    missing = [pkg for binary, pkg in PACKAGES.items() if find_binary(binary) is None]
+    """Paths of redis-server and nginx, installing Debian's packages when they are missing (``make cluster``)."""
+    missing = [PACKAGES[binary] for binary, path in find_packages().items() if path is None]
     if missing:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             raise ClusterError(f"{' and '.join(missing)} missing; install them with apt-get (needs root)")

@@ -1,18 +1,114 @@
-"""Certificates (deploy/certs.py), token files and secured servers for the client's tests."""
+"""Real servers, certificates (deploy/certs.py), token files and fake servers for the client's tests.
+
+The real servers are ``lstm-server`` processes on the shipped models/ (started with deploy/cluster.py's ``spawn``),
+and the in-process reference runs in another process too (tests/reference.py): nothing here loads torch or
+onnxruntime, which test_light_imports.py checks."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import certs
+import cluster
 import grpc
+import numpy as np
 import pytest
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
-from ..conftest import ServerThread
+from lstm_client import Client, LstmError, TlsConfig
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = REPO / "models"
+LIGHT_IMPORTS_TEST = "test_light_imports.py::test_the_client_tests_load_neither_torch_nor_onnxruntime"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The check of the modules loaded runs after every other test (a stable sort keeps the rest in order)."""
+    items.sort(key=lambda item: item.nodeid.endswith(LIGHT_IMPORTS_TEST))
+
+
+# -- lstm-server in a subprocess, and the reference in another -------------------------------------------------
+
+
+def lstm_server_command() -> str:
+    """The ``lstm-server`` script beside this Python (the project's virtualenv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("lstm-server")
+    found = str(beside) if beside.exists() else shutil.which("lstm-server")
+    assert found, "lstm-server is not installed (make install)"
+    return found
+
+
+def answers(address: str, **settings) -> bool:
+    try:
+        with Client(address, retries=0, timeout=2, **settings) as client:
+            client.models()
+        return True
+    except LstmError:
+        return False
+
+
+def serve(workdir: Path, *options: str, **client_settings) -> cluster.Process:
+    """``lstm-server`` on models/ in a subprocess, like a test server in-process was: loopback, a free port, no
+    metrics port, one thread, replica ``test-replica``, no drain delay, then ``options``. Returns once a client
+    with ``client_settings`` (TLS, a token) lists the models."""
+    port = cluster.free_port()
+    command = [lstm_server_command(), "--models", str(MODELS), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--metrics-port", "0", "--threads", "1", "--replica-name", "test-replica", "--drain-delay-s", "0"]
+    process = cluster.spawn("lstm-server", [*command, *options], port, workdir)
+
+    def ready() -> bool:
+        if not cluster.alive(process.pid):
+            raise cluster.ClusterError(f"lstm-server exited:\n{Path(process.log).read_text()[-4000:]}")
+        return answers(process.address, **client_settings)
+
+    try:
+        cluster.wait_for(ready, "lstm-server", 60, Path(process.log))
+    except BaseException:
+        cluster.stop(process)
+        raise
+    return process
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real server (plaintext on loopback, no authentication): ``server.address``."""
+    running = serve(tmp_path_factory.mktemp("server"))
+    yield running
+    cluster.stop(running)
+
+
+class SubprocessReference:
+    """``feed(text)``: (logits, h, c) after a fresh session reads ``text``, from the entry stepped with onnxruntime
+    by ``python -m tests.reference`` (tests/reference.py) in another process."""
+
+    def __init__(self, entry_dir: Path, workdir: Path) -> None:
+        self.entry_dir, self.workdir, self.calls = entry_dir, workdir, 0
+
+    def feed(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.calls += 1
+        out = self.workdir / f"feed-{self.calls}.npz"
+        command = [sys.executable, "-m", "tests.reference", str(self.entry_dir), text, str(out)]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-4000:]
+        with np.load(out) as arrays:
+            return arrays["logits"], arrays["h"], arrays["c"]
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory) -> SubprocessReference:
+    """The reference for the language model ``server`` serves (its highest version under models/)."""
+    with Client(server.address) as client:
+        version = next(m.version for m in client.models() if m.name == "charlm")
+    return SubprocessReference(MODELS / "charlm" / str(version), tmp_path_factory.mktemp("reference"))
+
+
+# -- certificates, tokens, secured servers ----------------------------------------------------------------------
 
 TOKENS = {"alice": "alice-token-0123456789abcdef", "bob": "bob-token-0123456789abcdef"}
 
@@ -59,24 +155,24 @@ def write_tokens(path: Path, tokens: dict[str, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tls_server(exported, pki, tmp_path_factory):
+def tls_server(pki, tmp_path_factory):
     """A real server: TLS, bearer tokens for alice and bob."""
-    tokens = write_tokens(tmp_path_factory.mktemp("tokens") / "tokens", TOKENS)
-    running = ServerThread(
-        exported, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), auth_tokens=str(tokens)
-    )
+    workdir = tmp_path_factory.mktemp("tls-server")
+    tokens = write_tokens(workdir / "tokens", TOKENS)
+    tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    running = serve(workdir, *tls, "--auth-tokens", str(tokens), tls=TlsConfig(ca=pki.ca), token=TOKENS["alice"])
     yield running
-    running.stop()
+    cluster.stop(running)
 
 
 @pytest.fixture(scope="module")
-def mtls_server(exported, pki):
+def mtls_server(pki, tmp_path_factory):
     """A real server that requires client certificates signed by the CA (the tenant is the certificate's CN)."""
-    running = ServerThread(
-        exported, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
-    )
+    tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)]
+    cert, key = pki.clients["alice"]
+    running = serve(tmp_path_factory.mktemp("mtls-server"), *tls, tls=TlsConfig(ca=pki.ca, cert=cert, key=key))
     yield running
-    running.stop()
+    cluster.stop(running)
 
 
 class Recorder(rpc.ClassificationServicer, rpc.SessionsServicer, rpc.GenerationServicer):

@@ -32,11 +32,9 @@ from .scenarios import (
 
 
 @pytest.fixture(scope="module")
-def running(exported, tmp_path_factory):
-    try:
-        topology.ensure_packages()
-    except topology.ClusterError as error:
-        pytest.skip(f"cannot run the loopback cluster: {error}")
+def running(exported, cluster_binaries, tmp_path_factory):
+    """The topology of ``make cluster``. redis-server and nginx must be installed: ``cluster_binaries`` looks them
+    up, installs nothing, and skips naming ``make test-deps``."""
     workdir = tmp_path_factory.mktemp("cluster")
     cluster = topology.up(workdir, exported, replicas=2, threads=1, drain_delay_s=0)
     yield cluster
@@ -165,7 +163,7 @@ def test_redis_outage_is_unavailable_then_recovers_without_corruption(running):
         assert session.refresh().tokens_seen == len(PROMPT) + sum(len(p) + n for p, n in TURNS)
 
 
-def test_cluster_command_writes_state_and_stops_what_it_started(exported, tmp_path, capsys):
+def test_cluster_command_writes_state_and_stops_what_it_started(exported, cluster_binaries, tmp_path, capsys):
     workdir = tmp_path / "c"
     assert topology.main(["up", "--dir", str(workdir), "--models", str(exported), "--replicas", "2"]) == 0
     state_file = workdir / "state.json"

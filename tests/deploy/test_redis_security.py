@@ -13,7 +13,7 @@ import redis
 from lstm_client import Client
 from lstm_server.app import StartupError
 
-from ..conftest import ServerThread
+from ..serving import ServerThread
 
 PASSWORD = "p4ss-" + "0123456789abcdef" * 2
 STATE_KEYS = "k2:second-key-for-tests-0123456789,k1:first-key-for-tests-0123456789"

@@ -1,4 +1,5 @@
-"""``lstm-train`` end to end on tiny files: a few steps, a checkpoint that loads, clear errors."""
+"""``lstm-train`` end to end on tiny files: a few steps, a checkpoint that loads, clear errors. The tiny models'
+options come from tests/models.py, and the language model is the session's (the ``checkpoints`` fixture)."""
 
 from __future__ import annotations
 
@@ -10,71 +11,28 @@ from lstm_training.cli import main
 from lstm_training.data import sha256_file
 from lstm_training.tokenizer import encode, load_tokenizer
 
-SMALL = ["--embedding-dim", "8", "--hidden-size", "16", "--device", "cpu"]
+from ..models import HIDDEN_SIZE, NUM_LAYERS, sentiment_args
 
 
-def sentiment_args(sst_files, out, *extra: str) -> list[str]:
-    """``lstm-train sentiment`` on the tiny SST files into ``out``, plus ``extra`` options."""
-    train, dev = sst_files
-    return ["sentiment", "--train", str(train), "--dev", str(dev), "--out", str(out), *extra]
-
-
-def test_charlm_cli_writes_a_checkpoint_that_loads(tmp_path, corpus_file) -> None:
-    out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "charlm",
-                "--data",
-                str(corpus_file),
-                "--out",
-                str(out),
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
-                "--seq-len",
-                "16",
-                "--max-steps-per-epoch",
-                "5",
-                *SMALL,
-            ]
-        )
-        == 0
-    )
+def test_charlm_cli_writes_a_checkpoint_that_loads(checkpoints) -> None:
+    """The session's tiny language model: ``lstm-train charlm`` (tests/models.py) exited 0 and wrote this."""
+    out = checkpoints["charlm"].parent
     payload = load_checkpoint(out / "best.pt", expected_kind="charlm")
-    assert payload["data_sha256"] == sha256_file(corpus_file)
+    assert payload["data_sha256"] == sha256_file(checkpoints["corpus"])
     assert payload["command"].startswith("lstm-train charlm --data")
     model = model_from_checkpoint(payload)
     vocab = payload["vocab"]
     tokens = torch.tensor([[vocab.index(ch) for ch in "KING:"]])
     logits, hn, _ = model(tokens, *model.initial_state(1))
-    assert logits.shape == (1, 5, len(vocab)) and hn.shape == (2, 1, 16)
+    assert logits.shape == (1, 5, len(vocab)) and hn.shape == (NUM_LAYERS, 1, HIDDEN_SIZE)
     assert {"metrics.jsonl", "curves.png", "last.pt"} <= {p.name for p in out.iterdir()}
 
 
 def test_sentiment_cli_writes_a_checkpoint_that_loads(tmp_path, sst_files) -> None:
+    """Trains for itself: the optimizer's flags (epochs, batch size, warmup, learning rate) make it learn."""
     out = tmp_path / "out"
-    assert (
-        main(
-            sentiment_args(
-                sst_files,
-                out,
-                "--epochs",
-                "6",
-                "--batch-size",
-                "16",
-                "--warmup-steps",
-                "1",
-                "--tokenizer-vocab-size",
-                "80",
-                "--lr",
-                "1e-2",
-                *SMALL,
-            )
-        )
-        == 0
-    )
+    optimizer = ["--epochs", "6", "--batch-size", "16", "--warmup-steps", "1", "--lr", "1e-2"]
+    assert main(sentiment_args(*sst_files, out, *optimizer, "--tokenizer-vocab-size", "80")) == 0
     payload = load_checkpoint(out / "best.pt", expected_kind="sentiment")
     assert payload["labels"] == ["negative", "positive"]
     model = model_from_checkpoint(payload)
@@ -101,7 +59,7 @@ def test_sentiment_resume_keeps_the_checkpoints_tokenizer(tmp_path, sst_files, m
     import lstm_training.cli as cli
 
     out = tmp_path / "out"
-    common = sentiment_args(sst_files, out, "--tokenizer-vocab-size", "80", *SMALL)
+    common = sentiment_args(*sst_files, out, "--tokenizer-vocab-size", "80")
     assert main([*common, "--epochs", "1"]) == 0
     first = load_checkpoint(out / "last.pt")["tokenizer"]
 
@@ -114,26 +72,10 @@ def test_sentiment_resume_keeps_the_checkpoints_tokenizer(tmp_path, sst_files, m
 
 
 def test_compact_checkpoint_halves_the_weights_and_keeps_the_outputs(tmp_path, sst_files) -> None:
+    """Trains for itself, wider than the tiny model: the weights must outweigh the tokenizer for halving to show."""
     out = tmp_path / "out"
-    assert (
-        main(
-            sentiment_args(
-                sst_files,
-                out,
-                "--epochs",
-                "1",
-                "--tokenizer-vocab-size",
-                "80",
-                "--embedding-dim",
-                "64",
-                "--hidden-size",
-                "64",
-                "--device",
-                "cpu",
-            )
-        )
-        == 0
-    )
+    wider = ["--embedding-dim", "64", "--hidden-size", "64"]
+    assert main(sentiment_args(*sst_files, out, "--tokenizer-vocab-size", "80", *wider)) == 0
     assert main(["compact", str(out / "best.pt"), "--out", str(tmp_path / "small.pt")]) == 0
     full, small = load_checkpoint(out / "best.pt"), load_checkpoint(tmp_path / "small.pt")
     assert small["weights_stored_as"] == "float16" and "training" not in small

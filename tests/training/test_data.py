@@ -23,7 +23,7 @@ from lstm_training.data import (
 )
 from lstm_training.tokenizer import encode, load_tokenizer, train_tokenizer
 
-from ..conftest import make_sst_rows, write_sst
+from ..datasets import make_sst_rows, write_sst
 
 
 def test_split_is_first_90_percent_then_last_10() -> None:

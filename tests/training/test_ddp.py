@@ -11,6 +11,8 @@ import torch
 
 from lstm_training.checkpoint import load_checkpoint
 
+from ..models import sentiment_args
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -33,30 +35,6 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, corpus_file) -> N
 
 
 def test_cli_under_torchrun_trains_and_writes_one_checkpoint(tmp_path, sst_files) -> None:
-    train, dev = sst_files
-    run(
-        [
-            "-m",
-            "lstm_training.cli",
-            "sentiment",
-            "--train",
-            str(train),
-            "--dev",
-            str(dev),
-            "--out",
-            str(tmp_path / "out"),
-            "--epochs",
-            "1",
-            "--embedding-dim",
-            "8",
-            "--hidden-size",
-            "8",
-            "--tokenizer-vocab-size",
-            "60",
-            "--device",
-            "cpu",
-        ],
-        cwd=tmp_path,
-    )
+    run(["-m", "lstm_training.cli", *sentiment_args(*sst_files, tmp_path / "out")], cwd=tmp_path)
     payload = load_checkpoint(tmp_path / "out" / "best.pt", expected_kind="sentiment")
     assert payload["command"].startswith("lstm-train sentiment")

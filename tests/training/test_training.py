@@ -16,7 +16,7 @@ from lstm_training.models import CharLM, CharLMConfig, ClassifierConfig, Sentime
 from lstm_training.tasks import LanguageModelTask
 from lstm_training.trainer import TrainConfig, Trainer, TrainingDiverged
 
-from ..conftest import make_corpus
+from ..datasets import make_corpus
 
 
 def lm_task(batch_size: int = 4, seq_len: int = 16, hidden: int = 24) -> LanguageModelTask:
