@@ -1,4 +1,4 @@
-# make install | test | serve | lint | proto | train-charlm | train-sentiment | export-models
+# make install | test | test-deps | serve | lint | proto | train-charlm | train-sentiment | export-models
 #      cluster | cluster-down | compose-test
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIECES := training export server client
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve lint proto train-charlm train-sentiment export-models cluster cluster-down compose-test clean
+.PHONY: install test test-deps serve lint proto train-charlm train-sentiment export-models cluster cluster-down compose-test clean
 
 install: $(STAMP)
 
@@ -15,8 +15,27 @@ $(STAMP): constraints.txt requirements-dev.txt $(foreach p,$(PIECES),$(p)/pyproj
 	$(BIN)/pip install --quiet -c constraints.txt -r requirements-dev.txt $(foreach p,$(PIECES),-e ./$(p))
 	touch $@
 
-test: install
+test: install test-deps
 	$(BIN)/python -m pytest
+
+# redis-server and nginx for the Redis store's and the loopback cluster's tests (the fixtures never install them:
+# without them those tests skip). Installed from Debian's packages when missing and apt-get is there (as root, or
+# through sudo without a password); anywhere else this says what is missing and succeeds.
+TEST_PACKAGES := redis-server nginx
+test-deps:
+	@missing=""; for binary in $(TEST_PACKAGES); do \
+	  command -v $$binary >/dev/null 2>&1 || [ -x /usr/sbin/$$binary ] || [ -x /sbin/$$binary ] \
+	    || missing="$$missing $$binary"; \
+	done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then as_root=""; elif sudo -n true 2>/dev/null; then as_root="sudo -n"; \
+	else echo "test-deps:$$missing missing (not root): their tests will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "test-deps:$$missing missing and no apt-get here: their tests will skip"; exit 0; fi; \
+	echo "test-deps: installing$$missing from Debian's packages"; \
+	{ $$as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	  && $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	} >/dev/null || echo "test-deps: could not install$$missing: their tests will skip"
 
 lint: install
 	$(BIN)/ruff check .
