@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
+import subprocess
+import sys
 from array import array
 
 import grpc
@@ -12,7 +15,6 @@ import pytest
 from lstm.v1 import lstm_pb2 as pb
 
 from lstm_client import Client, LstmError, make_tensor, tensor_shape, tensor_values
-from lstm_client import tensors as tensors_module
 from lstm_client.cli import main as cli_main
 
 from .conftest import TOKENS, Recorder, server_credentials
@@ -65,13 +67,24 @@ def test_tensors_are_little_endian_float32_row_major() -> None:
     assert math.isnan(tensor_values(make_tensor([math.nan]))[0])
 
 
-def test_tensors_are_little_endian_on_a_big_endian_host_too(monkeypatch) -> None:
+BIG_ENDIAN_HOST = """
+import json, sys
+sys.byteorder = "big"  # what a big-endian host says, before lstm_client reads it
+from lstm_client import make_tensor, tensor_values
+tensor = make_tensor([1.5, -2.0])
+print(json.dumps({"data": tensor.data.hex(), "values": list(tensor_values(tensor))}))
+"""
+
+
+def test_tensors_are_little_endian_on_a_big_endian_host_too() -> None:
     """A big-endian host swaps its native bytes on the way out and back on the way in. Simulated on this
-    little-endian host: with the flag set, the bytes go out swapped and come back as the same values."""
-    monkeypatch.setattr(tensors_module, "_BIG_ENDIAN", True)
-    tensor = make_tensor([1.5, -2.0])
-    assert tensor.data == struct.pack(">2f", 1.5, -2.0)
-    assert tensor_values(tensor) == array("f", [1.5, -2.0])
+    little-endian host by a process whose ``sys.byteorder`` says big: the bytes go out swapped and come back as
+    the same values."""
+    done = subprocess.run([sys.executable, "-c", BIG_ENDIAN_HOST], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    made = json.loads(done.stdout)
+    assert bytes.fromhex(made["data"]) == struct.pack(">2f", 1.5, -2.0)
+    assert array("f", made["values"]) == array("f", [1.5, -2.0])
 
 
 @pytest.mark.parametrize(
