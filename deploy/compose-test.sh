@@ -117,10 +117,13 @@ find_docker() {
         REASONS+=("docker: no daemon answers (docker info fails)")
     elif docker compose version >>"$LOG" 2>&1; then
         ENGINE=docker COMPOSE=(docker compose)
-    elif command -v docker-compose >/dev/null && docker-compose version >>"$LOG" 2>&1; then
-        ENGINE=docker COMPOSE=(docker-compose)
-    else
+    elif ! command -v docker-compose >/dev/null; then
         REASONS+=("docker: no compose (neither the docker compose plugin nor docker-compose)")
+    elif [[ "$(docker-compose version --short 2>>"$LOG")" =~ ^v?[01]\. ]]; then
+        # Compose 1.x predates the top-level `name` (and is no longer maintained): Compose v2 is needed.
+        REASONS+=("docker: docker-compose $(docker-compose version --short 2>/dev/null) is too old (Compose v2 needed)")
+    else
+        ENGINE=docker COMPOSE=(docker-compose)
     fi
 }
 
@@ -170,6 +173,7 @@ if [[ -z "$ENGINE" ]]; then
     skip "no container engine with compose can run here (${reasons%; })"
 fi
 engine() { "$ENGINE" "$@"; }
+if ((${#REASONS[@]})); then log "not docker: ${REASONS[*]}"; fi
 log "engine: $ENGINE, compose: ${COMPOSE[*]} (log: $LOG)"
 if [[ "$ENGINE" == podman ]]; then
     # Keep the Dockerfiles' HEALTHCHECK in the images (podman's default OCI format drops it).
@@ -199,20 +203,22 @@ build_local_base() {
         fail "debootstrap failed (see $LOG)"
     fi
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | engine import --change 'CMD ["/bin/bash"]' - "$LOCAL_BASE_IMAGE" >>"$LOG"
+    tar -C "$rootfs" -c . | engine import --change 'CMD ["/bin/bash"]' - "$LOCAL_BASE_IMAGE" >>"$LOG" 2>&1
     rm -rf "$rootfs"
     log "base image $LOCAL_BASE_IMAGE ready"
 }
 
 pull() {
+    local output
     log "pulling $1"
-    if ! engine pull "$1" >>"$LOG" 2>&1; then
-        echo "compose-test: $ENGINE pull $1:" >&2
-        tail -n 3 "$LOG" >&2
-        fail "cannot pull the base image $1 with $ENGINE. Without a registry, build on a local base image:" \
-            "COMPOSE_TEST_LOCAL_BASE=1 (debootstrap), or set PYTHON_BASE_IMAGE and DEBIAN_BASE_IMAGE to images you" \
-            "have (deploy/README.md, make compose-test)"
+    if ! output="$(engine pull "$1" 2>&1)"; then
+        printf '%s\n' "$output" >>"$LOG"
+        printf '%s\n' "$output" | tail -n 3 | sed "s/^/compose-test: $ENGINE pull: /" >&2
+        fail "cannot pull the base image $1 with $ENGINE. Without a registry, build on a local base image" \
+            "(COMPOSE_TEST_LOCAL_BASE=1) or set PYTHON_BASE_IMAGE and DEBIAN_BASE_IMAGE to images you have;" \
+            "behind a TLS-intercepting proxy, COMPOSE_TEST_CA (deploy/README.md, make compose-test)"
     fi
+    printf '%s\n' "$output" >>"$LOG"
 }
 
 # A layer with the CA certificates of COMPOSE_TEST_CA on top of a base image; prints the new image's name.
