@@ -53,8 +53,11 @@ cluster: install
 cluster-down:
 	$(PYTHON) deploy/cluster.py down
 
-# The real docker-compose.yml under podman: build the images, bring the stack up, run the failover test through
-# the gateway's published port, tear everything down. Says why and skips where podman cannot run.
+# The real docker-compose.yml under Docker or podman (whichever runs here), on the official base images: build the
+# images, bring the stack up, run the failover test through the gateway's published port, tear everything down.
+# Says why and skips where neither can run. Settings, as make or environment variables (deploy/README.md):
+# COMPOSE_TEST_ENGINE, COMPOSE_TEST_KEEP_IMAGES; opt-in for a machine without a registry or behind a proxy
+# (CI's: .ci/run): COMPOSE_TEST_LOCAL_BASE=1, COMPOSE_TEST_CA=PATH, COMPOSE_TEST_PODMAN_DIR=DIR, COMPOSE_TEST_INSTALL=1.
 compose-test: install
 	bash deploy/compose-test.sh
 

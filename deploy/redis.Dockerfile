@@ -5,7 +5,8 @@
 # It reads /run/secrets/redis-conf first (docker-compose.yml's secret, made by deploy/credentials.py), which holds
 # `requirepass PASSWORD`: the password is never on a command line or in the environment.
 # The official image (redis:7) works the same: in docker-compose.yml replace the service's build with `image: redis:7`.
-# It is built from Debian here so that the whole stack builds from one base image where no registry is reachable.
+# It is built from Debian here so that the whole stack builds from one base image where no registry is reachable
+# (`COMPOSE_TEST_LOCAL_BASE=1 make compose-test`).
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 

@@ -8,7 +8,7 @@
 # not in the image: mount it at /models. Any LSTM_SERVER_* variable or lstm-server flag configures the server.
 #
 # BASE_IMAGE: the official Python image by default; any Debian-like image works (a bare Debian gets python3 and
-# python3-venv from apt), which is how the local test builds it from a debootstrapped base (deploy/compose-test.sh).
+# python3-venv from apt), e.g. the debootstrapped base of `COMPOSE_TEST_LOCAL_BASE=1 make compose-test`.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -35,8 +35,8 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
 # Dependencies in their own layer, rebuilt only when the pins or the pyproject files change: the two projects are
 # installed once with empty packages (which pulls every dependency at its pinned version), then again, without
-# dependencies, with their code. pip uses the system's CA bundle where there is one (it holds the local proxy's CA
-# in the test's base image; on the official image it is the same Mozilla set as pip's own).
+# dependencies, with their code. pip uses the system's CA bundle where there is one (on the official image the
+# same Mozilla set as pip's own; a base image with a proxy's CA added, as `COMPOSE_TEST_CA` makes, holds that too).
 COPY constraints.txt ./
 COPY client/pyproject.toml client/
 COPY server/pyproject.toml server/

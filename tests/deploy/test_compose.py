@@ -1,11 +1,12 @@
 """The compose stack (docker-compose.yml) through its gateway: sessions stay on one replica, a session whose
 replica is killed carries on, on the other one, with the same text, and a restarted replica gets sessions again.
 
-Needs the running stack: ``make compose-test`` (deploy/compose-test.sh) brings it up under podman and runs this
-file with LSTM_COMPOSE_GATEWAY (host:port of the gateway), LSTM_COMPOSE_PROJECT (the compose project, whose
+Needs the running stack: ``make compose-test`` (deploy/compose-test.sh) brings it up under Docker or podman and runs
+this file with LSTM_COMPOSE_GATEWAY (host:port of the gateway), LSTM_COMPOSE_PROJECT (the compose project, whose
 containers carry the label com.docker.compose.project) and LSTM_COMPOSE_SECRETS (the stack's secrets folder, made by
 deploy/credentials.py: the CA that signed the gateway's certificate and the tenant ``dev``'s token).
-LSTM_COMPOSE_ENGINE picks the container CLI (podman, or docker for a stack brought up with docker compose).
+LSTM_COMPOSE_ENGINE names the container CLI (podman, or docker for a stack brought up with docker compose), which
+the script sets to the engine it used.
 """
 
 from __future__ import annotations
