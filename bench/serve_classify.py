@@ -23,7 +23,7 @@ from serve_generation import cluster, percentile, start_server
 from tokenizers import Tokenizer
 
 from lstm_client import AsyncClient
-from lstm_server.model_repository import load_entry
+from lstm_server.runtime.model_repository import load_entry
 
 FALLBACK = ["a gorgeous , moving film", "dull and lifeless", "the best acting of the year", "it does n't work at all"]
 

@@ -35,7 +35,7 @@ import onnxruntime as ort
 import torch
 
 from lstm_client import AsyncClient
-from lstm_server.model_repository import load_entry
+from lstm_server.runtime.model_repository import load_entry
 from lstm_training.models import CharLM, CharLMConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))

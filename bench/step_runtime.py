@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lstm_server.model_repository import load_entry
+from lstm_server.runtime.model_repository import load_entry
 from lstm_training.models import CharLM, CharLMConfig
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lstm_server.model_repository import load_entry
-from lstm_server.sampling import sample
+from lstm_server.engine.sampling import sample
+from lstm_server.runtime.model_repository import load_entry
 
 
 class Reference:

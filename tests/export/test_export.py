@@ -13,7 +13,7 @@ import torch
 from lstm_export.cli import main as export_main
 from lstm_export.pipeline import ExportError, export_checkpoint
 from lstm_export.verify import VerificationError, random_inputs
-from lstm_server.model_repository import check_onnx_session, load_entry
+from lstm_server.runtime.model_repository import check_onnx_session, load_entry
 from lstm_training.checkpoint import load_checkpoint, model_from_checkpoint
 
 CASES = [("charlm", "generation"), ("sentiment", "classification")]

@@ -16,7 +16,7 @@ from lstm_export.exporter import export_onnx
 from lstm_export.invariance import DEFAULT_BATCH_SIZES, ModelShape, check_batch_invariance
 from lstm_export.pipeline import ExportError, export_checkpoint
 from lstm_export.verify import onnx_runner, torch_runner
-from lstm_server.model_repository import ModelEntry, batch_invariant, list_entries, load_entry
+from lstm_server.runtime.model_repository import ModelEntry, batch_invariant, list_entries, load_entry
 from lstm_training.checkpoint import load_checkpoint, model_from_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models"

@@ -8,7 +8,7 @@ import shutil
 import onnxruntime as ort
 import pytest
 
-from lstm_server.model_repository import (
+from lstm_server.runtime.model_repository import (
     ModelRepositoryError,
     batch_invariant,
     check_onnx_session,

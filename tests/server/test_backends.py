@@ -9,10 +9,10 @@ import torch
 from lstm.v1 import lstm_pb2 as pb
 
 from lstm_client import Client
-from lstm_server.backends import load_backend
-from lstm_server.model_repository import ModelRepositoryError, load_entry
+from lstm_server.runtime.backends import load_backend
+from lstm_server.runtime.model_repository import ModelRepositoryError, load_entry
 
-from ..conftest import ServerThread, Stubs, array_of
+from ..serving import ServerThread, Stubs, array_of
 
 PROMPT = "KING:\nthe "
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers() or torch.cuda.is_available()
@@ -97,7 +97,7 @@ def test_highest_version_unless_pinned(repository) -> None:
     import json
     import shutil
 
-    from ..conftest import ServerThread
+    from ..serving import ServerThread
 
     shutil.copytree(repository / "charlm" / "1", repository / "charlm" / "2")
     manifest = json.loads((repository / "charlm" / "2" / "manifest.json").read_text())

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-import grpc
 import numpy as np
 
-from lstm_server.codec import CharCodec
-from lstm_server.errors import ServiceError
-from lstm_server.generation import GenerationEngine
+from lstm_server.config import ServerConfig
+from lstm_server.engine.codec import CharCodec
+from lstm_server.engine.generation import GenerationEngine, Turn
+from lstm_server.engine.models import ServedModel, ServedModels
+from lstm_server.engine.sampling import Sampling, sample
+from lstm_server.engine.slots import StateSlots
+from lstm_server.errors import ServiceError, Status
 from lstm_server.metrics import Metrics
-from lstm_server.sampling import Sampling
-from lstm_server.sessions import NO_OPTIONS, Session
-from lstm_server.state import StateSlots
+from lstm_server.runtime.model_repository import ModelEntry
+from lstm_server.sessions.manager import SessionManager
+from lstm_server.sessions.store import MemoryStore
+from lstm_server.sessions.table import SessionTable
+from lstm_server.sessions.turn import SessionTurn
 
 
 class CountingModel:
@@ -32,50 +38,61 @@ class CountingModel:
         return logits, inputs["h0"] + tokens.shape[1], inputs["c0"]
 
 
+def new_engine(model, buffer: int = 1000, max_batch: int = 8, **options) -> GenerationEngine:
+    return GenerationEngine(
+        "m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), max_batch, buffer, 0.0, Metrics(), **options
+    )
+
+
 def make_engine(buffer: int = 5, max_batch: int = 8) -> tuple[GenerationEngine, CountingModel]:
     model = CountingModel()
-    engine = GenerationEngine(
-        "m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), max_batch, buffer, 0.0, Metrics()
-    )
-    return engine, model
+    return new_engine(model, buffer, max_batch), model
 
 
-def session(engine: GenerationEngine, name: str) -> Session:
-    return Session(name, "m", engine.slots.allocate(), 1, NO_OPTIONS, busy=True)
+def start(engine: GenerationEngine, name: str, ids, sampling: Sampling, position: int = 0) -> Turn:
+    """A turn on a new slot of ``engine`` (a fresh sequence unless ``position`` says otherwise)."""
+    return engine.submit(engine.allocate(), np.array(ids), sampling, position, name)
 
 
-async def read_all(turn) -> str:
-    return "".join([chunk.text async for chunk in turn.chunks()])
+async def read_all(turn: Turn) -> str:
+    """The turn's text; its error, if it failed."""
+    text = "".join([chunk.text async for chunk in turn.chunks()])
+    error = (await turn.completion).error
+    if error is not None:
+        raise error
+    return text
+
+
+def h_of(engine: GenerationEngine, slot: int) -> float:
+    """The stand-in model's count of the characters a slot's state has read."""
+    return float(engine.state(slot).h[0, 0, 0])
 
 
 def test_a_stalled_reader_pauses_its_turn_and_nobody_else() -> None:
     async def scenario():
         engine, _ = make_engine(buffer=5)
         engine.start()
-        stalled = engine.submit(session(engine, "s"), np.array([0]), Sampling(temperature=0, max_tokens=100))
-        other = engine.submit(session(engine, "o"), np.array([0]), Sampling(temperature=0, max_tokens=60))
+        stalled = start(engine, "s", [0], Sampling(temperature=0, max_tokens=100))
+        other = start(engine, "o", [0], Sampling(temperature=0, max_tokens=60))
         assert await asyncio.wait_for(read_all(other), 10) == "b" * 60  # not held back by the stalled one
         await asyncio.sleep(0.05)
-        assert stalled.session.tokens_seen == 1 + 5 and not stalled.complete  # paused at the buffer limit
-        assert stalled.outbox_chars == 5
+        progress = stalled.progress()
+        assert progress.tokens_seen == 1 + 5 and not stalled.completion.done()  # paused at the buffer limit
+        assert progress.buffered == 5
         text = await asyncio.wait_for(read_all(stalled), 10)  # reading again resumes it
         await engine.stop()
-        return text, stalled
+        return text, stalled, engine
 
-    text, stalled = asyncio.run(scenario())
-    assert text == "b" * 100 and stalled.session.tokens_seen == 101 and not stalled.session.busy
-    slots = stalled.engine.slots
-    assert slots.h[0, stalled.session.slot, 0] == 101  # the state read exactly the 101 characters
+    text, stalled, engine = asyncio.run(scenario())
+    assert text == "b" * 100 and stalled.completion.result().tokens_seen == 101 and stalled.completion.done()
+    assert h_of(engine, stalled.slot) == 101  # the state read exactly the 101 characters
 
 
 def test_turns_share_steps_and_max_batch_is_respected() -> None:
     async def scenario():
         engine, model = make_engine(buffer=1000, max_batch=3)
         engine.start()
-        turns = [
-            engine.submit(session(engine, str(i)), np.array([0]), Sampling(temperature=0, max_tokens=30))
-            for i in range(5)
-        ]
+        turns = [start(engine, str(i), [0], Sampling(temperature=0, max_tokens=30)) for i in range(5)]
         texts = await asyncio.gather(*(read_all(t) for t in turns))
         await engine.stop()
         return texts, model.batches
@@ -90,17 +107,17 @@ def test_cancel_feeds_the_last_character_and_frees_the_session() -> None:
     async def scenario():
         engine, _ = make_engine(buffer=3)
         engine.start()
-        turn = engine.submit(session(engine, "c"), np.array([0, 0]), Sampling(temperature=0, max_tokens=1000))
+        turn = start(engine, "c", [0, 0], Sampling(temperature=0, max_tokens=1000))
         await asyncio.sleep(0.05)  # paused at the buffer limit
         turn.cancel()
         text = await asyncio.wait_for(read_all(turn), 10)
         await engine.stop()
-        return text, turn
+        return text, turn, engine
 
-    text, turn = asyncio.run(scenario())
-    assert text == "bbb" and turn.complete and not turn.session.busy
-    assert turn.session.tokens_seen == 2 + 3
-    assert turn.engine.slots.h[0, turn.session.slot, 0] == 5  # every counted character was fed
+    text, turn, engine = asyncio.run(scenario())
+    assert text == "bbb" and turn.completion.done()
+    assert turn.completion.result().tokens_seen == 2 + 3
+    assert h_of(engine, turn.slot) == 5  # every counted character was fed
 
 
 class FailingOnce(CountingModel):
@@ -118,22 +135,24 @@ class FailingOnce(CountingModel):
 
 
 def run_turns(model, sessions_and_prompts, max_tokens: int = 30):
-    """One greedy turn per (name, prompt ids, c marker), then one more, on a fresh engine: (outcomes, sessions,
+    """One greedy turn per (name, prompt ids, c marker), then one more, on a fresh engine: (outcomes, turns,
     engine)."""
 
     async def scenario():
-        engine = GenerationEngine("m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), 8, 1000, 0.0, Metrics())
+        engine = new_engine(model)
         turns = []
         for name, ids, marker in sessions_and_prompts:
-            made = session(engine, name)
-            engine.slots.c[0, made.slot, 0] = marker
-            turns.append(engine.submit(made, np.array(ids), Sampling(temperature=0, max_tokens=max_tokens)))
+            slot = engine.allocate()
+            h, c = np.zeros(engine.state_shape, np.float32), np.zeros(engine.state_shape, np.float32)
+            c[0, 0, 0] = marker
+            engine.set_state(slot, h, c, None)
+            turns.append(engine.submit(slot, np.array(ids), Sampling(temperature=0, max_tokens=max_tokens), 0, name))
         engine.start()  # after the submissions: every turn is admitted before the first step
         outcomes = await asyncio.gather(*(read_all(t) for t in turns), return_exceptions=True)
-        after = engine.submit(session(engine, "later"), np.array([0]), Sampling(temperature=0, max_tokens=5))
+        after = start(engine, "later", [0], Sampling(temperature=0, max_tokens=5))
         outcomes.append(await asyncio.wait_for(read_all(after), 10))
         await engine.stop()
-        return outcomes, [t.session for t in turns], engine
+        return outcomes, turns, engine
 
     return asyncio.run(scenario())
 
@@ -142,7 +161,7 @@ def test_a_batched_step_that_fails_is_retried_apart_and_nobody_notices() -> None
     model = FailingOnce()
     outcomes, made, engine = run_turns(model, [(str(i), [0], 0.0) for i in range(3)], max_tokens=50)
     assert model.failed and outcomes == ["b" * 50] * 3 + ["bbbbb"]
-    assert all(s.tokens_seen == 51 and engine.slots.h[0, s.slot, 0] == 51 and not s.busy for s in made)
+    assert all(t.completion.result().tokens_seen == 51 and h_of(engine, t.slot) == 51 for t in made)
 
 
 class Poisoned(CountingModel):
@@ -163,42 +182,42 @@ def test_a_failing_row_ends_only_its_own_turn_and_keeps_its_state() -> None:
     outcomes, made, engine = run_turns(model, plan)
     ok1, raises, ok2, nan, ok3, later = outcomes
     assert ok1 == ok2 == ok3 == "b" * 30 and later == "bbbbb"
-    assert isinstance(raises, ServiceError) and raises.code == grpc.StatusCode.INTERNAL
-    assert f"model step failed for session {made[1].id}: kernel exploded" in raises.message
+    assert isinstance(raises, ServiceError) and raises.code == Status.INTERNAL
+    assert f"model step failed for session {made[1].session_id}: kernel exploded" in raises.message
     assert "keeps its state after 5 characters" in raises.message
-    assert isinstance(nan, ServiceError) and nan.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert isinstance(nan, ServiceError) and nan.code == Status.FAILED_PRECONDITION
     assert "non-finite (NaN or infinity)" in nan.message and "keeps its state after 5 characters" in nan.message
     for bad in (made[1], made[3]):  # the failed step was not applied, and the count says so
-        assert bad.tokens_seen == 5 and engine.slots.h[0, bad.slot, 0] == 5 and not bad.busy
-    assert [s.tokens_seen for s in (made[0], made[2], made[4])] == [31, 33, 31]
+        assert bad.completion.result().tokens_seen == 5 and h_of(engine, bad.slot) == 5
+    assert [t.completion.result().tokens_seen for t in (made[0], made[2], made[4])] == [31, 33, 31]
     assert max(model.batches) == 5  # they were stepped together
 
 
 def test_a_row_whose_sampling_raises_fails_alone_and_its_step_is_not_applied() -> None:
     model = CountingModel()
+    bad_seed = 99
+
+    def flaky_sample(logits, temperature, top_k, top_p, seeds, positions):
+        if np.any((seeds == bad_seed) & (positions >= 4)):
+            raise FloatingPointError("bad draw")
+        return sample(logits, temperature, top_k, top_p, seeds, positions)
 
     async def scenario():
-        engine = GenerationEngine("m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), 8, 1000, 0.0, Metrics())
-        sample = engine._sample
-
-        def flaky_sample(turns, logits, positions=None):
-            if any(t.session.id == "bad" and t.session.tokens_seen >= 4 for t in turns):
-                raise FloatingPointError("bad draw")
-            return sample(turns, logits, positions)
-
-        engine._sample = flaky_sample
-        made = [session(engine, name) for name in ("good", "bad", "also-good")]
-        turns = [engine.submit(s, np.array([0]), Sampling(temperature=0, max_tokens=20)) for s in made]
+        engine = new_engine(model, sampler=flaky_sample)
+        turns = [
+            start(engine, name, [0], Sampling(temperature=0, max_tokens=20, seed=seed))
+            for name, seed in (("good", 1), ("bad", bad_seed), ("also-good", 2))
+        ]
         engine.start()
         outcomes = await asyncio.gather(*(read_all(t) for t in turns), return_exceptions=True)
         await engine.stop()
-        return outcomes, made, engine
+        return outcomes, turns, engine
 
     (good, bad, also_good), made, engine = asyncio.run(scenario())
     assert good == also_good == "b" * 20
-    assert isinstance(bad, ServiceError) and bad.code == grpc.StatusCode.INTERNAL
+    assert isinstance(bad, ServiceError) and bad.code == Status.INTERNAL
     assert bad.message.startswith("sampling failed for session bad: bad draw; the step was not applied")
-    assert made[1].tokens_seen == 3 and engine.slots.h[0, made[1].slot, 0] == 3  # as before the failed step
+    assert made[1].completion.result().tokens_seen == 3 and h_of(engine, made[1].slot) == 3  # as before the step
 
 
 class NanAfterPrompt(CountingModel):
@@ -213,72 +232,95 @@ class NanAfterPrompt(CountingModel):
 
 def test_a_prompt_or_step_that_turns_non_finite_changes_nothing() -> None:
     async def scenario():
-        engine = GenerationEngine(
-            "m", NanAfterPrompt(), CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), 8, 1000, 0.0, Metrics()
-        )
+        engine = new_engine(NanAfterPrompt())
         engine.start()
-        s = session(engine, "p")
-        await engine.read(s, np.array([0]))  # one character: fine
+        slot = engine.allocate()
+        await engine.read(slot, np.array([0]), "p")  # one character: fine
+        seen = 1
         errors = []
+        failing = engine.submit(slot, np.array([0, 1, 0]), Sampling(temperature=0, max_tokens=3), seen, "p")
         for call in (
-            lambda: engine.read(s, np.array([0, 1])),
-            lambda: read_all(engine.submit(s, np.array([0, 1, 0]), Sampling(temperature=0, max_tokens=3))),
+            lambda: engine.read(slot, np.array([0, 1]), "p"),
+            lambda: read_all(failing),
             lambda: engine.step(np.array([0, 0]), np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.float32)),
         ):
             try:
                 await call()
             except ServiceError as error:
                 errors.append(error)
-        s.busy = True
-        text = await read_all(engine.submit(s, np.array([1]), Sampling(temperature=0, max_tokens=3)))
+        seen = failing.completion.result().tokens_seen
+        last = engine.submit(slot, np.array([1]), Sampling(temperature=0, max_tokens=3), seen, "p")
+        text = await read_all(last)
         await engine.stop()
-        return s, engine, errors, text
+        return slot, last, engine, errors, text
 
-    s, engine, errors, text = asyncio.run(scenario())
-    assert [e.code for e in errors] == [grpc.StatusCode.FAILED_PRECONDITION] * 3
+    slot, last, engine, errors, text = asyncio.run(scenario())
+    assert [e.code for e in errors] == [Status.FAILED_PRECONDITION] * 3
     assert "the prompt was not read" in errors[0].message and "after 1 characters" in errors[1].message
     assert "nothing was kept" in errors[2].message
-    assert text == "bbb" and s.tokens_seen == 1 + 1 + 3 and engine.slots.h[0, s.slot, 0] == 5
+    assert text == "bbb" and last.completion.result().tokens_seen == 1 + 1 + 3 and h_of(engine, slot) == 5
 
 
 def test_sampling_positions_past_2_to_the_64_wrap_instead_of_failing_the_batch() -> None:
     async def scenario():
         engine, _ = make_engine(buffer=1000)
         engine.start()
-        huge, normal = session(engine, "huge"), session(engine, "normal")
-        huge.tokens_seen = 2**64 - 2
-        turns = [
-            engine.submit(s, np.array([0]), Sampling(temperature=1.0, seed=2**64 - 1, max_tokens=6))
-            for s in (huge, normal)
-        ]
-        texts = await asyncio.gather(*(read_all(t) for t in turns))
+        sampling = Sampling(temperature=1.0, seed=2**64 - 1, max_tokens=6)
+        huge = start(engine, "huge", [0], sampling, position=2**64 - 2)
+        normal = start(engine, "normal", [0], sampling)
+        texts = await asyncio.gather(*(read_all(t) for t in (huge, normal)))
         await engine.stop()
         return texts, huge
 
     texts, huge = asyncio.run(scenario())
-    assert [len(t) for t in texts] == [6, 6] and huge.tokens_seen == 2**64 + 5
+    assert [len(t) for t in texts] == [6, 6] and huge.completion.result().tokens_seen == 2**64 + 5
+
+
+class NoCodec:
+    """The memory store never encodes nor decodes a state."""
+
+    def encode(self, state):
+        raise AssertionError("the memory store encoded a state")
+
+    def decode(self, data, tenant, session_id):
+        raise AssertionError("the memory store decoded a state")
+
+
+def make_manager(engine: GenerationEngine) -> SessionManager:
+    """The sessions layer over ``engine`` alone, with the memory store."""
+    entry = ModelEntry(Path("m") / "1", {"name": "m", "version": 1, "task": "generation"})
+    models = ServedModels({"m": ServedModel(entry, engine.backend, engine)})
+    config = ServerConfig(models="unused")
+    table = SessionTable(config.max_sessions, config.idle_timeout_s)
+    return SessionManager(config, models, table, Metrics(), MemoryStore(table, config.idle_timeout_s), NoCodec())
+
+
+async def read_session_turn(turn: SessionTurn) -> str:
+    return "".join([chunk.text async for chunk in turn.chunks()])
 
 
 def test_closing_a_session_mid_turn_aborts_the_stream_and_frees_the_slot_once() -> None:
     async def scenario():
         engine, _ = make_engine(buffer=4)
         engine.start()
-        closing = session(engine, "x")
-        turn = engine.submit(closing, np.array([0]), Sampling(temperature=0, max_tokens=1000))
+        manager = make_manager(engine)
+        model, nothing = manager.models.get("m"), np.zeros(0, np.int64)
+        closing = await manager.create(model, nothing, {}, "t")
+        turn = manager.start_turn(closing, np.array([0]), {"temperature": 0.0, "max_tokens": 1000})
         await asyncio.sleep(0.05)
-        engine.close(closing)
-        engine.close(session(engine, "idle-one"))  # an idle session is freed at once
+        await manager.close(closing.id, "t")
+        idle = await manager.create(model, nothing, {}, "t")
+        await manager.close(idle.id, "t")  # an idle session is freed at once
         try:
-            await asyncio.wait_for(read_all(turn), 10)
+            await asyncio.wait_for(read_session_turn(turn), 10)
             outcome = None
         except ServiceError as error:
             outcome = error
         await asyncio.sleep(0.05)
+        await manager.stop()
         await engine.stop()
         return engine, outcome
 
     engine, outcome = asyncio.run(scenario())
-    assert (
-        outcome is not None and outcome.code == grpc.StatusCode.ABORTED and "closed during the turn" in outcome.message
-    )
-    assert engine.slots.used == 0 and sorted(engine.slots._free) == list(range(16))  # each slot back exactly once
+    assert outcome is not None and outcome.code == Status.ABORTED and "closed during the turn" in outcome.message
+    assert engine.slots.used == 0 and engine.slots.free_slots() == list(range(16))  # each slot back exactly once

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from lstm.v1 import lstm_pb2 as pb
 
-from ..conftest import Stubs, array_of, tensor_of
+from ..serving import Stubs, array_of, tensor_of
 
 PROMPT = "KING:\nthe "
 
@@ -206,7 +206,7 @@ def test_import_refuses_altered_or_foreign_state(server, stubs) -> None:
         copy.CopyFrom(state)
         for name, value in fields.items():
             setattr(copy, name, value) if not isinstance(value, pb.Tensor) else getattr(copy, name).CopyFrom(value)
-        return server.server.core.signer.sign(copy) if sign else copy
+        return server.server.signer.sign(copy) if sign else copy
 
     def refused(code, match, altered) -> None:
         expect(code, match, stubs.sessions.ImportSession, pb.ImportSessionRequest(state=altered))
@@ -235,7 +235,7 @@ def test_import_refuses_altered_or_foreign_state(server, stubs) -> None:
     bad_defaults = pb.SessionState()
     bad_defaults.CopyFrom(state)
     bad_defaults.defaults.top_p = 7.0
-    refused(invalid, "top_p must be in (0, 1]", server.server.core.signer.sign(bad_defaults))
+    refused(invalid, "top_p must be in (0, 1]", server.server.signer.sign(bad_defaults))
     before = len(list(stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions))
     assert stubs.sessions.ImportSession(pb.ImportSessionRequest(state=state)).tokens_seen == state.tokens_seen
     after = len(list(stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions))

@@ -1,13 +1,13 @@
 """Fault containment end to end: one bad session (or text) fails alone, and the others never notice.
 
-A wrapper around a model's backend poisons one row of a batched call (it raises, or writes NaN into the new
-state); the model thread is held while every turn is submitted, so all of them are admitted together and the
-poisoned row is stepped in one batch with the others. Nothing waits on time.
+A wrapper around a model's backend (``engine.wrap_backend``) poisons one row of a batched call (it raises, or
+writes NaN into the new state); the model thread is held (``engine.paused()``) while every turn is submitted, so
+all of them are admitted together and the poisoned row is stepped in one batch with the others. Nothing waits on
+time.
 """
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,9 +15,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstm.v1 import lstm_pb2 as pb
 
-from lstm_server.model_repository import batch_invariant
+from lstm_server.runtime.model_repository import batch_invariant
 
-from ..conftest import Stubs
+from ..serving import Stubs
 
 # prompt, sampling, max_tokens: greedy and seeded sessions side by side
 PLANS = [
@@ -71,25 +71,6 @@ class PoisonedSteps:
         return logits, h, c
 
 
-def hold_model_thread(engine):
-    """Block the engine's model thread on a job until the returned event is set."""
-    started, release = threading.Event(), threading.Event()
-
-    def gate() -> None:
-        started.set()
-        release.wait(30)
-
-    engine._post(gate)
-    assert started.wait(10)
-    return release
-
-
-def wait_for_jobs(engine, n: int) -> None:
-    """Until ``n`` jobs wait for the (held) model thread; each submission notifies the engine's condition."""
-    with engine.lock:
-        assert engine.lock.wait_for(lambda: len(engine._jobs) >= n, timeout=10)
-
-
 def generate(stubs: Stubs, session_id: str, prompt: str, max_tokens: int, sampling: dict):
     """(the text received, the RpcError that ended the call or None)."""
     request = pb.GenerateRequest(
@@ -106,23 +87,21 @@ def generate(stubs: Stubs, session_id: str, prompt: str, max_tokens: int, sampli
 
 def test_poisoned_neighbours_fail_alone_and_keep_their_state(start_server, reference) -> None:
     server = start_server()
-    engine = server.server.registry.get("charlm").engine
+    engine = server.server.models.get("charlm").engine
     expected = [reference.generate(prompt, n, **sampling) for prompt, sampling, n in PLANS]
     _, raise_from, _ = reference.generate(PLANS[RAISES][0], RAISE_AT, **PLANS[RAISES][1])
     _, nan_from, _ = reference.generate(PLANS[TURNS_NAN][0], NAN_AT, **PLANS[TURNS_NAN][1])
-    poison = PoisonedSteps(engine.backend, raise_from, nan_from)
-    engine.backend = poison
+    poison = engine.wrap_backend(lambda backend: PoisonedSteps(backend, raise_from, nan_from))
     stubs = Stubs(server.address)
     ids = [stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm")).session_id for _ in PLANS]
 
-    release = hold_model_thread(engine)  # every turn is admitted in one go, then all step together
     with ThreadPoolExecutor(len(PLANS)) as pool:
-        futures = [
-            pool.submit(generate, stubs, sid, prompt, n, sampling)
-            for sid, (prompt, sampling, n) in zip(ids, PLANS, strict=True)
-        ]
-        wait_for_jobs(engine, len(PLANS))
-        release.set()
+        with engine.paused() as paused:  # every turn is admitted in one go, then all step together
+            futures = [
+                pool.submit(generate, stubs, sid, prompt, n, sampling)
+                for sid, (prompt, sampling, n) in zip(ids, PLANS, strict=True)
+            ]
+            assert paused.wait_for_queued(len(PLANS))
         outcomes = [future.result(30) for future in futures]
 
     for i, ((text, error), (want, h_ref, c_ref)) in enumerate(zip(outcomes, expected, strict=True)):
@@ -198,12 +177,11 @@ def test_a_text_that_breaks_the_classifier_fails_only_its_caller(start_server) -
     texts = ["wonderful and funny", "dull and lifeless", "the best acting of the year", "a boring , ugly mess"]
     raising, nan = "sweet , smart and touching", "the worst script ever"
     server = start_server(classify_max_batch=6, classify_max_delay_ms=60_000)  # one call, once all six are queued
-    model = server.server.registry.get("sentiment")
+    model = server.server.models.get("sentiment")
     engine = model.engine
     callers = [[texts[0]], [texts[1], raising], [texts[2]], [nan], [texts[3]]]
     batch = sum(len(c) for c in callers)
-    broken = BreaksOnTexts(engine.backend, engine.encode(raising), engine.encode(nan))
-    engine.backend = broken
+    broken = engine.wrap_backend(lambda backend: BreaksOnTexts(backend, engine.encode(raising), engine.encode(nan)))
     stubs = Stubs(server.address)
 
     def classify(these: list[str]):

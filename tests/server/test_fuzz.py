@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lstm.v1 import lstm_pb2 as pb
 
-from ..conftest import Stubs
+from ..serving import Stubs
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED}
 CALL_TIMEOUT_S = 10  # a deadline hit means a hang
@@ -114,7 +114,7 @@ def call(channel: grpc.Channel, path: str, method, request, raw: bool = False) -
 
 @pytest.fixture(scope="module")
 def fuzzed(exported):
-    from ..conftest import ServerThread
+    from ..serving import ServerThread
 
     running = ServerThread(exported, max_tokens_limit=64, default_max_tokens=16, max_prompt_chars=30_000)
     stubs = Stubs(running.address)
@@ -157,7 +157,7 @@ def test_no_request_gets_internal_or_unknown(fuzzed, path, method) -> None:
 
 def test_signed_states_with_any_fields_are_checked_not_crashed_on(fuzzed) -> None:
     running, stubs, known, state = fuzzed
-    signer = running.server.core.signer
+    signer = running.server.signer
 
     @FUZZ
     @given(fields=message(pb.SessionState.DESCRIPTOR, known), keep=st.sets(st.sampled_from(["h", "c", "next_logits"])))

@@ -16,10 +16,11 @@ import pytest
 from tokenizers import Tokenizer
 
 from lstm_client import Client
-from lstm_server.model_repository import list_entries, load_entry
-from lstm_server.sampling import softmax
+from lstm_server.engine.sampling import softmax
+from lstm_server.runtime.model_repository import list_entries, load_entry
 
-from ..conftest import Reference, ServerThread, array_of
+from ..reference import Reference
+from ..serving import ServerThread, array_of
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 ENTRIES = list_entries(MODELS)

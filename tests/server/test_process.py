@@ -17,7 +17,7 @@ from lstm.v1 import lstm_pb2 as pb
 from lstm_client import Client
 from lstm_server.healthcheck import check
 
-from ..conftest import Stubs
+from ..serving import Stubs
 
 BIN = Path(sys.executable).parent
 

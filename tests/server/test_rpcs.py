@@ -15,7 +15,7 @@ from lstm.v1 import lstm_pb2 as pb
 
 from lstm_client import Client, InvalidArgument
 
-from ..conftest import array_of
+from ..serving import array_of
 
 PROMPT = "KING:\nthe "
 

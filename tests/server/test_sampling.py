@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lstm_server.sampling import as_uint64, sample, softmax, uniforms
+from lstm_server.engine.sampling import as_uint64, sample, softmax, uniforms
 
 
 def one_row(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0):

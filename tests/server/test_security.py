@@ -15,7 +15,7 @@ from lstm_client import Client, InsecureTokenWarning, LstmError
 from lstm_server.app import LstmServer, StartupError
 from lstm_server.cli import main as server_main
 
-from ..conftest import ServerThread, Stubs
+from ..serving import ServerThread, Stubs
 
 PROMPT = "KING:\nthe "
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}

@@ -11,7 +11,7 @@ import pytest
 
 from lstm_client import AsyncClient, Client, SessionBusy
 
-from ..conftest import array_of
+from ..serving import array_of
 
 PROMPT = "KING:\nthe good "
 

@@ -22,10 +22,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from lstm_client import Client, InsecureTokenWarning, LstmError
 from lstm_server.app import StartupError
 from lstm_server.config import ANONYMOUS
-from lstm_server.errors import ServiceError
-from lstm_server.session_store import KEY_PREFIX, RedisSessionStore, SessionSummary, redacted
+from lstm_server.errors import ServiceError, Status
+from lstm_server.sessions.redis_store import KEY_PREFIX, RedisSessionStore, redacted
+from lstm_server.sessions.store import SessionSummary
 
-from ..conftest import STATE_KEYS, ServerThread, Stubs, array_of
+from ..serving import STATE_KEYS, ServerThread, Stubs, array_of
 
 PROMPT = "KING:\n"
 SEED = 77
@@ -218,7 +219,7 @@ def test_proposed_session_ids_are_checked(stored):
 
 def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_state(stored, reference):
     server = stored.start()
-    store = server.server.core.store
+    store = server.server.sessions.store
     save = store.save
 
     async def save_after_redis_stops(*args):  # Redis goes away while the turn runs, before its save
@@ -246,7 +247,7 @@ def test_a_turn_that_cannot_be_saved_fails_and_the_session_keeps_its_last_saved_
 
 def test_a_save_whose_reply_is_lost_is_confirmed_not_repeated(stored, reference):
     server = stored.start()
-    store = server.server.core.store
+    store = server.server.sessions.store
     script = store._save
     expected, h, c = reference.generate(PROMPT, 24, seed=SEED)
 
@@ -273,20 +274,20 @@ def test_a_save_whose_reply_is_lost_is_confirmed_not_repeated(stored, reference)
 
 def test_a_session_closed_while_it_is_created_stays_closed(stored):
     server = stored.start()
-    core = server.server.core
-    save = core.store.save
+    sessions = server.server.sessions
+    save = sessions.store.save
 
     async def close_then_save(session_id, *args):
-        await core.close(session_id, ANONYMOUS)
+        await sessions.close(session_id, ANONYMOUS)
         return await save(session_id, *args)
 
     proposed = "cd" * 16
     with Client(server.address, retries=0) as client:
-        core.store.save = close_then_save
+        sessions.store.save = close_then_save
         with pytest.raises(LstmError) as aborted:
             request = pb.CreateSessionRequest(model="charlm", prompt=PROMPT)
             client.call(client.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", proposed)])
-        core.store.save = save
+        sessions.store.save = save
         assert aborted.value.code == grpc.StatusCode.ABORTED
         assert "was closed while it was being made" in aborted.value.details
         with pytest.raises(LstmError) as gone:
@@ -320,11 +321,11 @@ def test_saves_compare_and_set_on_the_revision(start_redis):
         store = RedisSessionStore(f"redis://{redis.address}/0", ttl_s=60)
         try:
             assert await store.revision("s1") is None
-            assert await store.save("s1", b"one", summary, 0) == 1
-            assert await store.save("s1", b"two", summary, 1) == 2
-            for stale, code in ((0, grpc.StatusCode.ALREADY_EXISTS), (1, grpc.StatusCode.ABORTED)):
+            assert await store.save("s1", lambda: b"one", summary, 0) == 1
+            assert await store.save("s1", lambda: b"two", summary, 1) == 2
+            for stale, code in ((0, Status.ALREADY_EXISTS), (1, Status.ABORTED)):
                 with pytest.raises(ServiceError) as conflict:
-                    await store.save("s1", b"lost", summary, stale)
+                    await store.save("s1", lambda: b"lost", summary, stale)
                 assert conflict.value.code == code
             loaded = await store.load("s1")
             assert (loaded.revision, loaded.state, loaded.created_at) == (2, b"two", 123.0)
@@ -334,8 +335,8 @@ def test_saves_compare_and_set_on_the_revision(start_redis):
             await store.delete("s1")
             assert await store.load("s1") is None
             with pytest.raises(ServiceError) as gone:
-                await store.save("s1", b"three", summary, 2)
-            assert gone.value.code == grpc.StatusCode.NOT_FOUND
+                await store.save("s1", lambda: b"three", summary, 2)
+            assert gone.value.code == Status.NOT_FOUND
             assert "was closed (or expired) during this call" in gone.value.message
         finally:
             await store.close()
@@ -352,20 +353,20 @@ def test_store_messages_never_show_the_password():
 
 def test_closing_a_session_while_its_turn_is_being_saved(stored):
     server = stored.start()
-    core = server.server.core
-    slots = core.registry.get("charlm").engine.slots
-    save = core.store.save
+    sessions = server.server.sessions
+    slots = server.server.models.get("charlm").engine.slots
+    save = sessions.store.save
 
     async def close_then_save(session_id, *args):  # a CloseSession lands while the turn's save is under way
-        await core.close(session_id, ANONYMOUS)
+        await sessions.close(session_id, ANONYMOUS)
         return await save(session_id, *args)
 
     with Client(server.address, retries=0) as client:
         session = client.session(prompt=PROMPT)
         used = slots.used
-        core.store.save = close_then_save
+        sessions.store.save = close_then_save
         assert len(text_of(session, n=8)) == 8  # the turn had completed: its text stands
-        core.store.save = save
+        sessions.store.save = save
         with pytest.raises(LstmError) as gone:
             session.refresh()
     assert gone.value.code == grpc.StatusCode.NOT_FOUND
@@ -398,8 +399,8 @@ def test_a_turn_that_fails_on_its_own_row_saves_the_state_it_kept(stored):
         fork = session.fork()  # same seed: it continues exactly as the session will
         text_of(fork, n=3)
         poisoned = array_of(fork.export().h)  # the state after 3 characters of the session's next turn
-        engine = a.server.registry.get("charlm").engine
-        engine.backend = NaNAfter(engine.backend, poisoned)
+        engine = a.server.models.get("charlm").engine
+        engine.wrap_backend(lambda backend: NaNAfter(backend, poisoned))
         with pytest.raises(LstmError) as failed:
             text_of(session, n=8)
         assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lstm_server.model_repository import ModelRepositoryError
+from lstm_server.runtime.model_repository import ModelRepositoryError
 from lstm_training.checkpoint import CheckpointError
 from lstm_training.data import DataError
 

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from lstm_server.model_repository import (
+from lstm_server.runtime.model_repository import (
     FORMAT,
     MANIFEST,
     ONNX_FILE,

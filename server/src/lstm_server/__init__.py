@@ -1,1 +1,10 @@
-"""gRPC server for the LSTM models (built in the issue "gRPC server")."""
+"""gRPC server for the LSTM models, in four layers; imports only go down.
+
+- ``api/``: the gRPC services, authentication and status codes, request checks, protobuf conversions
+- ``sessions/``: the session table, session and turn lifecycle, the memory and Redis stores
+- ``engine/``: the scheduler over state slots, the classifier's batcher, sampling (numpy in, numpy out)
+- ``runtime/``: the model repository, the backends, the registry of loaded models
+
+Beside them, imported by any layer and importing none: ``config``, ``errors``, ``metrics``, ``logs``. At the top,
+``app`` (which assembles the layers) and ``cli``; ``healthcheck`` is a client for container health checks.
+"""

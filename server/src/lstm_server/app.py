@@ -1,5 +1,13 @@
-"""Assemble and run the server: models, services, authentication and TLS, health, reflection, metrics, idle
-expiry, graceful stop."""
+"""Assemble and run the server: models and their engines, sessions and their store, services, authentication and
+TLS, health, reflection, metrics, idle expiry, graceful stop.
+
+The layers, each built from the ones below it (imports only go down):
+
+    runtime   ModelRegistry: each model's repository entry, opened on its backend
+    engine    an engine per model (built here), in ServedModels
+    sessions  SessionManager over the SessionTable and the store (memory or Redis)
+    api       the services and the interceptor; StateMessages signs states (and encodes them for the store)
+"""
 
 from __future__ import annotations
 
@@ -13,17 +21,24 @@ from grpc_reflection.v1alpha import reflection
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
-from .auth import AuthConfigError, Authenticator, ServerTls
+from .api.auth import AuthConfigError, Authenticator, ServerTls
+from .api.interceptors import ServiceInterceptor
+from .api.servicers import Api, ClassificationService, GenerationService, ModelsService, SessionsService
+from .api.state import StateMessages
+from .api.state_signing import StateKeyError, StateSigner
 from .config import ServerConfig
-from .core import Core, reap_idle_sessions
+from .engine.classification import ClassifierEngine
+from .engine.codec import CharCodec
+from .engine.generation import GenerationEngine
+from .engine.models import ServedModel, ServedModels
+from .engine.slots import StateSlots
 from .errors import ServiceError
-from .interceptors import ServiceInterceptor
 from .metrics import Metrics
-from .registry import ModelRegistry
-from .servicers import ClassificationService, GenerationService, ModelsService, SessionsService
-from .session_store import open_store
-from .sessions import SessionTable
-from .state_signing import StateKeyError, StateSigner
+from .runtime.registry import LoadedModel, ModelRegistry
+from .sessions.manager import SessionManager
+from .sessions.redis_store import RedisSessionStore
+from .sessions.store import MemoryStore, SessionStore
+from .sessions.table import SessionTable
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = [
@@ -35,6 +50,46 @@ class StartupError(RuntimeError):
     """The server cannot start as configured; the message says why in one line."""
 
 
+def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> GenerationEngine | ClassifierEngine:
+    """The engine that serves a loaded model: the scheduler over state slots for a language model, the batcher
+    for a classifier."""
+    entry = model.entry
+    layers = entry.num_layers * entry.num_directions
+    if entry.task == "generation":
+        codec = CharCodec(entry.vocab)
+        slots = StateSlots(layers, entry.hidden_size, len(codec), config.max_sessions)
+        return GenerationEngine(
+            entry.name,
+            model.backend,
+            codec,
+            slots,
+            config.max_batch,
+            config.stream_buffer_chars,
+            config.stream_interval_ms,
+            metrics,
+        )
+    from tokenizers import Tokenizer
+
+    return ClassifierEngine(
+        entry.name,
+        model.backend,
+        Tokenizer.from_str(entry.tokenizer_json()),
+        entry.labels,
+        (layers, entry.hidden_size),
+        entry.manifest.get("pad_id", 0),
+        config.classify_max_batch,
+        config.classify_max_delay_ms,
+        metrics,
+    )
+
+
+def open_store(config: ServerConfig, table: SessionTable, metrics: Metrics) -> SessionStore:
+    """The configured session store."""
+    if config.session_store == "redis":
+        return RedisSessionStore(config.redis_url, config.idle_timeout_s, metrics)
+    return MemoryStore(table, config.idle_timeout_s)
+
+
 class LstmServer:
     """One server process's gRPC server and everything it holds."""
 
@@ -44,17 +99,25 @@ class LstmServer:
         try:
             authenticator = Authenticator(config)
             tls = ServerTls(config) if config.tls_cert else None
-            signer = StateSigner.from_settings(
+            self.signer = StateSigner.from_settings(
                 config.state_keys_file, config.state_keys, required=config.session_store == "redis"
             )
         except (AuthConfigError, StateKeyError) as error:
             raise StartupError(str(error)) from error
-        self.registry = ModelRegistry(config, self.metrics)
-        self.store = open_store(config.session_store, config.redis_url, config.idle_timeout_s)
+        registry = ModelRegistry(config)
+        self.models = ServedModels(
+            {
+                name: ServedModel(loaded.entry, loaded.backend, engine_for(loaded, config, self.metrics))
+                for name, loaded in registry.models.items()
+            }
+        )
         # without authentication every caller is the one tenant: only the server's own limits apply
         tenant_limits = (config.tenant_max_sessions, config.tenant_max_turns) if config.authenticated else ()
         table = SessionTable(config.max_sessions, config.idle_timeout_s, *tenant_limits)
-        self.core = Core(config, self.registry, table, self.metrics, signer, self.store)
+        states = StateMessages(self.signer, self.models, config)
+        self.store = open_store(config, table, self.metrics)
+        self.sessions = SessionManager(config, self.models, table, self.metrics, self.store, states)
+        api = Api(config, self.sessions, self.models, states)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -63,10 +126,10 @@ class LstmServer:
         self.server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self.metrics, config.replica_name, authenticator)], options=options
         )
-        rpc.add_SessionsServicer_to_server(SessionsService(self.core), self.server)
-        rpc.add_GenerationServicer_to_server(GenerationService(self.core), self.server)
-        rpc.add_ClassificationServicer_to_server(ClassificationService(self.core), self.server)
-        rpc.add_ModelsServicer_to_server(ModelsService(self.core), self.server)
+        rpc.add_SessionsServicer_to_server(SessionsService(api), self.server)
+        rpc.add_GenerationServicer_to_server(GenerationService(api), self.server)
+        rpc.add_ClassificationServicer_to_server(ClassificationService(api), self.server)
+        rpc.add_ModelsServicer_to_server(ModelsService(api), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
@@ -84,18 +147,17 @@ class LstmServer:
         self._http = None
         self._reaper: asyncio.Task | None = None
 
-    async def _set_health(self, status) -> None:
+    async def _set_health(self, status: int) -> None:
         for name in ["", *SERVICE_NAMES]:
             await self.health.set(name, status)
 
     async def start(self) -> None:
         """Connect to the session store (retrying: it may start after us), start the models, then serve."""
-        if self.store is not None:
-            try:
-                await self.store.connect(self.config.store_connect_timeout_s)
-            except ServiceError as error:
-                raise StartupError(error.message) from error
-        self.registry.start()
+        try:
+            await self.store.connect(self.config.store_connect_timeout_s)
+        except ServiceError as error:
+            raise StartupError(error.message) from error
+        self.models.start()
         await self.server.start()
         if self.config.metrics_port:
             try:
@@ -106,12 +168,10 @@ class LstmServer:
                     f"cannot serve metrics on {self.config.host}:{self.config.metrics_port} ({error.strerror}): "
                     "choose another --metrics-port, or 0 for none"
                 ) from error
-        every = max(0.05, min(60.0, self.core.idle_limit_s / 4))
-        self._reaper = asyncio.get_running_loop().create_task(reap_idle_sessions(self.core, every))
+        every = max(0.05, min(60.0, self.sessions.idle_limit_s / 4))
+        self._reaper = asyncio.get_running_loop().create_task(self.sessions.reap_idle(every))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "serving", extra={"address": f"{self.config.host}:{self.port}", "models": sorted(self.registry.models)}
-        )
+        log.info("serving", extra={"address": f"{self.config.host}:{self.port}", "models": sorted(self.models.models)})
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, wait the drain delay, refuse new calls, let running ones finish within the grace
@@ -123,9 +183,9 @@ class LstmServer:
         await self.server.stop(grace)
         if self._reaper:
             self._reaper.cancel()
-        await self.registry.stop()
-        if self.store is not None:
-            await self.store.close()
+        await self.sessions.stop()  # every turn saved and its session free
+        await self.models.stop()
+        await self.store.close()
         if self._http:
             self._http.shutdown()
         log.info("stopped")

@@ -12,10 +12,11 @@ import sys
 from .app import StartupError, serve
 from .config import ConfigError, load_config
 from .logs import configure_logging
-from .model_repository import ModelRepositoryError
+from .runtime.model_repository import ModelRepositoryError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT; 2 if it cannot start (the reason is one line on stderr)."""
     try:
         config = load_config(argv)
         configure_logging(config.log_level, config.replica_name)

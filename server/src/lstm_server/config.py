@@ -60,7 +60,7 @@ class ServerConfig:
     drain_delay_s: float = 0.5  # on SIGTERM, NOT_SERVING is reported this long before new calls are refused
     grace_period_s: float = 10.0  # then running calls get this long to finish
     log_level: str = "INFO"
-    # security (README "Security and isolation")
+    # security (docs/security.md)
     auth_tokens: str = ""  # file of "TENANT TOKEN" lines; clients send "authorization: Bearer TOKEN"
     tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)
     tls_key: str = ""

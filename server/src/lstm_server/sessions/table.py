@@ -1,73 +1,16 @@
-"""Sessions: unguessable ids, an owner (tenant) each, global and per-tenant limits, idle expiry, and the rule
-that a session runs one turn at a time."""
+"""The session table: this process's sessions by id, an owner (tenant) each, global and per-tenant limits, idle
+expiry, and the rule that a session runs one turn at a time."""
 
 from __future__ import annotations
 
 import collections
 import heapq
 import itertools
-import secrets
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Iterator
 
-import grpc
-
-from .errors import ServiceError
-from .requests import shown
-
-
-def new_session_id() -> str:
-    """128 random bits from the operating system's CSPRNG, as 32 hex digits."""
-    return secrets.token_hex(16)
-
-
-NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})  # one read-only empty mapping for every session without any
-
-
-def session_options(defaults: dict[str, Any]) -> Mapping[str, Any]:
-    """What a Session keeps of its sampling defaults besides the seed (memory: most sessions set none)."""
-    options = {k: v for k, v in defaults.items() if k != "seed"}
-    return options or NO_OPTIONS
-
-
-def new_seed() -> int:
-    return secrets.randbits(63)
-
-
-@dataclass(eq=False, slots=True)
-class Session:
-    """One conversation with a generation model; its (h, c) lives in the model's StateSlots at ``slot``.
-
-    ``revision`` is the session store's revision this copy was loaded or last saved at (0: not in a store).
-    ``seq`` orders the sessions of this process (ListSessions pages through them by it).
-    """
-
-    id: str
-    model: str
-    slot: int
-    seed: int
-    options: Mapping[str, Any]  # the sampling defaults the client set, but the seed (shared and empty if none)
-    tokens_seen: int = 0
-    has_logits: bool = False  # False until the session has read at least one character
-    busy: bool = False
-    closed: bool = False
-    turn: Any = None  # the running turn, if any
-    revision: int = 0
-    tenant: str = ""
-    seq: int = 0
-    created_at: float = field(default_factory=time.time)
-    last_used_at: float = field(default_factory=time.time)
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """The session's sampling defaults, seed included."""
-        return {"seed": self.seed, **self.options}
-
-    def touch(self) -> None:
-        self.last_used_at = time.time()
+from ..errors import ServiceError, Status, shown
+from .session import Session
 
 
 class SessionTable:
@@ -92,13 +35,13 @@ class SessionTable:
     def check_capacity(self, tenant: str) -> None:
         if len(self._sessions) >= self.max_sessions:
             raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Status.RESOURCE_EXHAUSTED,
                 f"session limit reached: max_sessions is {self.max_sessions}; close idle sessions or raise "
                 "--max-sessions",
             )
         if len(self._per_tenant.get(tenant, ())) >= self.tenant_max_sessions:
             raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Status.RESOURCE_EXHAUSTED,
                 f"tenant {tenant!r} holds {self.tenant_max_sessions} sessions, its limit (tenant_max_sessions); "
                 "close some of them",
             )
@@ -111,11 +54,12 @@ class SessionTable:
         self._per_tenant.setdefault(session.tenant, {})[session.id] = session
 
     def count(self, model: str) -> int:
+        """Sessions of ``model`` in the table."""
         return self._per_model[model]
 
     def not_found(self, session_id: str) -> ServiceError:
         return ServiceError(
-            grpc.StatusCode.NOT_FOUND,
+            Status.NOT_FOUND,
             f"no session {shown(session_id)}: it was closed, expired after {self.idle_timeout_s:g} s idle, or "
             "never existed; create a new one (or import its exported state)",
         )
@@ -142,7 +86,7 @@ class SessionTable:
         """Count a turn against the tenant's concurrent-turn limit (RESOURCE_EXHAUSTED past it)."""
         if self._turns[tenant] >= self.tenant_max_turns:
             raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Status.RESOURCE_EXHAUSTED,
                 f"tenant {tenant!r} runs {self.tenant_max_turns} turns at once, its limit (tenant_max_turns); "
                 "wait for one to finish",
             )
@@ -170,7 +114,7 @@ class SessionTable:
         session = self.get(session_id)
         if session.busy:
             raise ServiceError(
-                grpc.StatusCode.ABORTED,
+                Status.ABORTED,
                 f"session {session_id} is busy with another turn; wait for that turn to finish (or cancel it) "
                 "and retry",
             )
@@ -184,7 +128,7 @@ class SessionTable:
         return session
 
     def remove(self, session_id: str) -> Session:
-        """Take the session out of the table (its engine marks it closed and frees its slot)."""
+        """Take the session out of the table (the manager marks it closed and frees its slot)."""
         session = self.get(session_id)
         del self._sessions[session_id]
         self._per_model[session.model] -= 1

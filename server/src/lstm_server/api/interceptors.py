@@ -1,6 +1,6 @@
 """Cross-cutting concerns for every RPC of the lstm.v1 services: authentication, requests that do not parse,
-status mapping, metrics, logs, replica name. Health and reflection pass untouched (load balancers call them
-without credentials)."""
+status mapping (the project's ``Status`` to the gRPC status code of the same name), metrics, logs, replica name.
+Health and reflection pass untouched (load balancers call them without credentials)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,19 @@ from dataclasses import dataclass
 
 import grpc
 
+from ..errors import ServiceError, Status
+from ..metrics import Metrics
 from .auth import Authenticator
-from .errors import ServiceError
-from .metrics import Metrics
 
 log = logging.getLogger("lstm_server.rpc")
 OWN_SERVICES = "/lstm.v1."
 MAX_MESSAGE_CHARS = 2000  # status details travel in trailers, which a peer may cap at 8 KiB
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+
+
+def status_code(status: Status) -> grpc.StatusCode:
+    """The gRPC status code of the same name."""
+    return grpc.StatusCode[status.name]
 
 
 def caller() -> str:
@@ -51,7 +56,7 @@ def _tolerant(deserialize: Callable | None) -> Callable | None:
 def _check_parsed(request, method: str):
     if isinstance(request, Malformed):
         raise ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT,
+            Status.INVALID_ARGUMENT,
             f"the {method} request is not a valid message of its type ({request.error[:200]}): check that the "
             "client uses this server's lstm.v1 protocol",
         )
@@ -128,8 +133,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(method, _ended(context), started)
                 raise
             except ServiceError as error:
-                self._finish(method, error.code, started, error.message)
-                await context.abort(error.code, error.message[:MAX_MESSAGE_CHARS])
+                code = status_code(error.code)
+                self._finish(method, code, started, error.message)
+                await context.abort(code, error.message[:MAX_MESSAGE_CHARS])
             except Exception as error:
                 self._finish(method, grpc.StatusCode.INTERNAL, started, repr(error))
                 log.exception("unexpected error in %s", method)
@@ -147,8 +153,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 async for response in behavior(self._admit(request, context, method, streaming_requests), context):
                     yield response
             except ServiceError as error:
-                self._finish(method, error.code, started, error.message)
-                await context.abort(error.code, error.message[:MAX_MESSAGE_CHARS])
+                code = status_code(error.code)
+                self._finish(method, code, started, error.message)
+                await context.abort(code, error.message[:MAX_MESSAGE_CHARS])
             except (asyncio.CancelledError, GeneratorExit):
                 self._finish(method, _ended(context), started)
                 raise

@@ -1,8 +1,6 @@
-"""Where a session's state lives between turns, beyond this process.
+"""The Redis session store: a session's state beyond this process, shared by replicas.
 
-The default ("memory") is nowhere else: sessions live and die with the
-process, and the server keeps no store at all. With "redis", every session
-is a Redis hash ``lstm:session:<id>`` holding its serialized state (a signed
+Every session is a Redis hash ``lstm:session:<id>`` holding its serialized state (a signed
 ``SessionState`` message), a ``revision`` that grows by one at every save,
 the tenant that owns it (checked on every load, and by close, which works
 even when the state is damaged), the model's name and version and the token
@@ -23,17 +21,17 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-import grpc
 import redis.asyncio as redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .errors import ServiceError
+from ..errors import ServiceError, Status
+from ..metrics import Metrics
+from .store import SessionSummary, StoredSession
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "lstm:session:"
@@ -58,53 +56,14 @@ return current + 1
 """
 
 
-@dataclass
-class StoredSession:
-    revision: int
-    state: bytes  # a serialized SessionState
-    created_at: float
-    tenant: str
-
-
-@dataclass
-class SessionSummary:
-    """What a save writes besides the state itself."""
-
-    model: str
-    model_version: int
-    tokens_seen: int
-    created_at: float
-    tenant: str
-
-
-class SessionStore(Protocol):
-    """A shared, durable home for session states (see the module docstring for the rules)."""
-
-    async def connect(self, timeout_s: float) -> None:
-        """Wait until the store answers, retrying for up to ``timeout_s``; raise if it never does."""
-
-    async def revision(self, session_id: str) -> int | None:
-        """The stored revision, or None if the store has no such session."""
-
-    async def load(self, session_id: str) -> StoredSession | None: ...
-
-    async def tenant(self, session_id: str) -> str | None:
-        """The owner of a stored session (None: no such session), read without its state."""
-
-    async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
-        """Write over ``expected_revision`` (0: the session must be new) and return the new revision;
-        ALREADY_EXISTS, ABORTED (another writer got there first) or NOT_FOUND (the session is gone) otherwise."""
-
-    async def delete(self, session_id: str) -> None: ...
-
-    async def close(self) -> None: ...
-
-
 class RedisSessionStore:
-    """Session states in Redis (``redis://host:port/db``)."""
+    """Session states in Redis (``redis://host:port/db``); counts the states it saves in ``metrics``."""
 
-    def __init__(self, url: str, ttl_s: float, timeout_s: float = 2.0) -> None:
+    durable = True
+
+    def __init__(self, url: str, ttl_s: float, metrics: Metrics | None = None, timeout_s: float = 2.0) -> None:
         self.url = redacted(url)  # for messages and logs: never the password
+        self._saved = (metrics or Metrics()).store_events.labels("saved")
         self.ttl_ms = max(1, int(ttl_s * 1000))
         # A stopped Redis refuses connections at once: two quick retries, then UNAVAILABLE to the caller.
         self._redis = redis.Redis.from_url(
@@ -117,7 +76,7 @@ class RedisSessionStore:
 
     def _unavailable(self, error: Exception, outcome: str = "no session was changed by this call") -> ServiceError:
         return ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
+            Status.UNAVAILABLE,
             f"session store unavailable (redis at {self.url}): {error}; {outcome}, retry when the store is back",
         )
 
@@ -164,7 +123,16 @@ class RedisSessionStore:
             raise self._unavailable(error) from error
         return None if tenant is None else tenant.decode()
 
-    async def save(self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int) -> int:
+    async def save(
+        self, session_id: str, state: Callable[[], bytes], summary: SessionSummary, expected_revision: int
+    ) -> int:
+        revision = await self._compare_and_save(session_id, state(), summary, expected_revision)
+        self._saved.inc()
+        return revision
+
+    async def _compare_and_save(
+        self, session_id: str, state: bytes, summary: SessionSummary, expected_revision: int
+    ) -> int:
         key = KEY_PREFIX + session_id
         token = secrets.token_hex(8)
         args = [
@@ -192,16 +160,16 @@ class RedisSessionStore:
             raise self._unavailable(error) from error
         if revision == -2 and expected_revision:
             raise ServiceError(
-                grpc.StatusCode.NOT_FOUND,
+                Status.NOT_FOUND,
                 f"session {session_id} was closed (or expired) during this call; create a new one",
             )
         if revision < 0:
             if expected_revision == 0:
                 raise ServiceError(
-                    grpc.StatusCode.ALREADY_EXISTS, f"session {session_id} already exists; create it with another id"
+                    Status.ALREADY_EXISTS, f"session {session_id} already exists; create it with another id"
                 )
             raise ServiceError(
-                grpc.StatusCode.ABORTED,
+                Status.ABORTED,
                 f"session {session_id} was changed by another replica during this call; this call's change was "
                 "discarded: retry it",
             )
@@ -226,12 +194,3 @@ def redacted(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def open_store(kind: str, redis_url: str, ttl_s: float) -> SessionStore | None:
-    """The configured store; None for "memory" (sessions live in this process only)."""
-    if kind == "memory":
-        return None
-    if kind == "redis":
-        return RedisSessionStore(redis_url, ttl_s)
-    raise ValueError(f"session_store must be 'memory' or 'redis', not {kind!r}")

@@ -12,30 +12,56 @@ never with a step.
 A step's new state is written only for the rows whose ``h``, ``c`` and
 ``logits`` are all finite (``finite_rows``): a NaN or infinity never reaches a
 slot, so a session whose step fails keeps the state it had before it.
+
+Nothing outside the engine indexes these arrays: ``read`` and ``write`` hand one
+slot's state out and in.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
-import grpc
 import numpy as np
 
-from .errors import ServiceError
+from ..errors import ServiceError, Status
+
+
+class SlotState(NamedTuple):
+    """One slot's state, copied out: ``h`` and ``c`` [layers x directions, 1, hidden], ``logits`` [vocab]."""
+
+    h: np.ndarray
+    c: np.ndarray
+    logits: np.ndarray
 
 
 class StateSlots:
     def __init__(self, layers: int, hidden: int, vocab: int, capacity: int) -> None:
-        self.h = np.zeros((layers, capacity, hidden), np.float32)
-        self.c = np.zeros((layers, capacity, hidden), np.float32)
-        self.logits = np.zeros((capacity, vocab), np.float32)
+        self.h = np.zeros((layers, capacity, hidden), np.float32)  # [layers x directions, capacity, hidden]
+        self.c = np.zeros((layers, capacity, hidden), np.float32)  # [layers x directions, capacity, hidden]
+        self.logits = np.zeros((capacity, vocab), np.float32)  # [capacity, vocab]
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
-        self._lock = threading.Lock()  # sessions are opened on the event loop, may be freed on the model thread
+        self._lock = threading.Lock()  # slots are taken on the event loop, may be freed on the model thread
 
     @property
     def used(self) -> int:
         return self.capacity - len(self._free)
+
+    @property
+    def slot_shape(self) -> tuple[int, int, int]:
+        """The shape of one slot's ``h`` or ``c``: (layers x directions, 1, hidden)."""
+        layers, _, hidden = self.h.shape
+        return layers, 1, hidden
+
+    @property
+    def vocab_size(self) -> int:
+        return self.logits.shape[1]
+
+    def free_slots(self) -> list[int]:
+        """The free slots, sorted (a slot released twice would appear twice)."""
+        with self._lock:
+            return sorted(self._free)
 
     def allocate(self) -> int:
         """A zeroed slot (a fresh sequence)."""
@@ -43,7 +69,7 @@ class StateSlots:
             slot = self._free.pop() if self._free else None
         if slot is None:
             raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Status.RESOURCE_EXHAUSTED,
                 f"all {self.capacity} state slots of this model are in use (max_sessions); "
                 "close sessions or raise the limit",
             )
@@ -61,10 +87,24 @@ class StateSlots:
         self.c[:, target] = self.c[:, source]
         self.logits[target] = self.logits[source]
 
+    def read(self, slot: int) -> SlotState:
+        """A copy of one slot's (h, c, logits)."""
+        return SlotState(self.h[:, slot : slot + 1].copy(), self.c[:, slot : slot + 1].copy(), self.logits[slot].copy())
+
+    def write(self, slot: int, h: np.ndarray, c: np.ndarray, logits: np.ndarray | None = None) -> None:
+        """Set one slot's state: ``h`` and ``c`` [layers x directions, 1, hidden], ``logits`` [vocab] (None: keep
+        the slot's, zero in a new slot)."""
+        self.h[:, slot] = h[:, 0]
+        self.c[:, slot] = c[:, 0]
+        if logits is not None:
+            self.logits[slot] = logits
+
     def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(h, c) of ``slots``, [layers x directions, batch, hidden] each."""
         return self.h[:, slots], self.c[:, slots]
 
     def scatter(self, slots: np.ndarray, h: np.ndarray, c: np.ndarray, logits: np.ndarray) -> None:
+        """Write a step's new state: ``h``, ``c`` [layers x directions, batch, hidden], ``logits`` [batch, vocab]."""
         self.h[:, slots] = h
         self.c[:, slots] = c
         self.logits[slots] = logits

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Iterable
+
 import numpy as np
 
-from .errors import ServiceError
+from ..errors import ServiceError, Status
 
 REJECT, SKIP, REPLACE = "reject", "skip", "replace"
 
@@ -28,7 +29,7 @@ class CharCodec:
             if policy == REJECT:
                 shown = "".join(unknown[:20])
                 raise ServiceError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                    Status.INVALID_ARGUMENT,
                     f"characters not in the model's vocabulary: {shown!r}; remove them, or set "
                     "unknown_characters to SKIP or REPLACE",
                 )
@@ -38,14 +39,14 @@ class CharCodec:
                 text = "".join(ch if ch in self.index else self.replacement for ch in text)
         return np.fromiter((self.index[ch] for ch in text), dtype=np.int64, count=len(text))
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[int(i)] for i in ids)
 
     def validate_ids(self, ids: list[int]) -> np.ndarray:
         bad = sorted({i for i in ids if not 0 <= i < len(self.vocab)})
         if bad:
             raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Status.INVALID_ARGUMENT,
                 f"token ids out of range [0, {len(self.vocab)}): {bad[:20]}",
             )
         return np.asarray(ids, dtype=np.int64)

@@ -13,7 +13,7 @@ stream, none raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +45,10 @@ def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         key = _mix(seeds.astype(np.uint64) + _GOLDEN)
         z = _mix(key + (positions.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# (logits [batch, vocab], temperature, top_k, top_p, seeds, positions) -> token ids [batch]: ``sample``'s signature
+Sampler = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities along the last axis, computed in float64, returned as float32."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)

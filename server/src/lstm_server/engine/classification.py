@@ -6,7 +6,7 @@ sorted by token count so each call pads little, and run in calls of at most
 result: the model reads ``lengths`` (see the export's verification).
 
 Faults stay with their text. When a call raises, its texts are run again in
-halves, down to single texts (``generation.contain``), so only a text that
+halves, down to single texts (``faults.contain``), so only a text that
 fails alone gets the error (INTERNAL); the others get exactly the
 probabilities they get alone, since a row does not depend on its batch. A text
 whose logits are not all finite fails alone too (INTERNAL). A caller's error
@@ -19,26 +19,30 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 
-from .backends import Backend
-from .errors import ServiceError
-from .generation import contain
-from .metrics import Metrics
+from ..errors import ServiceError, Status
+from ..metrics import Metrics
+from ..runtime.backends import Backend
+from .faults import contain
 from .sampling import softmax
 
 log = logging.getLogger(__name__)
+B = TypeVar("B", bound=Backend)
 
 
 class ClassifierEngine:
+    """The batcher and backend of one classifier."""
+
     def __init__(
         self,
         name: str,
         backend: Backend,
-        tokenizer,
+        tokenizer: Any,  # a tokenizers.Tokenizer
         labels: list[str],
         state_shape: tuple[int, int],
         pad_id: int,
@@ -71,6 +75,12 @@ class ClassifierEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
+
+    def wrap_backend(self, wrap: Callable[[Backend], B]) -> B:
+        """Run the model through ``wrap(current backend)`` from the next call on (fault injection in tests, or
+        instrumentation); returns the wrapper."""
+        self.backend = wrapped = wrap(self.backend)
+        return wrapped
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids or [self.unk_id]
@@ -112,7 +122,7 @@ class ClassifierEngine:
             log.error(
                 "classifier %s failed on a text of %d tokens: %s", self.name, len(batch[i]), error, exc_info=error
             )
-            results[i] = ServiceError(grpc.StatusCode.INTERNAL, f"the classifier failed on this text: {error}")
+            results[i] = ServiceError(Status.INTERNAL, f"the classifier failed on this text: {error}")
         for rows, logits in parts:
             probabilities = softmax(logits)
             finite = np.isfinite(logits).all(axis=1)
@@ -121,7 +131,7 @@ class ClassifierEngine:
                 if not ok:
                     log.error("classifier %s gave non-finite logits for a text of %d tokens", self.name, len(batch[i]))
                     results[i] = ServiceError(
-                        grpc.StatusCode.INTERNAL,
+                        Status.INTERNAL,
                         "the classifier's output for this text is not finite (NaN or infinity), so it has no "
                         "probabilities; the same text fails the same way again (the other texts are not affected)",
                     )

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import grpc
 
-from .config import ANONYMOUS, ServerConfig
-from .errors import ServiceError
+from ..config import ANONYMOUS, ServerConfig
+from ..errors import ServiceError, Status
 
 log = logging.getLogger(__name__)
 MAX_TENANT_CHARS = 128
@@ -89,7 +89,7 @@ class TokenFile:
 
 
 def _unauthenticated(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
+    return ServiceError(Status.UNAUTHENTICATED, message)
 
 
 class Authenticator:

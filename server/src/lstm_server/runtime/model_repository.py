@@ -49,7 +49,7 @@ class TensorSpec:
 def expected_signature(
     task: str, num_layers: int, num_directions: int, hidden_size: int, vocab_size: int, num_labels: int
 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The (inputs, outputs) that DESIGN.md section 3 fixes for ``task``."""
+    """The (inputs, outputs) that docs/DESIGN.md section 3 fixes for ``task``."""
     state = (num_layers * num_directions, "batch", hidden_size)
     states_in = (TensorSpec("h0", "float32", state), TensorSpec("c0", "float32", state))
     states_out = (TensorSpec("hn", "float32", state), TensorSpec("cn", "float32", state))

@@ -1,0 +1,394 @@
+"""The session lifecycle the services share: create, find, turn, save, evict, close.
+
+A session lives in this process's table and its model engine's state slot,
+and in its store (``store.py``): with the memory store the table is the only
+copy; with Redis the store is the truth and the table a cache. One path for
+both:
+
+- a session is saved when it is created, forked or imported, and at the end
+  of every turn, before the turn's last message is sent: a turn the client
+  saw complete is never lost, whatever happens to this process afterwards;
+- every call on a session first compares the cached revision with the
+  store's (one small read with Redis) and reloads the state if another replica
+  has moved it on, or loads it if this replica does not hold it;
+- a turn whose state cannot be saved fails (UNAVAILABLE) and the cached copy
+  is dropped, so the next call starts again from the last saved state;
+- with a durable store, idle sessions leave memory (``evict_idle_s``, or the
+  least recently used one when the table is full) and come back on demand.
+
+A turn's lifecycle runs in its own task (``_run_turn``), not in the call that
+reads it: when the engine has fed the last character, the task counts what
+the state read, saves it, frees the session, and only then lets the last
+message go; it does all that even when the client has gone.
+
+Every session belongs to the tenant that created (or imported) it. Every
+operation names its caller's tenant; another tenant's session is NOT_FOUND,
+the same answer as an id that never existed. Any call on a session keeps it
+alive for another idle timeout; a session idle longer than that is gone (the
+reaper closes it in memory, Redis expires it), whichever store holds it.
+
+Everything here runs on the event loop: it is the only writer of a Session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..config import ServerConfig
+from ..engine.generation import LENGTH, GenerationEngine, SessionStepError
+from ..engine.models import ServedModel, ServedModels
+from ..errors import ServiceError, Status, invalid
+from ..metrics import Metrics
+from .session import Session, SessionState, new_seed, new_session_id, resolve_sampling, session_options
+from .store import SessionStore, SessionSummary, StateCodec, StoredSession
+from .table import SessionTable
+from .turn import SessionTurn, TurnOutcome
+
+log = logging.getLogger(__name__)
+
+
+def check_not_closed(session: Session) -> None:
+    if session.closed:
+        raise ServiceError(Status.ABORTED, f"session {session.id} was closed while it was being made")
+
+
+class SessionManager:
+    """Sessions of every generation model of this server: the table, the store behind it, and their turns."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        models: ServedModels,
+        table: SessionTable,
+        metrics: Metrics,
+        store: SessionStore,
+        codec: StateCodec,
+    ) -> None:
+        self.config = config
+        self.models = models
+        self.table = table
+        self.metrics = metrics
+        self.store = store
+        self.codec = codec
+        self._lifecycles: set[asyncio.Task] = set()
+
+    def _engine(self, session: Session) -> GenerationEngine:
+        return self.models.get(session.model).engine
+
+    def _gauge(self, model: str) -> None:
+        self.metrics.active_sessions.labels(model).set(self.table.count(model))
+
+    # -- the table (this process) ---------------------------------------------------
+
+    def _make_room(self, tenant: str) -> None:
+        """With a durable store, a full table evicts its least recently used idle sessions (they are saved
+        already): 1% of the table at a time, so that a full table costs one scan per hundred new sessions, not
+        per one."""
+        if self.store.durable and len(self.table) >= self.table.max_sessions:
+            for session in self.table.least_recently_used(max(1, self.table.max_sessions // 100)):
+                self.evict_idle(session)
+        self.table.check_capacity(tenant)
+
+    @property
+    def idle_limit_s(self) -> float:
+        """How long a session may sit idle in memory: the idle timeout, or with a durable store the eviction
+        delay."""
+        if self.store.durable:
+            return min(self.config.evict_idle_s, self.config.idle_timeout_s)
+        return self.config.idle_timeout_s
+
+    def new_session(
+        self,
+        model: ServedModel,
+        defaults: dict[str, Any],
+        tenant: str,
+        tokens_seen: int = 0,
+        has_logits: bool = False,
+        session_id: str = "",
+    ) -> Session:
+        """A session in the table, with a zeroed slot of ``model``'s engine (nothing saved yet)."""
+        if session_id and self.table.find(session_id) is not None:
+            raise ServiceError(Status.ALREADY_EXISTS, f"session {session_id} already exists; propose another id")
+        self._make_room(tenant)
+        defaults = {"seed": new_seed(), **defaults}
+        resolve_sampling({}, defaults, self.config)  # refuse bad defaults now, not at the first turn
+        slot = model.engine.allocate()
+        session = Session(
+            session_id or new_session_id(),
+            model.name,
+            slot,
+            defaults["seed"],
+            session_options(defaults),
+            tokens_seen,
+            has_logits,
+            tenant=tenant,
+        )
+        try:
+            self.table.add(session)
+        except BaseException:
+            model.engine.release(slot)
+            raise
+        self._gauge(model.name)
+        return session
+
+    def evict(self, session: Session) -> None:
+        """Take the session out of this process and mark it closed (its saved state, if any, stays in the store).
+        Its slot is freed once nothing uses it: at once if idle, after a read in flight, or when its turn ends
+        (the turn is cancelled)."""
+        if session.closed:  # closed or evicted already
+            return
+        self.table.remove(session.id)
+        session.closed = True
+        if session.turn is not None:
+            session.turn.cancel()  # _run_turn frees the slot
+        elif session.busy:
+            self._engine(session).release_after_pending(session.slot)
+        else:
+            self._engine(session).release(session.slot)
+        self._gauge(session.model)
+
+    def evict_idle(self, session: Session) -> None:
+        """Evict a saved, idle session to free memory (counted: the store will load it back on demand)."""
+        self.evict(session)
+        self.metrics.store_events.labels("evicted").inc()
+
+    def expire_idle(self) -> None:
+        """Sessions idle longer than ``idle_limit_s`` leave memory: evicted with a durable store (which expires
+        them itself after the idle timeout), closed with the memory store (the table held their only copy)."""
+        for session in self.table.expired(idle_s=self.idle_limit_s):
+            if self.store.durable:
+                self.evict_idle(session)
+            else:
+                self.evict(session)
+
+    async def reap_idle(self, every_s: float) -> None:
+        """Forever: ``expire_idle`` every ``every_s`` seconds."""
+        while True:
+            await asyncio.sleep(every_s)
+            self.expire_idle()
+
+    def list_sessions(self, tenant: str, model: str, after: int, size: int) -> tuple[list[Session], int]:
+        """A page of the tenant's sessions in this process (``SessionTable.page``)."""
+        return self.table.page(tenant, model, after, size)
+
+    # -- state ------------------------------------------------------------------------
+
+    def snapshot(self, session: Session) -> SessionState:
+        """The session's state, copied out of its slot."""
+        model = self.models.get(session.model)
+        h, c, logits = model.engine.state(session.slot)
+        return SessionState(
+            model.name,
+            model.version,
+            session.tokens_seen,
+            h,
+            c,
+            logits if session.has_logits else None,
+            session.defaults,
+            session.tenant,
+        )
+
+    def restore(self, state: SessionState, tenant: str, session_id: str = "") -> Session:
+        """A new session holding ``state`` (checked by the api layer: signed for this tenant, this model version,
+        every field within the limits)."""
+        model = self.models.of_task(state.model, "generation")
+        has_logits = state.next_logits is not None
+        session = self.new_session(model, state.defaults, tenant, state.tokens_seen, has_logits, session_id)
+        model.engine.set_state(session.slot, state.h, state.c, state.next_logits)
+        return session
+
+    # -- the store ----------------------------------------------------------------------
+
+    async def save(self, session: Session) -> None:
+        """Write the session's state over the revision this process holds (the memory store keeps nothing, and
+        never encodes it)."""
+        state = self.snapshot(session)
+        summary = SessionSummary(state.model, state.model_version, state.tokens_seen, session.created_at, state.tenant)
+        session.revision = await self.store.save(
+            session.id, lambda: self.codec.encode(state), summary, session.revision
+        )
+
+    async def save_new(self, session: Session) -> Session:
+        """Save a session just made here; if that fails, or it is closed meanwhile, it never existed."""
+        session.busy = True  # nobody may use it before it is in the store
+        try:
+            check_not_closed(session)  # its slot may serve another session already
+            await self.save(session)
+            if session.closed:  # closed during the save: take the save back
+                await self.store.delete(session.id)
+            check_not_closed(session)
+        except BaseException:
+            self.evict(session)
+            raise
+        finally:
+            session.busy = False
+        session.touch()
+        return session
+
+    def _restore(self, session_id: str, stored: StoredSession) -> Session:
+        session = self.restore(self.codec.decode(stored.state, stored.tenant, session_id), stored.tenant, session_id)
+        session.revision = stored.revision
+        session.created_at = stored.created_at or session.created_at
+        self.metrics.store_events.labels("loaded").inc()
+        return session
+
+    async def resolve(self, session_id: str, tenant: str) -> Session:
+        """The tenant's session, as the store has it: this process's copy if current, else (re)loaded. Any
+        call keeps it alive; one idle past the timeout is NOT_FOUND (and closed) at once."""
+        session = await self._resolve(session_id, tenant)
+        if session.tenant != tenant:
+            raise self.table.not_found(session_id)
+        session.touch()
+        return session
+
+    async def _resolve(self, session_id: str, tenant: str) -> Session:
+        local = self.table.find(session_id)
+        if local is not None and local.tenant != tenant:
+            raise self.table.not_found(session_id)
+        if local is not None and local.busy:
+            return local  # in a turn here: the caller gets the usual 'busy' answer
+        revision = await self.store.revision(session_id)
+        local = self.table.find(session_id)
+        if local is not None and (local.busy or local.revision == revision):
+            return local
+        if local is not None:
+            self.evict(local)  # stale (another replica moved it on) or expired in the store
+        if revision is None:
+            raise self.table.not_found(session_id)
+        stored = await self.store.load(session_id)
+        if stored is None or stored.tenant != tenant:
+            raise self.table.not_found(session_id)
+        local = self.table.find(session_id)  # another call may have loaded it meanwhile
+        if local is not None:
+            if local.busy or local.revision >= stored.revision:
+                return local
+            self.evict(local)
+        return self._restore(session_id, stored)
+
+    async def resolve_idle(self, session_id: str, tenant: str) -> Session:
+        """The session, as ``resolve`` finds it, if no turn is using it (ABORTED otherwise)."""
+        return self.table.idle((await self.resolve(session_id, tenant)).id)
+
+    # -- what the RPCs do ------------------------------------------------------------------
+
+    async def create(
+        self, model: ServedModel, tokens: np.ndarray, defaults: dict[str, Any], tenant: str, session_id: str = ""
+    ) -> Session:
+        """A new session of ``model`` that has read ``tokens``, saved."""
+        session = self.new_session(model, defaults, tenant, session_id=session_id)
+        session.busy = True
+        try:
+            await model.engine.read(session.slot, tokens, session.id)
+            if len(tokens):
+                session.tokens_seen += len(tokens)
+                session.has_logits = True
+        except BaseException:  # failed or cancelled: nobody will ever know this session's id
+            self.evict(session)
+            raise
+        finally:
+            session.busy = False
+        return await self.save_new(session)
+
+    async def fork(self, session_id: str, tenant: str) -> Session:
+        source = await self.resolve_idle(session_id, tenant)
+        model = self.models.get(source.model)
+        source.busy = True  # a full table must not evict the source to make room for its fork
+        try:
+            fork = self.new_session(model, dict(source.defaults), tenant, source.tokens_seen, source.has_logits)
+            model.engine.copy(source.slot, fork.slot)
+        finally:
+            source.busy = False
+        return await self.save_new(fork)
+
+    async def export(self, session_id: str, tenant: str) -> SessionState:
+        """The state of the tenant's session, if no turn is using it."""
+        return self.snapshot(await self.resolve_idle(session_id, tenant))
+
+    async def import_session(self, state: SessionState, tenant: str, session_id: str = "") -> Session:
+        """A new session holding ``state`` (checked by the api layer), saved."""
+        return await self.save_new(self.restore(state, tenant, session_id))
+
+    async def close(self, session_id: str, tenant: str) -> None:
+        """Close the tenant's session, here and in the store; also one whose stored state is damaged."""
+        local = self.table.find(session_id)
+        if local is not None and local.tenant != tenant:
+            raise self.table.not_found(session_id)
+        if local is None and await self.store.tenant(session_id) != tenant:
+            raise self.table.not_found(session_id)
+        await self.store.delete(session_id)
+        if local is not None:
+            self.evict(local)
+
+    def start_turn(self, session: Session, tokens: np.ndarray, sampling: dict[str, Any]) -> SessionTurn:
+        """Mark the session (just resolved) busy and submit a turn reading ``tokens`` then generating with
+        ``sampling`` over the session's defaults; its lifecycle runs in its own task (``_run_turn``)."""
+        engine = self._engine(session)
+        resolved = resolve_sampling(sampling, session.defaults, self.config)
+        if not len(tokens) and not session.has_logits:
+            raise invalid(f"session {session.id} has read no text yet: give a non-empty prompt")
+        self.table.start_turn(session.tenant)
+        try:
+            self.table.acquire(session.id)
+            turn = engine.submit(session.slot, tokens, resolved, session.tokens_seen, session.id)
+        except BaseException:
+            self.table.end_turn(session.tenant)
+            raise
+        session.turn = running = SessionTurn(turn)
+        task = asyncio.get_running_loop().create_task(self._run_turn(session, running))
+        self._lifecycles.add(task)
+        task.add_done_callback(self._lifecycles.discard)
+        return running
+
+    async def _run_turn(self, session: Session, running: SessionTurn) -> None:
+        """The turn's lifecycle: once the engine has fed its last character, count what the state read, save it
+        (a turn that failed on its own row kept a consistent state: it is saved too), free the session, and only
+        then settle the turn's last message."""
+        end = await running.turn.completion
+        error = end.error
+        session.has_logits = session.has_logits or end.tokens_seen > session.tokens_seen
+        session.tokens_seen = end.tokens_seen
+        try:
+            if not session.closed:
+                await self._save_turn(session, error)
+        except ServiceError as failure:
+            error = error or failure
+        except Exception as failure:  # a bug in the save: the turn must not look saved
+            log.exception("saving the turn failed for session %s", session.id)
+            error = error or ServiceError(Status.INTERNAL, f"generation failed: {failure}")
+        finally:
+            session.turn = None
+            session.busy = False
+            session.touch()
+            self.table.end_turn(session.tenant)
+            if session.closed:
+                self._engine(session).release(session.slot)
+            if error is None and session.closed and end.finish_reason is None:
+                error = ServiceError(Status.ABORTED, f"session {session.id} was closed during the turn")
+            running.settle(TurnOutcome(end.finish_reason or LENGTH, error))
+
+    async def _save_turn(self, session: Session, error: ServiceError | None) -> None:
+        """Save the state a turn left; after a failure that did not keep a consistent state, drop this copy if
+        the store can bring back the last saved one."""
+        if error is None or isinstance(error, SessionStepError):
+            try:
+                await self.save(session)
+                return
+            except BaseException:
+                if session.closed:  # closed during the save: the turn ends as 'closed during the turn'
+                    return
+                self.evict(session)  # the next call reloads the last saved state
+                raise
+        if self.store.durable:
+            self.evict(session)  # a failed turn's state is not trusted: reload the last saved one
+
+    async def stop(self) -> None:
+        """Cancel the turns still running (their calls are over) and wait until each is saved and its session
+        free."""
+        for session in self.table.sessions():
+            if session.turn is not None:
+                session.turn.cancel()
+        await asyncio.gather(*self._lifecycles, return_exceptions=True)
