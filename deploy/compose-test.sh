@@ -337,11 +337,22 @@ GATEWAY="127.0.0.1:$GATEWAY_PORT"
 export LSTM_SECRETS_DIR="$SECRETS_DIR"
 log "secrets for this run in $SECRETS_DIR"
 
+# The build's error lines, and a hint where HTTPS failed on a certificate (a TLS-intercepting proxy).
+build_failed() {
+    tail -n "+$build_line" "$LOG" | grep -E '(^|[[:space:]])(Error|ERROR|error)[: ]' | head -n 8 >&2 || true
+    if tail -n "+$build_line" "$LOG" | grep -q CERTIFICATE_VERIFY_FAILED; then
+        echo "compose-test: HTTPS inside the build failed to verify a certificate: behind a proxy with its own CA," \
+            "set COMPOSE_TEST_CA (deploy/README.md)" >&2
+    fi
+    fail "$*"
+}
 log "building ${SERVICES[*]} (project $PROJECT)"
 build_start=$SECONDS
-compose build "${SERVICES[@]}" >>"$LOG" 2>&1 || fail "${COMPOSE[*]} build failed (see $LOG)"
+build_line=$(($(wc -l <"$LOG") + 1))
+compose build "${SERVICES[@]}" >>"$LOG" 2>&1 || build_failed "${COMPOSE[*]} build failed (see $LOG)"
 for service in "${SERVICES[@]}"; do
-    [[ -n "$(project_images "$service")" ]] || fail "the image of $service was not built (see $LOG)"
+    # podman-compose 1.0.3 carries on, and exits 0, after a failed build.
+    [[ -n "$(project_images "$service")" ]] || build_failed "the image of $service was not built (see $LOG)"
 done
 log "built in $((SECONDS - build_start))s"
 
