@@ -328,7 +328,7 @@ class SessionManager:
         ``sampling`` over the session's defaults; its lifecycle runs in its own task (``_run_turn``)."""
         engine = self._engine(session)
         resolved = resolve_sampling(sampling, session.defaults, self.config)
-        if not len(tokens) and not session.has_logits:
+        if not len(tokens) and not session.has_logits and not session.busy:  # a busy one is refused as busy
             raise invalid(f"session {session.id} has read no text yet: give a non-empty prompt")
         self.table.start_turn(session.tenant)
         try:
