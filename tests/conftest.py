@@ -14,7 +14,6 @@ redis-server and nginx are looked up, never installed: their tests skip, naming 
 
 from __future__ import annotations
 
-import importlib
 import shutil
 from pathlib import Path
 
@@ -91,17 +90,3 @@ def redis_binary() -> str:
 def cluster_binaries() -> dict[str, str]:
     """redis-server and nginx, for the loopback cluster (deploy/cluster.py)."""
     return installed("redis-server", "nginx")
-
-
-# -- names that moved -----------------------------------------------------------------------------------------
-
-# Until the server's tests import them from tests/serving.py and tests/reference.py, ``from ..conftest import
-# ServerThread`` still works: the module that defines the name is imported then, not when this file is.
-_MOVED = {name: "serving" for name in ("STATE_KEYS", "ServerThread", "Stubs", "array_of", "tensor_of")}
-_MOVED["Reference"] = "reference"
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
