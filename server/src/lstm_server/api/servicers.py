@@ -237,7 +237,7 @@ class ModelsService(rpc.ModelsServicer):
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._info(m) for m in self.api.models.models.values()])
+        return pb.ListModelsResponse(models=[self._info(m) for m in self.api.models.all()])
 
     async def DescribeModel(self, request: pb.DescribeModelRequest, context: Context) -> pb.ModelInfo:
         return self._info(self.api.models.get(request.model))

@@ -344,7 +344,8 @@ class GenerationEngine:
         """Free a slot on the model thread, once the work submitted before (a read in flight) is done."""
         self._post(partial(self.slots.release, slot))
 
-    def copy(self, source: int, target: int) -> None:
+    def copy_slot(self, source: int, target: int) -> None:
+        """Copy one slot's state into another (a fork)."""
         self.slots.copy(source, target)
 
     def state(self, slot: int) -> SlotState:

@@ -27,6 +27,9 @@ class ServedModels:
     def __init__(self, models: dict[str, ServedModel]) -> None:
         self.models = models
 
+    def all(self) -> list[ServedModel]:
+        return list(self.models.values())
+
     def get(self, name: str) -> ServedModel:
         if name not in self.models:
             raise ServiceError(Status.NOT_FOUND, f"no model {name!r}; this server has {', '.join(sorted(self.models))}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,25 +57,17 @@ def check_not_closed(session: Session) -> None:
         raise ServiceError(Status.ABORTED, f"session {session.id} was closed while it was being made")
 
 
+@dataclass
 class SessionManager:
     """Sessions of every generation model of this server: the table, the store behind it, and their turns."""
 
-    def __init__(
-        self,
-        config: ServerConfig,
-        models: ServedModels,
-        table: SessionTable,
-        metrics: Metrics,
-        store: SessionStore,
-        codec: StateCodec,
-    ) -> None:
-        self.config = config
-        self.models = models
-        self.table = table
-        self.metrics = metrics
-        self.store = store
-        self.codec = codec
-        self._lifecycles: set[asyncio.Task] = set()
+    config: ServerConfig
+    models: ServedModels
+    table: SessionTable
+    metrics: Metrics
+    store: SessionStore
+    codec: StateCodec  # the states a store keeps, as bytes (the api layer's StateMessages)
+    _lifecycles: set[asyncio.Task] = field(default_factory=set, init=False, repr=False)  # turns being settled
 
     def _engine(self, session: Session) -> GenerationEngine:
         return self.models.get(session.model).engine
@@ -299,7 +292,7 @@ class SessionManager:
         source.busy = True  # a full table must not evict the source to make room for its fork
         try:
             fork = self.new_session(model, dict(source.defaults), tenant, source.tokens_seen, source.has_logits)
-            model.engine.copy(source.slot, fork.slot)
+            model.engine.copy_slot(source.slot, fork.slot)
         finally:
             source.busy = False
         return await self.save_new(fork)
