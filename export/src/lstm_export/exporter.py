@@ -1,7 +1,7 @@
 """Write a model as TorchScript, and the helpers shared by the ONNX exports.
 
 Tensor names and dynamic axes follow the model repository contract
-(``lstm_server.model_repository.expected_signature``). The shipped ONNX graph
+(``lstm_server.runtime.model_repository.expected_signature``). The shipped ONNX graph
 is written by ``step_graph`` (batch invariant by construction, checked by
 ``invariance``). ``export_onnx`` keeps the previous route for comparisons
 (``bench/step_graphs.py``, the tests): torch's TorchScript-based exporter
