@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as redis_asyncio
 from lstm.v1 import lstm_pb2 as pb
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -329,9 +330,12 @@ def test_saves_compare_and_set_on_the_revision(start_redis):
                 assert conflict.value.code == code
             loaded = await store.load("s1")
             assert (loaded.revision, loaded.state, loaded.created_at) == (2, b"two", 123.0)
-            fields = await store._redis.hgetall(KEY_PREFIX + "s1")
+            direct = redis_asyncio.Redis.from_url(f"redis://{redis.address}/0")  # what an operator reads
+            fields = await direct.hgetall(KEY_PREFIX + "s1")
             assert fields[b"model"] == b"charlm" and fields[b"model_version"] == b"1" and fields[b"tokens_seen"] == b"7"
-            assert 0 < await store._redis.pttl(KEY_PREFIX + "s1") <= 60_000
+            assert fields[b"tenant"] == b"tenant-a"
+            assert 0 < await direct.pttl(KEY_PREFIX + "s1") <= 60_000
+            await direct.aclose()
             await store.delete("s1")
             assert await store.load("s1") is None
             with pytest.raises(ServiceError) as gone:
