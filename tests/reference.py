@@ -16,6 +16,20 @@ from lstm_server.engine.sampling import sample
 from lstm_server.runtime.model_repository import load_entry
 
 
+def sample_one(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0) -> int:
+    """The server's sampler on one row of logits, with one session's parameters."""
+    return int(
+        sample(
+            np.asarray([logits], np.float32),
+            np.array([temperature]),
+            np.array([top_k]),
+            np.array([top_p]),
+            np.array([seed], np.uint64),
+            np.array([position], np.uint64),
+        )[0]
+    )
+
+
 class Reference:
     """The exported language model stepped in-process with onnxruntime: what a session must produce."""
 
@@ -37,14 +51,7 @@ class Reference:
         logits, h, c = self.feed(prompt)
         position, text = len(prompt), ""
         for _ in range(n):
-            token = sample(
-                logits[None],
-                np.array([temperature]),
-                np.array([top_k]),
-                np.array([top_p]),
-                np.array([seed], np.uint64),
-                np.array([position], np.uint64),
-            )[0]
+            token = sample_one(logits, temperature, top_k, top_p, seed, position)
             text += self.entry.vocab[token]
             position += 1
             logits, h, c = self.feed(self.entry.vocab[token], h, c)

@@ -6,16 +6,7 @@ import numpy as np
 
 from lstm_server.engine.sampling import as_uint64, sample, softmax, uniforms
 
-
-def one_row(logits, temperature=1.0, top_k=0, top_p=1.0, seed=0, position=0):
-    return sample(
-        np.asarray([logits], np.float32),
-        np.array([temperature]),
-        np.array([top_k]),
-        np.array([top_p]),
-        np.array([seed], np.uint64),
-        np.array([position], np.uint64),
-    )[0]
+from ..reference import sample_one as one_row
 
 
 def test_uniforms_depend_only_on_seed_and_position() -> None:
