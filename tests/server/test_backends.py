@@ -57,6 +57,19 @@ def test_per_model_backend_choice(start_server) -> None:
     stubs.channel.close()
 
 
+@pytest.mark.parametrize("spinning", [True, False])
+def test_thread_spinning_is_the_operators_choice_and_changes_no_result(exported, spinning) -> None:
+    entry = load_entry(exported / "charlm" / "1")
+    backend = load_backend(entry, "onnxruntime", "cpu", threads=2, spinning=spinning)
+    options = backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    baseline = load_backend(entry, "onnxruntime", "cpu", threads=2)
+    h = np.zeros((entry.num_layers, 3, entry.hidden_size), np.float32)
+    feeds = {"tokens": np.array([[1, 2], [3, 4], [5, 6]], np.int64), "h0": h, "c0": h}
+    for got, expected in zip(backend.run(feeds), baseline.run(feeds), strict=True):
+        assert np.array_equal(got, expected)
+
+
 def test_backend_errors_are_clear(exported) -> None:
     entry = load_entry(exported / "charlm" / "1")
     with pytest.raises(ModelRepositoryError, match="unknown backend 'tensorflow'"):

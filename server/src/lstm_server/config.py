@@ -35,6 +35,7 @@ class ServerConfig:
     model_backends: str = ""  # per-model override, "charlm=torchscript,sentiment=onnxruntime"
     model_versions: str = ""  # per-model pin, "charlm=1"; unpinned models serve their highest version
     threads: int = 0  # intra-op threads per model; 0 means the number of cores
+    thread_spinning: bool = True  # onnxruntime's idle intra-op threads busy-wait (fast wake-up, burns CPU)
     # sessions
     max_sessions: int = 10000
     idle_timeout_s: float = 3600.0

@@ -29,7 +29,7 @@ class Backend(Protocol):
 class OnnxBackend:
     name = "onnxruntime"
 
-    def __init__(self, entry: ModelEntry, device: str, threads: int) -> None:
+    def __init__(self, entry: ModelEntry, device: str, threads: int, spinning: bool = True) -> None:
         import onnxruntime as ort
 
         ort.disable_telemetry_events()  # a server does not report usage to anyone (on by default on Linux since 1.29)
@@ -44,6 +44,8 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # worker threads busy-wait for the next call (onnxruntime's default) or sleep: see config.thread_spinning
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(entry.file(ONNX_FILE)), options, providers=providers)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ModelRepositoryError(  # onnxruntime falls back to the CPU with only a warning
@@ -86,8 +88,11 @@ class TorchScriptBackend:
         return logits.cpu().numpy(), h.cpu().numpy(), c.cpu().numpy()
 
 
-def load_backend(entry: ModelEntry, backend: str, device: str, threads: int | None = None) -> Backend:
-    """Open ``entry`` with the named runtime on ``device``."""
+def load_backend(
+    entry: ModelEntry, backend: str, device: str, threads: int | None = None, spinning: bool = True
+) -> Backend:
+    """Open ``entry`` with the named runtime on ``device``; ``spinning``: onnxruntime's idle worker threads
+    busy-wait for the next call instead of sleeping."""
     if backend not in BACKENDS:
         raise ModelRepositoryError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     if device not in DEVICES:
@@ -98,5 +103,5 @@ def load_backend(entry: ModelEntry, backend: str, device: str, threads: int | No
         )
     threads = threads or os.cpu_count() or 1
     if backend == "onnxruntime":
-        return OnnxBackend(entry, device, threads)
+        return OnnxBackend(entry, device, threads, spinning)
     return TorchScriptBackend(entry, device, threads)
