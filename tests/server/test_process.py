@@ -93,7 +93,7 @@ def test_server_reports_a_missing_repository(tmp_path) -> None:
 
 def test_chat_cli_through_a_pseudo_terminal(server) -> None:
     stubs = Stubs(server.address)
-    before = {s.session_id for s in stubs.sessions.ListSessions(pb.ListSessionsRequest()).sessions}
+    before = {s.session_id for s in stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions}
     chat = pexpect.spawn(
         str(BIN / "lstm-client"),
         ["--server", server.address, "chat", "--max-tokens", "20", "--seed", "3", "--stop", "@@"],
@@ -109,7 +109,9 @@ def test_chat_cli_through_a_pseudo_terminal(server) -> None:
     chat.sendline("the good")
     chat.expect("you> ")
     (session,) = [
-        s for s in stubs.sessions.ListSessions(pb.ListSessionsRequest()).sessions if s.session_id not in before
+        s
+        for s in stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions
+        if s.session_id not in before
     ]
     assert session.tokens_seen == len("KING:\n") + 20 + len("the good\n") + 20  # one session across both turns
     assert len(first_answer.replace("\r\n", "\n").strip("\n")) > 0
@@ -117,7 +119,7 @@ def test_chat_cli_through_a_pseudo_terminal(server) -> None:
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 0
-    remaining = {s.session_id for s in stubs.sessions.ListSessions(pb.ListSessionsRequest()).sessions}
+    remaining = {s.session_id for s in stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions}
     assert session.session_id not in remaining  # the CLI closes its session
     stubs.channel.close()
 

@@ -36,12 +36,15 @@ def test_session_lifecycle_rpcs(stubs) -> None:
     )
     assert len(created.session_id) == 32 and int(created.session_id, 16) >= 0
     assert created.tokens_seen == len(PROMPT) and created.defaults.temperature == 0.5 and not created.busy
-    listed = {s.session_id for s in stubs.sessions.ListSessions(pb.ListSessionsRequest(model="charlm")).sessions}
+    listed = {
+        s.session_id
+        for s in stubs.sessions.ListSessions(pb.ListSessionsRequest(model="charlm", page_size=1000)).sessions
+    }
     assert created.session_id in listed
     fork = stubs.sessions.ForkSession(pb.ForkSessionRequest(session_id=created.session_id))
     assert fork.tokens_seen == created.tokens_seen and fork.defaults.seed == 3
     stubs.sessions.CloseSession(pb.CloseSessionRequest(session_id=fork.session_id))
-    listed = {s.session_id for s in stubs.sessions.ListSessions(pb.ListSessionsRequest()).sessions}
+    listed = {s.session_id for s in stubs.sessions.ListSessions(pb.ListSessionsRequest(page_size=1000)).sessions}
     assert fork.session_id not in listed and created.session_id in listed
 
 
