@@ -413,3 +413,31 @@ def test_a_turn_that_fails_on_its_own_row_saves_the_state_it_kept(stored):
         assert f"keeps its state after {kept} characters" in failed.value.details
         assert on_b.attach(session.id).info.tokens_seen == kept  # saved: every replica sees the kept state
         np.testing.assert_array_equal(array_of(on_b.attach(session.id).export().h), poisoned)
+
+
+def test_a_restart_of_redis_costs_no_call(start_redis):
+    """The store's connections to a Redis that restarted are retried on new ones (every kind of call): the first
+    call after the restart succeeds."""
+    redis_process = start_redis()
+    summary = SessionSummary("charlm", 1, 7, 123.0, "tenant-a")
+
+    restarted = []
+
+    async def scenario():
+        store = RedisSessionStore(f"redis://{redis_process.address}/0", ttl_s=60)
+        try:
+            assert await store.save("s1", lambda: b"one", summary, 0) == 1
+            assert await store.revision("s1") == 1
+            cluster.stop(redis_process)
+            restarted.append(cluster.restart(redis_process))  # the append-only file brings the session back
+            assert await store.revision("s1") == 1  # a pipeline, on a connection the old server closed
+            assert (await store.load("s1")).state == b"one"
+            assert await store.save("s1", lambda: b"two", summary, 1) == 2
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for process in restarted:
+            cluster.stop(process)

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry  # the asyncio one: the sync Retry never awaits, so never retries
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from ..errors import ServiceError, Status
 from ..metrics import Metrics
