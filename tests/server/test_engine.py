@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lstm_server.config import ServerConfig
 from lstm_server.engine.codec import CharCodec
@@ -324,3 +325,14 @@ def test_closing_a_session_mid_turn_aborts_the_stream_and_frees_the_slot_once() 
     engine, outcome = asyncio.run(scenario())
     assert outcome is not None and outcome.code == Status.ABORTED and "closed during the turn" in outcome.message
     assert engine.slots.used == 0 and engine.slots.free_slots() == list(range(16))  # each slot back exactly once
+
+
+def test_a_slot_released_twice_is_freed_once() -> None:
+    slots = StateSlots(1, 2, 3, capacity=2)
+    first = slots.allocate()
+    slots.release(first)
+    slots.release(first)  # a bug elsewhere: logged, and the slot is not handed out twice
+    assert slots.used == 0 and slots.free_slots() == [0, 1]
+    assert {slots.allocate(), slots.allocate()} == {0, 1}
+    with pytest.raises(ServiceError):
+        slots.allocate()

@@ -321,7 +321,7 @@ def test_saves_compare_and_set_on_the_revision(start_redis):
     async def scenario():
         store = RedisSessionStore(f"redis://{redis.address}/0", ttl_s=60)
         try:
-            assert await store.revision("s1") is None
+            assert await store.revision("s1", "tenant-a") is None
             assert await store.save("s1", lambda: b"one", summary, 0) == 1
             assert await store.save("s1", lambda: b"two", summary, 1) == 2
             for stale, code in ((0, Status.ALREADY_EXISTS), (1, Status.ABORTED)):
@@ -335,6 +335,11 @@ def test_saves_compare_and_set_on_the_revision(start_redis):
             assert fields[b"model"] == b"charlm" and fields[b"model_version"] == b"1" and fields[b"tokens_seen"] == b"7"
             assert fields[b"tenant"] == b"tenant-a"
             assert 0 < await direct.pttl(KEY_PREFIX + "s1") <= 60_000
+            await direct.pexpire(KEY_PREFIX + "s1", 5_000)
+            assert await store.revision("s1", "tenant-b") is None  # another tenant's: it does not exist for them
+            assert await direct.pttl(KEY_PREFIX + "s1") <= 5_000  # and they did not keep it alive
+            assert await store.revision("s1", "tenant-a") == 2
+            assert await direct.pttl(KEY_PREFIX + "s1") > 5_000  # its owner did
             await direct.aclose()
             await store.delete("s1")
             assert await store.load("s1") is None
@@ -427,10 +432,10 @@ def test_a_restart_of_redis_costs_no_call(start_redis):
         store = RedisSessionStore(f"redis://{redis_process.address}/0", ttl_s=60)
         try:
             assert await store.save("s1", lambda: b"one", summary, 0) == 1
-            assert await store.revision("s1") == 1
+            assert await store.revision("s1", "tenant-a") == 1
             cluster.stop(redis_process)
             restarted.append(cluster.restart(redis_process))  # the append-only file brings the session back
-            assert await store.revision("s1") == 1  # a pipeline, on a connection the old server closed
+            assert await store.revision("s1", "tenant-a") == 1  # a pipeline, on a connection the old server closed
             assert (await store.load("s1")).state == b"one"
             assert await store.save("s1", lambda: b"two", summary, 1) == 2
         finally:

@@ -501,8 +501,9 @@ class GenerationEngine:
             return
         with self.lock:
             turn._tokens_seen = position
-            if token is None:
-                turn._finish_reason = turn._finish_reason or LENGTH
+            if token is None:  # max_tokens 0 ends by length; a turn cancelled before it began has no reason
+                if not turn._cancelled:
+                    turn._finish_reason = turn._finish_reason or LENGTH
                 turn._finish()
             else:
                 turn._deliver(token, self.codec.vocab[token])
@@ -553,8 +554,8 @@ class GenerationEngine:
         parts, raised = contain(len(batch), forward, "model step")
         failures = {i: self._row_failure(batch[i], error) for i, error in raised.items()}
         with self.lock:  # a cancellation arriving after this snapshot is handled at the next step
-            finishing = [t._finishing for t in batch]
-        drawn: dict[int, int] = {}
+            finishing = np.array([t._finishing for t in batch], bool)
+        drawn = np.full(len(batch), -1, np.int64)  # the character drawn for each row that goes on
         if parts:
             rows, (logits, h, c) = _join(parts)
             finite = None if all_finite(h, c, logits) else finite_rows(h, c, logits)
@@ -562,7 +563,7 @@ class GenerationEngine:
                 for i in rows[~finite].tolist():
                     failures[i] = self._row_failure(batch[i], None)
                 rows, logits, h, c = rows[finite], logits[finite], h[:, finite], c[:, finite]
-            continuing = np.flatnonzero([not finishing[i] for i in rows.tolist()])  # positions in rows
+            continuing = np.flatnonzero(~finishing[rows])  # positions in rows
 
             def draw(picked: np.ndarray) -> np.ndarray:
                 chosen = continuing[picked]
@@ -573,7 +574,7 @@ class GenerationEngine:
                 i = int(rows[continuing[j]])
                 failures[i] = self._row_failure(batch[i], error, "sampling")
             for picked, tokens_drawn in sampled:
-                drawn.update(zip(rows[continuing[picked]].tolist(), tokens_drawn.tolist(), strict=True))
+                drawn[rows[continuing[picked]]] = tokens_drawn
             if unsampled:
                 keep = np.array([i not in failures for i in rows.tolist()], bool)
                 rows, logits, h, c = rows[keep], logits[keep], h[:, keep], c[:, keep]
@@ -582,21 +583,18 @@ class GenerationEngine:
             log.error("%s", error.message, exc_info=error.__cause__)
         vocab = self.codec.vocab
         with self.lock:
-            for i, turn in enumerate(batch):
+            for i, (turn, token) in enumerate(zip(batch, drawn.tolist(), strict=True)):
+                if token >= 0:
+                    turn._deliver(token, vocab[token])
+                    continue
                 error = failures.get(i)
                 if error is not None:  # its pending character was not read
                     turn._tokens_seen -= 1
-                    turn._finish(error)
-                    self._turns.remove(turn)
-                elif finishing[i]:  # its last character is fed now
-                    turn._finish()
-                    self._turns.remove(turn)
-                else:
-                    token = drawn[i]
-                    turn._deliver(token, vocab[token])
+                turn._finish(error)  # or its last character is fed now
+                self._turns.remove(turn)
             self._notify(batch)
         self._batch_size.observe(len(batch))
-        self._tokens.inc(len(drawn))
+        self._tokens.inc(int((drawn >= 0).sum()))
 
     def _run(self) -> None:
         last_step = None

@@ -19,12 +19,15 @@ slot's state out and in.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import ServiceError, Status
+
+log = logging.getLogger(__name__)
 
 
 class SlotState(NamedTuple):
@@ -42,6 +45,7 @@ class StateSlots:
         self.logits = np.zeros((capacity, vocab), np.float32)  # [capacity, vocab]
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
+        self._taken = np.zeros(capacity, bool)  # a second release of a slot must never free it for two sessions
         self._lock = threading.Lock()  # slots are taken on the event loop, may be freed on the model thread
 
     @property
@@ -59,7 +63,7 @@ class StateSlots:
         return self.logits.shape[1]
 
     def free_slots(self) -> list[int]:
-        """The free slots, sorted (a slot released twice would appear twice)."""
+        """The free slots, sorted."""
         with self._lock:
             return sorted(self._free)
 
@@ -67,6 +71,8 @@ class StateSlots:
         """A zeroed slot (a fresh sequence)."""
         with self._lock:
             slot = self._free.pop() if self._free else None
+            if slot is not None:
+                self._taken[slot] = True
         if slot is None:
             raise ServiceError(
                 Status.RESOURCE_EXHAUSTED,
@@ -79,7 +85,12 @@ class StateSlots:
         return slot
 
     def release(self, slot: int) -> None:
+        """Free a taken slot; releasing a free one is a bug, logged and ignored (the slot is not freed twice)."""
         with self._lock:
+            if not self._taken[slot]:
+                log.error("slot %d released twice; ignored", slot)
+                return
+            self._taken[slot] = False
             self._free.append(slot)
 
     def copy(self, source: int, target: int) -> None:
@@ -111,8 +122,10 @@ class StateSlots:
 
 
 def all_finite(*arrays: np.ndarray) -> bool:
-    """Whether every value of every array is finite (the cheap check a step makes when nothing went wrong)."""
-    return all(bool(np.isfinite(a).all()) for a in arrays)
+    """Whether every value of every array is finite (the cheap check a step makes when nothing went wrong): a sum
+    per array, no temporaries; a NaN or infinity makes its sum non-finite (a sum that overflows only sends the
+    caller to the exact ``finite_rows``)."""
+    return all(bool(np.isfinite(a.sum(dtype=np.float64))) for a in arrays)
 
 
 def finite_rows(h: np.ndarray, c: np.ndarray, logits: np.ndarray) -> np.ndarray:

@@ -244,7 +244,7 @@ class SessionManager:
             raise self.table.not_found(session_id)
         if local is not None and local.busy:
             return local  # in a turn here: the caller gets the usual 'busy' answer
-        revision = await self.store.revision(session_id)
+        revision = await self.store.revision(session_id, tenant)  # None for another tenant's: nothing touched
         local = self.table.find(session_id)
         if local is not None and (local.busy or local.revision == revision):
             return local

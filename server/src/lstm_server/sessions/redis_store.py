@@ -39,6 +39,15 @@ KEY_PREFIX = "lstm:session:"
 # KEYS[1]: the session; ARGV: expected revision, state, model, model_version, tokens_seen, created_at, ttl (ms),
 # a token unique to this save, and the tenant. Returns the new revision; if this very save was applied already
 # (a retry after a lost reply), its revision again; -1 if the stored revision is another; -2 if the session is gone.
+# KEYS[1]: the session; ARGV: the caller's tenant, ttl (ms). The stored revision if the tenant owns the session,
+# whose expiry it then refreshes; nothing otherwise (no such session, or another tenant's: neither is touched).
+_OWNED_REVISION = """
+local stored = redis.call('HMGET', KEYS[1], 'revision', 'tenant')
+if not stored[1] or stored[2] ~= ARGV[1] then return false end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return stored[1]
+"""
+
 _COMPARE_AND_SAVE = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '0')
 local expected = tonumber(ARGV[1])
@@ -73,6 +82,7 @@ class RedisSessionStore:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         )
         self._save = self._redis.register_script(_COMPARE_AND_SAVE)
+        self._owned_revision = self._redis.register_script(_OWNED_REVISION)
 
     def _unavailable(self, error: Exception, outcome: str = "no session was changed by this call") -> ServiceError:
         return ServiceError(
@@ -94,13 +104,12 @@ class RedisSessionStore:
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 
-    async def revision(self, session_id: str) -> int | None:
-        """The stored revision (None: no such session); every call on a session asks, and so keeps it alive
-        for another idle timeout, reads included."""
-        key = KEY_PREFIX + session_id
+    async def revision(self, session_id: str, tenant: str) -> int | None:
+        """The stored revision if ``tenant`` owns the session (None: no such session, or another tenant's);
+        every call on a session asks, and so keeps it alive for another idle timeout, reads included, but only
+        for its owner."""
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                value, _ = await pipe.hget(key, "revision").pexpire(key, self.ttl_ms).execute()
+            value = await self._owned_revision(keys=[KEY_PREFIX + session_id], args=[tenant, self.ttl_ms])
         except RedisError as error:
             raise self._unavailable(error) from error
         return None if value is None else int(value)

@@ -55,8 +55,9 @@ class SessionStore(Protocol):
     async def connect(self, timeout_s: float) -> None:
         """Wait until the store answers, retrying for up to ``timeout_s``; raise if it never does."""
 
-    async def revision(self, session_id: str) -> int | None:
-        """The stored revision, or None if the store has no such session."""
+    async def revision(self, session_id: str, tenant: str) -> int | None:
+        """The stored revision if ``tenant`` owns the session, else None (no such session, or another tenant's);
+        it keeps the owner's session alive, and nobody else's."""
 
     async def load(self, session_id: str) -> StoredSession | None: ...
 
@@ -97,10 +98,10 @@ class MemoryStore:
     async def connect(self, timeout_s: float) -> None:
         return None
 
-    async def revision(self, session_id: str) -> int | None:
-        """The table's revision of the session; None if it has none, or one idle past the timeout (expired)."""
+    async def revision(self, session_id: str, tenant: str) -> int | None:
+        """The table's revision of the tenant's session; None if it has none, or one idle past the timeout."""
         session = self.table.find(session_id)
-        if session is None or time.time() - session.last_used_at > self.idle_timeout_s:
+        if session is None or session.tenant != tenant or time.time() - session.last_used_at > self.idle_timeout_s:
             return None
         return session.revision
 
