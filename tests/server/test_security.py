@@ -191,3 +191,29 @@ def test_a_second_server_on_a_port_in_use_refuses_to_start(server, capsys, monke
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.splitlines()[-1].startswith(f"lstm-server: cannot listen on 127.0.0.1:{server.server.port}: the port")
+
+
+class PeerWithCertificate:
+    """A call context whose client certificate names ``common_name`` (as gRPC's auth context gives it)."""
+
+    def __init__(self, common_name: bytes) -> None:
+        self.common_name = common_name
+
+    def invocation_metadata(self):
+        return ()
+
+    def auth_context(self):
+        return {"x509_common_name": [self.common_name]}
+
+
+def test_a_certificate_name_is_the_tenant_and_never_cut_or_mended() -> None:
+    from lstm_server.api.auth import Authenticator
+    from lstm_server.config import ServerConfig
+    from lstm_server.errors import ServiceError, Status
+
+    authenticator = Authenticator(ServerConfig(tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem"))
+    assert authenticator.tenant(PeerWithCertificate(b"alice")) == "alice"
+    for refused in (b"a" * 129, b"caf\xff", b""):
+        with pytest.raises(ServiceError) as error:
+            authenticator.tenant(PeerWithCertificate(refused))
+        assert error.value.code == Status.UNAUTHENTICATED and "subject CN must be 1 to 128" in error.value.message

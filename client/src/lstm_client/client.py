@@ -72,7 +72,6 @@ class Connection:
     ) -> None:
         self._auth = auth_metadata(token)  # checked before the channel is made
         self.channel = open_channel(target, tls=tls, token=token, options=options, asyncio=self.asyncio)
-        self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff

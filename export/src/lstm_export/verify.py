@@ -17,18 +17,16 @@ quality on real data, measured at export against fp32 (``quantization.quality``)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import nn
 
 from .exporter import OUTPUT_NAMES, input_names
+from .invariance import Runner
 
 TOLERANCE = 1e-4
 # one step from random states; the shipped models measure at most 0.036 (charlm) and 0.032 (sentiment)
 INT8_TOLERANCE = 0.1
-Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 class VerificationError(RuntimeError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from pathlib import Path
 
 import grpc
@@ -59,11 +58,11 @@ def parse_tokens(text: str, where: str) -> dict[bytes, str]:
 
 
 class TokenFile:
-    """The ``--auth-tokens`` file, re-read when it changes; a bad new version keeps the last good one."""
+    """The ``--auth-tokens`` file, re-read when it changes; a bad new version keeps the last good one. Used on the
+    event loop only (the interceptor), so it needs no lock."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
         try:
             self._stamp = _stamp(self.path)
             self._tokens = parse_tokens(self.path.read_text(encoding="utf-8"), f"--auth-tokens {path}")
@@ -79,8 +78,7 @@ class TokenFile:
         except (OSError, AuthConfigError, UnicodeDecodeError) as error:
             log.error("keeping the previous tokens: %s", error)
             return
-        with self._lock:
-            self._stamp, self._tokens = stamp, tokens
+        self._stamp, self._tokens = stamp, tokens
         log.info("re-read the token file", extra={"tenants": len(set(tokens.values()))})
 
     def tenant(self, token: str) -> str | None:
@@ -98,10 +96,7 @@ class Authenticator:
     def __init__(self, config: ServerConfig) -> None:
         self.tokens = TokenFile(config.auth_tokens) if config.auth_tokens else None
         self.certificates = bool(config.tls_client_ca)
-
-    @property
-    def enabled(self) -> bool:
-        return self.tokens is not None or self.certificates
+        self.enabled = config.authenticated
 
     def tenant(self, context: grpc.aio.ServicerContext) -> str:
         if not self.enabled:
@@ -118,7 +113,16 @@ class Authenticator:
         if self.certificates:
             names = (context.auth_context() or {}).get("x509_common_name") or []
             if names:
-                return names[0].decode("utf-8", "replace")[:MAX_TENANT_CHARS]
+                try:
+                    name = names[0].decode("utf-8")
+                except UnicodeDecodeError:
+                    name = ""
+                if not 0 < len(name) <= MAX_TENANT_CHARS:  # never cut or mend a name: two would become one
+                    raise _unauthenticated(
+                        f"the client certificate's subject CN must be 1 to {MAX_TENANT_CHARS} characters of UTF-8: "
+                        "it names the tenant"
+                    )
+                return name
         how = "send 'authorization: Bearer <token>' metadata"
         if self.certificates:
             how += " or connect with a client certificate"

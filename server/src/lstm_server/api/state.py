@@ -20,7 +20,7 @@ from lstm.v1 import lstm_pb2 as pb
 from ..config import ServerConfig
 from ..engine.models import ServedModels
 from ..errors import ServiceError, Status, invalid
-from ..sessions.session import SessionState, resolve_sampling
+from ..sessions.session import SessionState
 from .messages import from_tensor, sampling_dict, sampling_params, to_tensor
 from .state_signing import StateSigner
 
@@ -68,6 +68,11 @@ class StateMessages:
         """An imported state: signed by this deployment for this tenant, written by the model version this server
         runs, and every field within what the model and the limits allow."""
         self.check_signed(message, tenant, Status.INVALID_ARGUMENT, "this session state")
+        return self._fields(message)
+
+    def _fields(self, message: pb.SessionState) -> SessionState:
+        """A signed state's fields, checked against the model and the limits. (Its sampling defaults are
+        checked where the session is made from it.)"""
         model = self.models.of_task(message.model, "generation")
         if message.model_version != model.version:
             raise ServiceError(
@@ -90,7 +95,6 @@ class StateMessages:
         defaults = sampling_dict(message.defaults)
         if "seed" not in defaults:
             raise invalid("state.defaults.seed is missing")
-        resolve_sampling({}, defaults, self.config)
         return SessionState(
             message.model, message.model_version, message.tokens_seen, h, c, logits, defaults, message.tenant
         )
@@ -105,4 +109,4 @@ class StateMessages:
                 Status.DATA_LOSS, f"{what} cannot be parsed ({error}); close the session, create a new one"
             ) from error
         self.check_signed(message, tenant, Status.DATA_LOSS, what)
-        return self.state(message, tenant)
+        return self._fields(message)

@@ -7,7 +7,6 @@ import collections
 import heapq
 import itertools
 import time
-from collections.abc import Iterator
 
 from ..errors import ServiceError, Status, shown
 from .session import Session
@@ -64,13 +63,6 @@ class SessionTable:
             "never existed; create a new one (or import its exported state)",
         )
 
-    def owned(self, session_id: str, tenant: str) -> Session:
-        """The session if ``tenant`` owns it; for anyone else it does not exist (NOT_FOUND, as an unknown id)."""
-        session = self._sessions.get(session_id)
-        if session is None or session.tenant != tenant:
-            raise self.not_found(session_id)
-        return session
-
     def page(self, tenant: str, model: str, after: int, size: int) -> tuple[list[Session], int]:
         """Up to ``size`` of the tenant's sessions (of ``model``, if given) added after ``seq`` ``after``, and
         the ``seq`` to continue after (0: this is the last page)."""
@@ -96,9 +88,6 @@ class SessionTable:
         self._turns[tenant] -= 1
         if not self._turns[tenant]:
             del self._turns[tenant]
-
-    def tenant_sessions(self, tenant: str) -> Iterator[Session]:
-        return iter(list(self._per_tenant.get(tenant, {}).values()))
 
     def find(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -145,8 +134,7 @@ class SessionTable:
         """Up to ``n`` idle sessions, least recently used first."""
         return heapq.nsmallest(n, (s for s in self._sessions.values() if not s.busy), key=lambda s: s.last_used_at)
 
-    def expired(self, now: float | None = None, idle_s: float | None = None) -> list[Session]:
-        """Sessions idle longer than ``idle_s`` (default: the idle timeout) and not in a turn."""
-        now = time.time() if now is None else now
-        idle_s = self.idle_timeout_s if idle_s is None else idle_s
+    def expired(self, idle_s: float) -> list[Session]:
+        """Sessions idle longer than ``idle_s`` and not in a turn."""
+        now = time.time()
         return [s for s in self._sessions.values() if not s.busy and now - s.last_used_at > idle_s]
