@@ -115,7 +115,7 @@ def quantize_table_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return quantized.astype(np.uint8), (scale * QUANT_LEVELS).astype(np.float32)
 
 
-class _Graph:
+class Graph:
     """The nodes of one graph (the main graph or a ``Scan`` body); every constant lives in the main graph."""
 
     def __init__(self, opset: int, shared: dict[str, Any] | None = None) -> None:
@@ -123,8 +123,8 @@ class _Graph:
         self.shared = shared or {"counter": itertools.count(), "initializers": {}, "small": {}}
         self.nodes: list[onnx.NodeProto] = []
 
-    def child(self) -> _Graph:
-        return _Graph(self.opset, self.shared)
+    def child(self) -> Graph:
+        return Graph(self.opset, self.shared)
 
     def name(self, hint: str) -> str:
         return f"{hint}_{next(self.shared['counter'])}"
@@ -167,11 +167,11 @@ class _Graph:
         return helper.make_graph(self.nodes, name, inputs, outputs)
 
 
-def _info(name: str, elem_type: int = FLOAT, shape: list | None = None) -> onnx.ValueInfoProto:
+def value_info(name: str, elem_type: int = FLOAT, shape: list | None = None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, shape)
 
 
-def quantize_rows(g: _Graph, x: str) -> tuple[str, str]:
+def quantize_rows(g: Graph, x: str) -> tuple[str, str]:
     """Per-row (last axis) symmetric quantization: (uint8 q, float32 peaks [..., 1]); x ~ (q - 128) * peak / 127."""
     peak = g.op("Max", g.reduce_max_last(g.op("Abs", x)), g.scalar(1e-30))  # an all-zero row gets q = 128
     inverse = g.op("Div", g.scalar(QUANT_LEVELS), peak)
@@ -187,20 +187,20 @@ class _Projection:
     column_scale: str | None  # float32 [(d, 1,) n] when int8: the column's scale / 127
     bias: str | None
 
-    def apply(self, g: _Graph, x: str) -> str:
+    def apply(self, g: Graph, x: str) -> str:
         if self.column_scale is None:
             y = g.op("MatMul", x, self.weight)
             return y if self.bias is None else g.op("Add", y, self.bias)
         return self.apply_quantized(g, *quantize_rows(g, x))
 
-    def apply_quantized(self, g: _Graph, quantized: str, row_peak: str) -> str:
+    def apply_quantized(self, g: Graph, quantized: str, row_peak: str) -> str:
         """The product for activations already quantized (uint8, zero point 128) against their rows' peaks."""
         summed = g.op("MatMulInteger", quantized, self.weight, g.const(np.uint8(QUANT_ZERO), "zero_point"))
         y = g.op("Mul", g.op("Mul", g.op("Cast", summed, to=FLOAT), row_peak), self.column_scale)
         return y if self.bias is None else g.op("Add", y, self.bias)
 
 
-def _projection(g: _Graph, weight: np.ndarray, bias: np.ndarray | None, quantize: bool, hint: str) -> _Projection:
+def _projection(g: Graph, weight: np.ndarray, bias: np.ndarray | None, quantize: bool, hint: str) -> _Projection:
     bias_name = None if bias is None else g.const(bias.astype(np.float32), f"{hint}_bias")
     if not quantize:
         return _Projection(g.const(weight.astype(np.float32), f"{hint}_weight"), None, bias_name)
@@ -208,12 +208,12 @@ def _projection(g: _Graph, weight: np.ndarray, bias: np.ndarray | None, quantize
     return _Projection(g.const(quantized, f"{hint}_weight_int8"), g.const(scale, f"{hint}_scale"), bias_name)
 
 
-def _head(g: _Graph, linear: nn.Linear) -> _Projection:
+def _head(g: Graph, linear: nn.Linear) -> _Projection:
     weight = linear.weight.detach().double().numpy().T
     return _projection(g, weight, linear.bias.detach().double().numpy(), False, "head")
 
 
-def _cell(g: _Graph, gates: str, c: str, hidden: int) -> tuple[str, str]:
+def _cell(g: Graph, gates: str, c: str, hidden: int) -> tuple[str, str]:
     """(h, c) after one step, from the pre-activations ``gates`` (i, f, o, g) and the previous cell ``c``."""
     sigmoid_part, cell_part = g.op("Split", gates, g.ints([3 * hidden, hidden]), outputs=2, axis=-1)
     i, f, o = g.op("Split", g.op("Sigmoid", sigmoid_part), g.ints([hidden] * 3), outputs=3, axis=-1)
@@ -221,16 +221,40 @@ def _cell(g: _Graph, gates: str, c: str, hidden: int) -> tuple[str, str]:
     return g.op("Mul", o, g.op("Tanh", c_new)), c_new
 
 
-def _concat0(g: _Graph, parts: list[str]) -> str:
+def _concat0(g: Graph, parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis=0)
 
 
-def _charlm_graph(model: nn.Module, quantize: bool, opset: int) -> _Graph:
-    """One ``Scan`` over time whose body steps every layer: a one-token call (the hot path of serving) is one
-    iteration. Layer 0 reads its input projection from the gate table; a deeper layer multiplies
-    ``[x, h] @ [W_ih; W_hh]`` at once (for int8, ``[x, h]`` is quantized as one row)."""
-    hidden = model.config.hidden_size
-    g = _Graph(opset)
+@dataclass(frozen=True)
+class CharLMWeights:
+    """A language model's constants in a graph: the first layer's gate table, the layers' products, the head."""
+
+    table: str  # [vocab, 4 * hidden]: embedding @ W_ih0 + bias0
+    products: list[_Projection]  # layer 0: h @ W_hh0; deeper: [x, h] @ [W_ih; W_hh] + bias
+    head: _Projection
+    hidden: int
+
+    @property
+    def layers(self) -> int:
+        return len(self.products)
+
+    def step(self, body: Graph, x: str, hs: list[str], cs: list[str]) -> tuple[list[str], list[str]]:
+        """Every layer's (h, c) after one time step whose first-layer gate input is ``x`` (a row of the table)."""
+        new_h, new_c = [], []
+        for index, product in enumerate(self.products):
+            if index == 0:
+                gates = body.op("Add", x, product.apply(body, hs[0]))
+            else:
+                gates = product.apply(body, body.op("Concat", new_h[-1], hs[index], axis=-1))
+            h, c = _cell(body, gates, cs[index], self.hidden)
+            new_h.append(h)
+            new_c.append(c)
+        return new_h, new_c
+
+
+def charlm_weights(g: Graph, model: nn.Module, quantize: bool) -> CharLMWeights:
+    """Add a language model's constants to the main graph ``g``. A deeper layer multiplies ``[x, h]`` by
+    ``[W_ih; W_hh]`` at once (for int8, ``[x, h]`` is quantized as one row)."""
     layers = [directions[0] for directions in lstm_directions(model.lstm)]
     embedding = model.embedding.weight.detach().double().numpy()
     table = g.const((embedding @ layers[0].w_ih + layers[0].bias).astype(np.float32), "gate_table")
@@ -239,42 +263,51 @@ def _charlm_graph(model: nn.Module, quantize: bool, opset: int) -> _Graph:
     for index, layer in enumerate(layers[1:], start=1):
         weight = np.concatenate([layer.w_ih, layer.w_hh], axis=0)  # [2 * hidden, 4 * hidden]
         products.append(_projection(g, weight, layer.bias, quantize, f"w{index}"))
+    return CharLMWeights(table, products, head, model.config.hidden_size)
+
+
+def split_layers(g: Graph, state: str, layers: int) -> list[str]:
+    """``h0`` or ``c0`` [layers, batch, hidden] as one [batch, hidden] value per layer."""
+    return [g.op("Gather", state, g.const(np.int64(i), "layer"), axis=0) for i in range(layers)]
+
+
+def stack_layers(g: Graph, values: list[str]) -> str:
+    """One [batch, hidden] value per layer as [layers, batch, hidden]."""
+    return _concat0(g, [g.op("Unsqueeze", v, g.ints([0])) for v in values])
+
+
+def _charlm_graph(model: nn.Module, quantize: bool, opset: int) -> Graph:
+    """One ``Scan`` over time whose body steps every layer: a one-token call (the hot path of serving) is one
+    iteration; layer 0 reads its input projection from the gate table for all time steps at once."""
+    g = Graph(opset)
+    lm = charlm_weights(g, model, quantize)
     body = g.child()
-    hs, cs = [body.name(f"h{i}") for i in range(len(layers))], [body.name(f"c{i}") for i in range(len(layers))]
+    hs, cs = [body.name(f"h{i}") for i in range(lm.layers)], [body.name(f"c{i}") for i in range(lm.layers)]
     xt = body.name("x")
-    new_h, new_c = [], []
-    for index, product in enumerate(products):
-        if index == 0:
-            gates = body.op("Add", xt, product.apply(body, hs[0]))
-        else:
-            gates = product.apply(body, body.op("Concat", new_h[-1], hs[index], axis=-1))
-        h, c = _cell(body, gates, cs[index], hidden)
-        new_h.append(h)
-        new_c.append(c)
-    y = body.op("Identity", new_h[-1])
-    step = body.graph("step", [_info(n) for n in [*hs, *cs, xt]], [_info(n) for n in [*new_h, *new_c, y]])
-    layer_index = [g.const(np.int64(i), "layer") for i in range(len(layers))]
+    new_h, new_c = lm.step(body, xt, hs, cs)
+    y = lm.head.apply(body, new_h[-1])  # in the loop, as in the decode graph: the same kernel, the same bits
+    step = body.graph("step", [value_info(n) for n in [*hs, *cs, xt]], [value_info(n) for n in [*new_h, *new_c, y]])
     results = g.op(
         "Scan",
-        *(g.op("Gather", "h0", i, axis=0) for i in layer_index),
-        *(g.op("Gather", "c0", i, axis=0) for i in layer_index),
-        g.op("Gather", table, "tokens"),  # [batch, time, 4 * hidden]
-        outputs=2 * len(layers) + 1,
+        *split_layers(g, "h0", lm.layers),
+        *split_layers(g, "c0", lm.layers),
+        g.op("Gather", lm.table, "tokens"),  # [batch, time, 4 * hidden]
+        outputs=2 * lm.layers + 1,
         body=step,
         num_scan_inputs=1,
         scan_input_axes=[1],
         scan_output_axes=[1],
     )
-    hn = _concat0(g, [g.op("Unsqueeze", h, g.ints([0])) for h in results[: len(layers)]])
-    cn = _concat0(g, [g.op("Unsqueeze", c, g.ints([0])) for c in results[len(layers) : 2 * len(layers)]])
-    g.outputs({"logits": head.apply(g, results[-1]), "hn": hn, "cn": cn})
+    hn = stack_layers(g, results[: lm.layers])
+    cn = stack_layers(g, results[lm.layers : 2 * lm.layers])
+    g.outputs({"logits": results[-1], "hn": hn, "cn": cn})
     return g
 
 
-def _classifier_graph(model: nn.Module, quantize: bool, opset: int) -> _Graph:
+def _classifier_graph(model: nn.Module, quantize: bool, opset: int) -> Graph:
     config = model.config
     hidden, d = config.hidden_size, 2 if config.bidirectional else 1
-    g = _Graph(opset)
+    g = Graph(opset)
     layers = lstm_directions(model.lstm)
     embedding = model.embedding.weight.detach().double().numpy()
     head = _head(g, model.head)
@@ -339,7 +372,7 @@ def _classifier_graph(model: nn.Module, quantize: bool, opset: int) -> _Graph:
 
 
 def _classifier_step(
-    g: _Graph, directions: list[Direction], quantize: bool, hidden: int, layer: int, last: bool
+    g: Graph, directions: list[Direction], quantize: bool, hidden: int, layer: int, last: bool
 ) -> onnx.GraphProto:
     """One time step of every direction of ``layer``; a row whose mask is False keeps all its state."""
     if quantize:  # one batched integer product: exact sums, so no kernel choice can make rows differ
@@ -365,8 +398,8 @@ def _classifier_step(
         outputs.append(body.op("Where", mask, body.op("Max", peak, h_new), peak))
     else:
         outputs.append(body.op("Identity", h_new))
-    inputs = [_info(n) for n in [*states, xt]] + [_info(mask, TensorProto.BOOL)]
-    return body.graph(f"layer{layer}_step", inputs, [_info(n) for n in outputs])
+    inputs = [value_info(n) for n in [*states, xt]] + [value_info(mask, TensorProto.BOOL)]
+    return body.graph(f"layer{layer}_step", inputs, [value_info(n) for n in outputs])
 
 
 def build_step_model(model: nn.Module, task: str, quantize: bool = False, opset: int = 17) -> onnx.ModelProto:
@@ -375,17 +408,22 @@ def build_step_model(model: nn.Module, task: str, quantize: bool = False, opset:
     if task == "generation":
         g = _charlm_graph(model, quantize, opset)
         state = [model.config.num_layers, "batch", model.config.hidden_size]
-        inputs = [_info("tokens", TensorProto.INT64, ["batch", "time"])]
-        logits = _info("logits", FLOAT, ["batch", "time", model.config.vocab_size])
+        inputs = [value_info("tokens", TensorProto.INT64, ["batch", "time"])]
+        logits = value_info("logits", FLOAT, ["batch", "time", model.config.vocab_size])
     elif task == "classification":
         g = _classifier_graph(model, quantize, opset)
         state = [model.config.num_layers * model.num_directions, "batch", model.config.hidden_size]
-        inputs = [_info("tokens", TensorProto.INT64, ["batch", "time"]), _info("lengths", TensorProto.INT64, ["batch"])]
-        logits = _info("logits", FLOAT, ["batch", model.config.num_labels])
+        inputs = [
+            value_info("tokens", TensorProto.INT64, ["batch", "time"]),
+            value_info("lengths", TensorProto.INT64, ["batch"]),
+        ]
+        logits = value_info("logits", FLOAT, ["batch", model.config.num_labels])
     else:
         raise ValueError(f"unknown task {task!r}: expected 'generation' or 'classification'")
-    inputs += [_info("h0", FLOAT, state), _info("c0", FLOAT, state)]
-    graph = g.graph(model.__class__.__name__, inputs, [logits, _info("hn", FLOAT, state), _info("cn", FLOAT, state)])
+    inputs += [value_info("h0", FLOAT, state), value_info("c0", FLOAT, state)]
+    graph = g.graph(
+        model.__class__.__name__, inputs, [logits, value_info("hn", FLOAT, state), value_info("cn", FLOAT, state)]
+    )
     graph.initializer.extend(g.shared["initializers"].values())
     return helper.make_model(
         graph,

@@ -6,6 +6,12 @@ the manifest parses and has the supported format, its name and version match
 the directory, every listed file exists and has its recorded sha256, and the
 tensor signature is the one the task requires. It imports no torch.
 
+A language model lists ``sample.onnx`` (its sampler, as ONNX operators: how
+every character is drawn, whatever runtime steps the model) and may list
+``decode.onnx`` (K characters per call: the step and the sampler in one loop),
+described by its ``decoding`` block; the server uses the decode graph with
+onnxruntime when the entry has one.
+
 The optional ``batch_invariance`` block records, per backend, whether the export
 found each row's results bitwise independent of its batch (``batch_invariant``).
 """
@@ -23,6 +29,8 @@ FORMAT = "lstm-model-repository/1"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.pt"
 TOKENIZER_FILE = "tokenizer.json"
+SAMPLE_FILE = "sample.onnx"  # a language model's sampler: the one definition of how a character is drawn
+DECODE_FILE = "decode.onnx"  # a language model's multi-step decode graph (optional)
 TASKS = ("generation", "classification")
 
 
@@ -123,6 +131,10 @@ class ModelEntry:
             raise ModelRepositoryError(f"{self.path / MANIFEST}: {self.name}/{self.version} has no {name}")
         return self.path / name
 
+    @property
+    def has_decode_graph(self) -> bool:
+        return DECODE_FILE in self.manifest["files"]
+
     def tokenizer_json(self) -> str:
         """The classifier's tokenizer, as the JSON that ``tokenizers.Tokenizer.from_str`` reads."""
         return self.file(TOKENIZER_FILE).read_text(encoding="utf-8")
@@ -204,6 +216,7 @@ def _check_signature(entry: ModelEntry, manifest_path: Path) -> None:
         if not entry.vocab:
             raise ModelRepositoryError(f"{manifest_path}: a generation model needs its 'vocab'")
         vocab_size, num_labels = len(entry.vocab), 0
+        entry.file(SAMPLE_FILE)
     else:
         entry.file(TOKENIZER_FILE)
         vocab_size, num_labels = 0, len(entry.labels)
