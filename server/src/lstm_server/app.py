@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import grpc
@@ -34,6 +35,7 @@ from .engine.models import ServedModel, ServedModels
 from .engine.slots import StateSlots
 from .errors import ServiceError
 from .metrics import Metrics
+from .runtime.decoding import load_decoder
 from .runtime.registry import LoadedModel, ModelRegistry
 from .sessions.manager import SessionManager
 from .sessions.redis_store import RedisSessionStore
@@ -58,6 +60,10 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
     if entry.task == "generation":
         codec = CharCodec(entry.vocab)
         slots = StateSlots(layers, entry.hidden_size, len(codec), config.max_sessions)
+        threads = config.threads or os.cpu_count() or 1
+        decoder = load_decoder(
+            entry, model.backend, config.max_batch, config.max_decode_steps, threads, config.thread_spinning
+        )
         return GenerationEngine(
             entry.name,
             model.backend,
@@ -67,6 +73,9 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
             config.stream_buffer_chars,
             config.stream_interval_ms,
             metrics,
+            decoder,
+            config.max_decode_steps,
+            config.decode_budget_ms,
         )
     from tokenizers import Tokenizer
 

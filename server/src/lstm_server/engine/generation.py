@@ -1,13 +1,26 @@
 """Continuous batching for one generation model.
 
 The surface: ``submit(slot, tokens, sampling, position) -> Turn``. A turn is:
-read the prompt (one full-sequence call, the "prefill"), then repeat {sample
-the next character with the turn's own parameters and random stream; hand it
-to the turn's stream; feed it to the model}. The scheduler steps every turn
-that has a character to feed in one batched model call: it gathers their
-slots' (h, c), runs one step, scatters the new state, samples all rows at
-once, and delivers. Turns join (after their prefill) and leave between steps;
-nobody waits for another turn to finish. The engine knows slots, not
+read the prompt (one full-sequence call, the "prefill"), draw its first
+character (the entry's sampler graph), then repeat {feed the last character
+to the model; draw the next with the turn's own parameters and random stream;
+hand it to the turn's stream}. The scheduler advances every turn that has a
+character to feed in one batched call of the decoder (``runtime/decoding.py``:
+the decode graph, K characters per row per call, sampling inside the graph):
+it gathers their slots' (h, c), runs the call, scatters the new state, and
+delivers each row's characters at once. Turns join (after their prefill) and
+leave between calls; nobody waits for another turn to finish.
+
+K adapts: each call takes as many characters as fit in ``decode_budget_ms``
+at the time a character has taken at this batch size (measured, per
+power-of-two batch bucket), at most ``max_decode_steps``, and no more than
+the longest row needs. A turn that joins or a job that arrives waits at most
+about one budget. Each row asks for its own count of characters (``steps``):
+what is left of its ``max_tokens``, and the room in its stream buffer; past
+it the row's state stays as it is. A stop string that ends inside a row's
+characters ends the turn there: the row is run again, alone, from its state
+before the call with exactly the characters delivered (the same draws give
+the same characters), so the state has read exactly the text sent. The engine knows slots, not
 sessions: whoever submits a turn owns its slot and counts (``position``: the
 characters the slot's state has read) and learns how the turn ended from
 ``turn.completion``.
@@ -29,18 +42,19 @@ character, counted the moment it is handed to the stream (the turn's
 ``completion`` then resolves (on the event loop) with how it ended and the
 count. A cancelled turn (client cancel, deadline, disconnect, close) feeds the
 character it had already produced and stops: the state has seen the prompt
-and exactly the characters generated before the cancellation was noticed (at
-most ``stream_buffer_chars`` beyond what the reader took).
+and exactly the characters generated before the cancellation was noticed: the
+characters of every call that began before it (at most ``stream_buffer_chars``
+beyond what the reader took).
 
-Faults stay in their row. A batched step that raises (model call, gather,
-sampling) is run again in halves, down to single rows, until the rows that
-fail alone are found (``faults.contain``); the others go on exactly as if
-nothing had happened, since a row's result does not depend on its batch. A row
-whose new h, c or logits are not all finite (one vectorised check over the
-batch) fails too. A failed row's step is not applied: its slot keeps the state
-from before the step and its count goes back by the character that was not
-read (that character may have been sent already), so the state is consistent,
-can be exported, and continues from there; its turn ends with a
+Faults stay in their row. A batched call that raises is run again in
+halves, down to single rows, until the rows that fail alone are found
+(``faults.contain``); the others go on exactly as if nothing had happened,
+since a row's result does not depend on its batch. A row whose new h, c or
+logits are not all finite (one vectorised check over the batch) fails too. A
+failed row's call is not applied: none of its new characters is sent, its slot
+keeps the state from before the call and its count goes back by the character
+that was not read (that character was sent already), so the state is
+consistent, can be exported, and continues from there; its turn ends with a
 ``SessionStepError``: INTERNAL "model step failed for session <id>: ..." when
 the runtime raised on it alone, FAILED_PRECONDITION when its state became NaN
 or infinite (the same continuation fails the same way again). The prompt of a
@@ -67,14 +81,16 @@ import numpy as np
 from ..errors import ServiceError, Status
 from ..metrics import Metrics
 from ..runtime.backends import Backend
+from ..runtime.decoding import DecodeInputs, DecodeOutputs, Decoder
 from .codec import CharCodec
 from .faults import contain
-from .sampling import Sampler, Sampling, as_uint64, sample, softmax
+from .sampling import Sampling, as_uint64, softmax, uniforms
 from .slots import SlotState, StateSlots, all_finite, finite_rows
 
 LENGTH, STOP = "length", "stop"
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=Backend)
+D = TypeVar("D", bound=Decoder)
 
 
 class SessionStepError(ServiceError):
@@ -85,16 +101,19 @@ class NonFinite(Exception):
     """A model call produced NaN or infinity in its new state or logits."""
 
 
-def _join(parts: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]):
-    """The rows and (logits [batch, vocab], h, c [layers x directions, batch, hidden]) of several contained step
-    calls, as one batch."""
+def _join(parts: list[tuple[np.ndarray, DecodeOutputs]]) -> tuple[np.ndarray, DecodeOutputs]:
+    """The rows and outputs of several contained decoder calls, as one batch."""
     if len(parts) == 1:
         return parts[0]
     rows = np.concatenate([r for r, _ in parts])
-    logits = np.concatenate([out[0] for _, out in parts])
-    h = np.concatenate([out[1] for _, out in parts], axis=1)
-    c = np.concatenate([out[2] for _, out in parts], axis=1)
-    return rows, (logits, h, c)
+    outs = [out for _, out in parts]
+    joined = DecodeOutputs(
+        np.concatenate([o.sampled for o in outs]),
+        np.concatenate([o.logits for o in outs]),
+        np.concatenate([o.h for o in outs], axis=1),
+        np.concatenate([o.c for o in outs], axis=1),
+    )
+    return rows, joined
 
 
 @dataclass(slots=True)
@@ -163,18 +182,29 @@ class Turn:
         """Has a character to feed, and its reader keeps up (or it is finishing anyway)."""
         return self._pending is not None and (self._finishing or self._outbox_chars < buffer_limit)
 
-    def _deliver(self, token: int, char: str) -> None:
-        self._pending = token
-        self._tokens_seen += 1
-        self._remaining -= 1
-        self._outbox.append(char)
-        self._outbox_chars += 1
+    def _to_send(self, text: str) -> tuple[int, str | None]:
+        """How many of the characters ``text`` (drawn in this order) the turn sends, and why it ends there if it
+        does: max_tokens (LENGTH) or the end of a stop string (STOP, first)."""
+        n, reason = len(text), None
+        if self._remaining <= n:
+            n, reason = self._remaining, LENGTH
+        if self._stop_window:  # no stop string ends inside the tail already sent: the turn would have ended
+            seen = self._tail + text[:n]
+            ends = [seen.find(stop) + len(stop) - len(self._tail) for stop in self.sampling.stop if stop in seen]
+            if ends:
+                n, reason = min(ends), STOP
+        return n, reason
+
+    def _send(self, text: str, reason: str | None) -> None:
+        """Hand ``text`` to the reader and count it (lock held); ``reason``: the turn draws no more."""
+        self._tokens_seen += len(text)
+        self._remaining -= len(text)
+        self._outbox.append(text)
+        self._outbox_chars += len(text)
         if self._stop_window:
-            self._tail = (self._tail + char)[-self._stop_window :]
-            if any(self._tail.endswith(s) for s in self.sampling.stop):
-                self._finish_reason = STOP
-        if self._finish_reason is None and self._remaining <= 0:
-            self._finish_reason = LENGTH
+            self._tail = (self._tail + text)[-self._stop_window :]
+        if reason is not None:
+            self._finish_reason = reason
 
     def _finish(self, error: BaseException | None = None) -> None:
         """The last character is fed, or the turn failed (lock held); ``completion`` resolves on the event loop."""
@@ -258,7 +288,9 @@ class GenerationEngine:
         stream_buffer_chars: int,
         stream_interval_ms: float,
         metrics: Metrics,
-        sampler: Sampler = sample,
+        decoder: Decoder,
+        max_decode_steps: int = 32,
+        decode_budget_ms: float = 10.0,
     ) -> None:
         self.name = name
         self.backend = backend
@@ -268,7 +300,11 @@ class GenerationEngine:
         self.stream_buffer_chars = stream_buffer_chars
         self.stream_interval_s = stream_interval_ms / 1000
         self.metrics = metrics
-        self._draw = sampler
+        self.decoder = decoder
+        self.max_decode_steps = max_decode_steps
+        self.decode_budget_s = decode_budget_ms / 1000
+        self._char_seconds: dict[int, float] = {}  # per batch bucket: a moving average of a call's time / K
+        self._vocab = np.array(codec.vocab, dtype=object)
         self._batch_size = metrics.batch_size.labels(name)  # labelled once, not on every step
         self._tokens = metrics.tokens_generated.labels(name)
         self._inter_token = metrics.inter_token_latency.labels(name)
@@ -315,10 +351,16 @@ class GenerationEngine:
             release.set()
 
     def wrap_backend(self, wrap: Callable[[Backend], B]) -> B:
-        """Run the model through ``wrap(current backend)`` from the next call on (fault injection in tests, or
-        instrumentation); returns the wrapper."""
+        """Run the model's prompts, reads and explicit steps through ``wrap(current backend)`` from the next call
+        on (fault injection in tests, or instrumentation); returns the wrapper."""
         with self.lock:
             self.backend = wrapped = wrap(self.backend)
+        return wrapped
+
+    def wrap_decoder(self, wrap: Callable[[Decoder], D]) -> D:
+        """Draw characters through ``wrap(current decoder)`` from the next call on; returns the wrapper."""
+        with self.lock:
+            self.decoder = wrapped = wrap(self.decoder)
         return wrapped
 
     # -- slots (event loop; the caller owns the slot and no turn uses it) ----------
@@ -458,16 +500,14 @@ class GenerationEngine:
             raise ServiceError(Status.INTERNAL, f"model step failed: {error}") from error
         return logits[0], h, c
 
-    def _sample(self, turns: Sequence[Turn], logits: np.ndarray, positions: Sequence[int] | None = None) -> np.ndarray:
-        """One token per row; a row's position is its turn's count unless given (taken modulo 2**64)."""
-        params = [t.sampling for t in turns]
-        return self._draw(
-            logits,
-            np.array([p.temperature for p in params], np.float64),
-            np.array([p.top_k for p in params], np.int64),
-            np.array([p.top_p for p in params], np.float64),
-            as_uint64(p.seed for p in params),
-            as_uint64(positions if positions is not None else (t._tokens_seen for t in turns)),
+    def _draw_first(self, turn: Turn, logits: np.ndarray, position: int) -> int:
+        """A turn's first character, from the logits after its prompt [1, vocab], at ``position``."""
+        p = turn.sampling
+        draws = uniforms(as_uint64([p.seed]), as_uint64([position]))
+        return int(
+            self.decoder.sample(
+                logits, draws, np.array([p.temperature]), np.array([p.top_k], np.int64), np.array([p.top_p])
+            )[0]
         )
 
     def _admit(self, turn: Turn, tokens: np.ndarray) -> None:
@@ -485,7 +525,7 @@ class GenerationEngine:
             token = None
             if not turn._cancelled and turn.sampling.max_tokens > 0:
                 try:
-                    token = int(self._sample([turn], logits, [position])[0])
+                    token = self._draw_first(turn, logits, position)
                 except Exception as error:
                     raise SessionStepError(
                         Status.INTERNAL, f"sampling failed for session {session_id}: {error}; {kept}"
@@ -506,7 +546,9 @@ class GenerationEngine:
                     turn._finish_reason = turn._finish_reason or LENGTH
                 turn._finish()
             else:
-                turn._deliver(token, self.codec.vocab[token])
+                char = self.codec.vocab[token]
+                turn._send(char, turn._to_send(char)[1])
+                turn._pending = token
                 self._turns.append(turn)
                 self.metrics.time_to_first_token.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
                 self._tokens.inc()
@@ -519,8 +561,8 @@ class GenerationEngine:
             self._turns.rotate(-self.max_batch)
         return batch
 
-    def _row_failure(self, turn: Turn, error: Exception | None, what: str = "model step") -> SessionStepError:
-        """The error that ends ``turn`` when its step fails alone (``error`` None: the state became non-finite)."""
+    def _row_failure(self, turn: Turn, error: Exception | None) -> SessionStepError:
+        """The error that ends ``turn`` when its call fails alone (``error`` None: the state became non-finite)."""
         self.metrics.row_failures.labels(self.name, "non_finite" if error is None else "exception").inc()
         seen = turn._tokens_seen - 1  # its pending character is counted, but not read
         kept = (
@@ -529,72 +571,149 @@ class GenerationEngine:
         )
         if error is None:
             message = (
-                f"session {turn.session_id}'s state became non-finite (NaN or infinity) on reading character "
-                f"{seen + 1}; {kept}. It can still be exported, or continued with another prompt or sampling (the "
-                "same continuation fails the same way); or close it and start a new one"
+                f"session {turn.session_id}'s state became non-finite (NaN or infinity) on reading the characters "
+                f"after the first {seen}; {kept}. It can still be exported, or continued with another prompt or "
+                "sampling (the same continuation fails the same way); or close it and start a new one"
             )
             return SessionStepError(Status.FAILED_PRECONDITION, message)
         failure = SessionStepError(
             Status.INTERNAL,
-            f"{what} failed for session {turn.session_id}: {error}; {kept}. Retry the turn, or export or close the "
-            "session",
+            f"model step failed for session {turn.session_id}: {error}; {kept}. Retry the turn, or export or close "
+            "the session",
         )
         failure.__cause__ = error
         return failure
 
-    def _step(self, batch: list[Turn]) -> None:
-        slots = np.array([t.slot for t in batch])
-        tokens = np.array([t._pending for t in batch], dtype=np.int64)[:, None]  # [batch, 1]
+    def _steps_per_call(self, batch: int) -> int:
+        """K for a call on ``batch`` rows: what fits the time budget at the measured time per character."""
+        seconds = self._char_seconds.get(1 << (batch - 1).bit_length())
+        if seconds is None:
+            return 1  # measured first
+        return max(1, min(self.max_decode_steps, int(self.decode_budget_s / seconds)))
 
-        def forward(rows: np.ndarray):
-            h, c = self.slots.gather(slots[rows])
-            logits, h, c = self.backend.run({"tokens": tokens[rows], "h0": h, "c0": c})
-            return logits[:, -1], h, c
+    def _measured(self, batch: int, steps: int, seconds: float) -> None:
+        bucket = 1 << (batch - 1).bit_length()
+        per_char = seconds / steps
+        old = self._char_seconds.get(bucket)
+        self._char_seconds[bucket] = per_char if old is None else 0.8 * old + 0.2 * per_char
 
-        parts, raised = contain(len(batch), forward, "model step")
+    def _decode_inputs(self, batch: list[Turn], steps: np.ndarray) -> DecodeInputs:
+        """The decoder's inputs for ``batch``: pending tokens, gathered state, parameters and each row's draws."""
+        n, k = len(batch), int(steps.max())
+        inputs = self.decoder.inputs(n, k)
+        slots = np.fromiter((t.slot for t in batch), np.intp, n)
+        inputs.tokens[:] = np.fromiter((t._pending for t in batch), np.int64, n)
+        np.take(self.slots.h, slots, axis=1, out=inputs.h0)
+        np.take(self.slots.c, slots, axis=1, out=inputs.c0)
+        params = [t.sampling for t in batch]
+        inputs.temperature[:] = np.fromiter((p.temperature for p in params), np.float64, n)
+        inputs.top_k[:] = np.fromiter((p.top_k for p in params), np.int64, n)
+        inputs.top_p[:] = np.fromiter((p.top_p for p in params), np.float64, n)
+        inputs.steps[:] = steps
+        positions = as_uint64(t._tokens_seen for t in batch)[:, None] + np.arange(k, dtype=np.uint64)
+        inputs.draws[:] = uniforms(as_uint64(p.seed for p in params)[:, None], positions)
+        return inputs
+
+    def _decode(self, inputs: DecodeInputs, n: int) -> tuple[np.ndarray, DecodeOutputs, dict[int, Exception]]:
+        """The decoder on every row, contained: (rows that ran, their outputs, the error of each row that failed)."""
+
+        def run(rows: np.ndarray) -> DecodeOutputs:
+            if len(rows) == n:
+                return self.decoder.decode(inputs)
+            return self.decoder.decode(inputs.rows(rows)).copy()  # the next call reuses the decoder's buffers
+
+        parts, raised = contain(n, run, "model step")
+        if not parts:
+            return np.zeros(0, np.intp), None, raised
+        rows, out = _join(parts)
+        return rows, out, raised
+
+    def _step(self, batch: list[Turn]) -> int:
+        """One decoder call for ``batch``; returns K (the most characters a row took)."""
+        n = len(batch)
+        with self.lock:  # a cancellation arriving after this snapshot is handled at the next call
+            finishing = np.fromiter((t._finishing for t in batch), bool, n)
+        room = np.fromiter((t._remaining + 1 for t in batch), np.int64, n)  # the last drawn may go unsent
+        room = np.minimum(room, self.stream_buffer_chars - np.fromiter((t._outbox_chars for t in batch), np.int64, n))
+        steps = np.where(finishing, 1, np.clip(room, 1, self._steps_per_call(n)))
+        started = time.perf_counter()
+        inputs = self._decode_inputs(batch, steps)
+        rows, out, raised = self._decode(inputs, n)
         failures = {i: self._row_failure(batch[i], error) for i, error in raised.items()}
-        with self.lock:  # a cancellation arriving after this snapshot is handled at the next step
-            finishing = np.array([t._finishing for t in batch], bool)
-        drawn = np.full(len(batch), -1, np.int64)  # the character drawn for each row that goes on
-        if parts:
-            rows, (logits, h, c) = _join(parts)
-            finite = None if all_finite(h, c, logits) else finite_rows(h, c, logits)
+        sends: dict[int, tuple[int, str | None]] = {}  # row -> (characters sent, reason)
+        rerun: list[int] = []  # positions in ``rows`` whose stop string ended before their last read character
+        if len(rows):
+            finite = None if all_finite(out.h, out.c, out.logits) else finite_rows(out.h, out.c, out.logits)
             if finite is not None and not finite.all():
                 for i in rows[~finite].tolist():
                     failures[i] = self._row_failure(batch[i], None)
-                rows, logits, h, c = rows[finite], logits[finite], h[:, finite], c[:, finite]
-            continuing = np.flatnonzero(~finishing[rows])  # positions in rows
-
-            def draw(picked: np.ndarray) -> np.ndarray:
-                chosen = continuing[picked]
-                return self._sample([batch[i] for i in rows[chosen].tolist()], logits[chosen])
-
-            sampled, unsampled = contain(len(continuing), draw, "sampling") if len(continuing) else ([], {})
-            for j, error in unsampled.items():
-                i = int(rows[continuing[j]])
-                failures[i] = self._row_failure(batch[i], error, "sampling")
-            for picked, tokens_drawn in sampled:
-                drawn[rows[continuing[picked]]] = tokens_drawn
-            if unsampled:
-                keep = np.array([i not in failures for i in rows.tolist()], bool)
-                rows, logits, h, c = rows[keep], logits[keep], h[:, keep], c[:, keep]
-            self.slots.scatter(slots[rows], h, c, logits)  # failed rows keep their state
+                rows, out = (
+                    rows[finite],
+                    DecodeOutputs(out.sampled[finite], out.logits[finite], out.h[:, finite], out.c[:, finite]),
+                )
+            texts = self._vocab[np.maximum(out.sampled, 0)].sum(axis=1)  # one string per row (past steps: unused)
+            for j, i in enumerate(rows.tolist()):
+                if finishing[i]:
+                    continue
+                sent, reason = batch[i]._to_send(texts[j][: steps[i]])
+                sends[i] = (sent, reason)
+                if sent + 1 < steps[i]:
+                    rerun.append(j)
+            keep = np.ones(len(rows), bool)
+            keep[rerun] = False
+            slots = np.fromiter((batch[i].slot for i in rows[keep].tolist()), np.intp)
+            self.slots.scatter(slots, out.h[:, keep], out.c[:, keep], out.logits[keep])  # failed rows keep theirs
+            sampled = out.sampled.copy() if rerun else out.sampled
+            if rerun:
+                self._rerun(batch, inputs, rows[rerun], sends, failures)
         for error in failures.values():
             log.error("%s", error.message, exc_info=error.__cause__)
-        vocab = self.codec.vocab
+        delivered = 0
         with self.lock:
-            for i, (turn, token) in enumerate(zip(batch, drawn.tolist(), strict=True)):
-                if token >= 0:
-                    turn._deliver(token, vocab[token])
+            for j, i in enumerate(rows.tolist()):
+                turn = batch[i]
+                if i in failures:
                     continue
-                error = failures.get(i)
-                if error is not None:  # its pending character was not read
-                    turn._tokens_seen -= 1
-                turn._finish(error)  # or its last character is fed now
+                if i in sends:
+                    sent, reason = sends[i]
+                    turn._send(texts[j][:sent], reason)
+                    delivered += sent
+                    if sent == steps[i]:  # the last one drawn is sent, not yet read
+                        turn._pending = int(sampled[j, sent - 1])
+                        continue
+                turn._finish()  # every character sent is read
                 self._turns.remove(turn)
+            for i, error in failures.items():
+                batch[i]._tokens_seen -= 1  # its pending character was not read
+                batch[i]._finish(error)
+                self._turns.remove(batch[i])
             self._notify(batch)
-        self._batch_size.observe(len(batch))
-        self._tokens.inc(int((drawn >= 0).sum()))
+        self._measured(n, int(steps.max()), time.perf_counter() - started)
+        self._batch_size.observe(n)
+        self._tokens.inc(delivered)
+        return int(steps.max())
+
+    def _rerun(
+        self,
+        batch: list[Turn],
+        inputs: DecodeInputs,
+        rows: np.ndarray,
+        sends: dict[int, tuple[int, str | None]],
+        failures: dict[int, SessionStepError],
+    ) -> None:
+        """Rows whose stop string ended early: run again from their state before the call, reading exactly the
+        characters sent (their pending one, then all but the stop string's last), and keep that state."""
+        again = inputs.rows(rows)
+        again.steps[:] = [sends[i][0] + 1 for i in rows.tolist()]
+        try:
+            out = self.decoder.decode(again)
+            if not all_finite(out.h, out.c, out.logits):
+                raise NonFinite
+        except Exception as error:  # the same computation just ran: not expected
+            for i in rows.tolist():
+                failures[i] = self._row_failure(batch[i], None if isinstance(error, NonFinite) else error)
+            return
+        self.slots.scatter(np.fromiter((batch[i].slot for i in rows.tolist()), np.intp), out.h, out.c, out.logits)
 
     def _run(self) -> None:
         last_step = None
@@ -609,8 +728,9 @@ class GenerationEngine:
             for job in jobs:
                 job()
             if batch:
+                steps = 1
                 try:
-                    self._step(batch)
+                    steps = self._step(batch)
                 except Exception as error:  # the model failed: end these turns, keep serving the others
                     log.exception("model step failed for %d sessions", len(batch))
                     with self.lock:
@@ -621,5 +741,5 @@ class GenerationEngine:
                         self._notify(batch)
                 now = time.perf_counter()
                 if last_step is not None:
-                    self._inter_token.observe(now - last_step)
+                    self._inter_token.observe((now - last_step) / steps)  # per character of the call
                 last_step = now

@@ -1,19 +1,21 @@
-"""Vectorised next-token sampling where every row has its own parameters and its own random stream.
+"""Each row's random stream, and a turn's sampling parameters.
 
 A row's random number depends only on its session's seed and position (the
-number of characters the session has seen), never on the batch: a
-counter-based generator (two rounds of the splitmix64 finaliser) turns
-(seed, position) into a uniform in [0, 1), and the token is drawn by inverting
-the row's cumulative distribution after temperature, top-k and top-p. The
-same session therefore samples the same text alone, in any batch, across
-turns, and after an export and import of its state. Seeds and positions are
+number of characters the session has seen), never on the batch or on how many
+characters a call draws: a counter-based generator (two rounds of the
+splitmix64 finaliser) turns (seed, position) into a uniform in [0, 1). The
+entry's sampler graph (``sample.onnx``, alone or inside ``decode.onnx``) draws
+the token from it by inverting the row's cumulative distribution after
+temperature, top-k and top-p. The same session therefore samples the same
+text alone, in any batch, with any K, across turns, and after an export and
+import of its state. Seeds and positions are
 taken modulo 2**64 (``as_uint64``): any integer a session holds gives a
 stream, none raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +49,6 @@ def uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-# (logits [batch, vocab], temperature, top_k, top_p, seeds, positions) -> token ids [batch]: ``sample``'s signature
-Sampler = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
 @dataclass(frozen=True)
 class Sampling:
     """Resolved sampling parameters of one turn."""
@@ -61,52 +59,6 @@ class Sampling:
     seed: int = 0
     max_tokens: int = 200
     stop: tuple[str, ...] = ()
-
-
-def sample(
-    logits: np.ndarray,
-    temperature: np.ndarray,
-    top_k: np.ndarray,
-    top_p: np.ndarray,
-    seeds: np.ndarray,
-    positions: np.ndarray,
-) -> np.ndarray:
-    """Token ids [batch] from logits [batch, vocab]; temperature 0 is greedy.
-
-    Rows with top-k or top-p draw from their sorted, truncated distribution;
-    the others straight from the distribution in vocabulary order (no sort).
-    Which way a row goes depends only on its own parameters.
-    """
-    vocab = logits.shape[1]
-    greedy = temperature <= 0
-    scaled = logits.astype(np.float64) / np.where(greedy, 1.0, temperature)[:, None]
-    weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-    u = uniforms(seeds, positions)
-    tokens = logits.argmax(axis=1)
-    truncated = ~greedy & ((top_k > 0) | (top_p < 1))
-    plain = ~greedy & ~truncated
-    if plain.any():
-        rows = np.flatnonzero(plain)
-        tokens[rows] = _inverse_cdf(weights[rows], u[rows])
-    if truncated.any():
-        rows = np.flatnonzero(truncated)
-        probs = weights[rows] / weights[rows].sum(axis=1, keepdims=True)
-        order = np.argsort(-probs, axis=1, kind="stable")
-        ranked = np.take_along_axis(probs, order, axis=1)
-        limit = np.where(top_k[rows] > 0, top_k[rows], vocab)[:, None]
-        before = np.cumsum(ranked, axis=1) - ranked
-        keep = (np.arange(vocab)[None, :] < limit) & (before < top_p[rows][:, None])
-        keep[:, 0] = True
-        index = _inverse_cdf(np.where(keep, ranked, 0.0), u[rows])
-        tokens[rows] = order[np.arange(len(rows)), index]
-    return tokens
-
-
-def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Per row, the first index whose cumulative weight exceeds u times the total."""
-    cumulative = np.cumsum(weights, axis=1)
-    index = (cumulative <= (u * cumulative[:, -1])[:, None]).sum(axis=1)
-    return np.minimum(index, weights.shape[1] - 1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

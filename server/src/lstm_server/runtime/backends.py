@@ -8,6 +8,7 @@ is imported only when asked for, so a server without torch works.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -26,32 +27,39 @@ class Backend(Protocol):
         """(logits, hn, cn) for the model's named inputs."""
 
 
+def onnx_session(entry: ModelEntry, path: Path, device: str, threads: int, spinning: bool = True):
+    """An onnxruntime session on ``path`` (a file of ``entry``) set up for a server: ``threads`` intra-op threads,
+    one inter-op thread, idle workers spinning or sleeping (see ``config.thread_spinning``), the CUDA provider on
+    ``device`` cuda (refused when onnxruntime cannot use it)."""
+    import onnxruntime as ort
+
+    ort.disable_telemetry_events()  # a server does not report usage to anyone (on by default on Linux since 1.29)
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ModelRepositoryError(
+                f"{entry.name}: device cuda asked for, but this onnxruntime has no CUDA provider "
+                "(install onnxruntime-gpu on a machine with a GPU, or use --device cpu)"
+            )
+        providers = ["CUDAExecutionProvider", *providers]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise ModelRepositoryError(  # onnxruntime falls back to the CPU with only a warning
+            f"{entry.name}: device cuda asked for, but onnxruntime could not use the GPU and fell back to the "
+            "CPU (is a GPU visible to this process, with the CUDA and cuDNN libraries onnxruntime-gpu needs?)"
+        )
+    return session
+
+
 class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, entry: ModelEntry, device: str, threads: int, spinning: bool = True) -> None:
-        import onnxruntime as ort
-
-        ort.disable_telemetry_events()  # a server does not report usage to anyone (on by default on Linux since 1.29)
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ModelRepositoryError(
-                    f"{entry.name}: device cuda asked for, but this onnxruntime has no CUDA provider "
-                    "(install onnxruntime-gpu on a machine with a GPU, or use --device cpu)"
-                )
-            providers = ["CUDAExecutionProvider", *providers]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # worker threads busy-wait for the next call (onnxruntime's default) or sleep: see config.thread_spinning
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(entry.file(ONNX_FILE)), options, providers=providers)
-        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise ModelRepositoryError(  # onnxruntime falls back to the CPU with only a warning
-                f"{entry.name}: device cuda asked for, but onnxruntime could not use the GPU and fell back to the "
-                "CPU (is a GPU visible to this process, with the CUDA and cuDNN libraries onnxruntime-gpu needs?)"
-            )
+        self.session = onnx_session(entry, entry.file(ONNX_FILE), device, threads, spinning)
         check_onnx_session(entry, self.session)
         self.device = device
         self._outputs = ["logits", "hn", "cn"]
