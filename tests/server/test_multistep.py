@@ -1,0 +1,124 @@
+"""Multi-step decoding on the exported tiny model: K=1, K=8, any batch and the in-process reference agree.
+
+Each session's text and its state afterwards (h, c and next-character logits, bitwise) are the same whether the
+engine draws one character per call or eight, whether the session runs alone or beside others, and equal what
+stepping the entry in-process one character at a time produces (``tests/reference.py``). Stop strings are chosen
+to end inside a call's characters, and max_tokens is not a multiple of K.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from lstm_server.engine.codec import CharCodec
+from lstm_server.engine.generation import GenerationEngine
+from lstm_server.engine.sampling import Sampling
+from lstm_server.engine.slots import StateSlots
+from lstm_server.metrics import Metrics
+from lstm_server.runtime.backends import OnnxBackend
+from lstm_server.runtime.decoding import GraphDecoder, Sampler, SteppedDecoder, load_decoder
+from lstm_server.runtime.model_repository import load_entry
+
+PROMPTS = ["KING:\nthe ", "QUEEN", "LORD:\n", "K", "KING:\nthe queen "]
+CHARS = 45  # not a multiple of 8
+
+
+def plans(reference) -> list[tuple[str, Sampling]]:
+    """Greedy and seeded sessions (plain, top-k, top-p, both), half with a stop string that ends mid-call."""
+    settings = [
+        {"temperature": 0.0},
+        {"temperature": 0.8, "seed": 3},
+        {"temperature": 1.0, "top_k": 5, "seed": 4},
+        {"temperature": 0.9, "top_p": 0.8, "seed": 5},
+        {"temperature": 1.2, "top_k": 10, "top_p": 0.9, "seed": 6},
+    ]
+    made = []
+    for i in range(10):
+        prompt, params = PROMPTS[i % len(PROMPTS)], settings[i % len(settings)]
+        stop: tuple[str, ...] = ()
+        if i % 2:  # a stop string taken from the session's own text, ending at character 13 + i (mid-call)
+            text = reference.generate(prompt, CHARS, **params)[0]
+            stop = (text[11 + i : 13 + i],)
+        made.append((prompt, Sampling(max_tokens=CHARS, stop=stop, **params)))
+    return made
+
+
+def run(entry_dir, plan: list[tuple[str, Sampling]], max_steps: int, together: bool, stepped: bool = False):
+    """(text, h, c, logits) of every planned session, on an engine drawing up to ``max_steps`` per call."""
+    entry = load_entry(entry_dir)
+    backend = OnnxBackend(entry, "cpu", 2)
+    sampler = Sampler(entry, 2, True)
+    if stepped:
+        decoder = SteppedDecoder(backend, sampler, entry.num_layers, entry.hidden_size, len(entry.vocab))
+    else:
+        decoder = load_decoder(entry, backend, 64, max_steps, 2, True)
+        assert isinstance(decoder, GraphDecoder)
+    codec = CharCodec(entry.vocab)
+    slots = StateSlots(entry.num_layers, entry.hidden_size, len(codec), 64)
+    # a budget no call reaches: every call after the first (which measures) takes max_steps characters
+    engine = GenerationEngine("charlm", backend, codec, slots, 64, 10_000, 0.0, Metrics(), decoder, max_steps, 1e6)
+
+    async def one(prompt: str, sampling: Sampling):
+        slot = engine.allocate()
+        turn = engine.submit(slot, np.array(codec.encode(prompt)), sampling, 0, prompt)
+        text = "".join([chunk.text async for chunk in turn.chunks()])
+        end = await turn.completion
+        assert end.error is None and end.tokens_seen == len(prompt) + len(text)
+        state = engine.state(slot)
+        return text, state.h, state.c, state.logits
+
+    async def scenario():
+        engine.start()
+        try:
+            if together:
+                return await asyncio.gather(*(one(p, s) for p, s in plan))
+            return [await one(p, s) for p, s in plan]
+        finally:
+            await engine.stop()
+
+    return asyncio.run(scenario())
+
+
+def assert_same(actual, expected) -> None:
+    for (text, h, c, logits), (text_e, h_e, c_e, logits_e) in zip(actual, expected, strict=True):
+        assert text == text_e
+        assert np.array_equal(h, h_e) and np.array_equal(c, c_e) and np.array_equal(logits, logits_e)
+
+
+@pytest.fixture(scope="module")
+def expected(exported, reference):
+    """The reference: each session stepped in-process one character at a time (text, h, c)."""
+    plan = plans(reference)
+    made = []
+    for prompt, s in plan:
+        text, h, c = reference.generate(
+            prompt, CHARS, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, stop=s.stop
+        )
+        made.append((text, h, c, None))
+    return plan, made
+
+
+@pytest.mark.parametrize("max_steps", [1, 8])
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "batched"])
+def test_k_and_batch_change_nothing(exported, expected, max_steps: int, together: bool, monkeypatch) -> None:
+    plan, reference = expected
+    reruns = []
+    rerun = GenerationEngine._rerun
+    monkeypatch.setattr(GenerationEngine, "_rerun", lambda self, *args: reruns.append(args[2]) or rerun(self, *args))
+    served = run(exported / "charlm" / "1", plan, max_steps, together)
+    assert bool(reruns) == (max_steps > 1)  # with K > 1 some stop string ended inside a call's characters
+    assert any(s.stop and len(text) < CHARS for (text, *_), (_, s) in zip(served, plan, strict=True))
+    for (text, h, c, _), (text_e, h_e, c_e, _) in zip(served, reference, strict=True):
+        assert text == text_e
+        assert np.array_equal(h, h_e) and np.array_equal(c, c_e)
+    if (max_steps, together) == (8, True):  # logits too, against K=1 alone
+        assert_same(served, run(exported / "charlm" / "1", plan, 1, False))
+
+
+def test_the_step_loop_decoder_equals_the_decode_graph(exported, expected) -> None:
+    plan, _ = expected
+    graph = run(exported / "charlm" / "1", plan, 8, True)
+    assert_same(run(exported / "charlm" / "1", plan, 8, True, stepped=True), graph)
