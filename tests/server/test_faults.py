@@ -1,9 +1,10 @@
 """Fault containment end to end: one bad session (or text) fails alone, and the others never notice.
 
-A wrapper around a model's backend (``engine.wrap_backend``) poisons one row of a batched call (it raises, or
-writes NaN into the new state); the model thread is held (``engine.paused()``) while every turn is submitted, so
-all of them are admitted together and the poisoned row is stepped in one batch with the others. Nothing waits on
-time.
+A wrapper around a language model's decoder (``engine.wrap_decoder``; the server draws one character per call
+here, so a call starts from every state) or a classifier's backend poisons one row of a batched call (it raises,
+or writes NaN into the new state); the model thread is held (``engine.paused()``) while every turn is submitted,
+so all of them are admitted together and the poisoned row is stepped in one batch with the others. Nothing waits
+on time. (tests/server/test_engine.py covers a failure inside a call of several characters.)
 """
 
 from __future__ import annotations
@@ -42,33 +43,32 @@ def same_state(h0: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.all(np.abs(h0 - target) <= 1e-5, axis=(0, 2))
 
 
-class PoisonedSteps:
-    """A backend whose single-character steps fail for the rows that start from one of two states: from
-    ``raise_from`` the call raises, from ``nan_from`` that row's new h is NaN. Records what each poisoned row held."""
+class PoisonedCalls:
+    """A decoder whose calls fail for the rows that start from one of two states: from ``raise_from`` the call
+    raises, from ``nan_from`` that row's new h is NaN. Records what each poisoned row held."""
 
     def __init__(self, inner, raise_from: np.ndarray, nan_from: np.ndarray) -> None:
-        self.inner, self.name, self.device = inner, inner.name, inner.device
+        self.inner, self.name, self.sample, self.inputs = inner, inner.name, inner.sample, inner.inputs
         self.raise_from, self.nan_from = raise_from, nan_from
         self.armed = True
         self.seen: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # kind -> (h0, c0, batch) at first hit
 
     def _record(self, kind: str, inputs, hit: np.ndarray) -> None:
-        self.seen.setdefault(kind, (inputs["h0"][:, hit].copy(), inputs["c0"][:, hit].copy(), len(hit)))
+        self.seen.setdefault(kind, (inputs.h0[:, hit].copy(), inputs.c0[:, hit].copy(), len(hit)))
 
-    def run(self, inputs):
-        if not self.armed or inputs["tokens"].shape[1] != 1:
-            return self.inner.run(inputs)
-        hit = same_state(inputs["h0"], self.raise_from)
+    def decode(self, inputs):
+        if not self.armed:
+            return self.inner.decode(inputs)
+        hit = same_state(inputs.h0, self.raise_from)
         if hit.any():
             self._record("raise", inputs, hit)
             raise RuntimeError("poisoned row")
-        logits, h, c = self.inner.run(inputs)
-        hit = same_state(inputs["h0"], self.nan_from)
+        out = self.inner.decode(inputs)
+        hit = same_state(inputs.h0, self.nan_from)
         if hit.any():
             self._record("nan", inputs, hit)
-            h = h.copy()
-            h[:, hit] = np.nan
-        return logits, h, c
+            out.h[:, hit] = np.nan
+        return out
 
 
 def generate(stubs: Stubs, session_id: str, prompt: str, max_tokens: int, sampling: dict):
@@ -86,12 +86,12 @@ def generate(stubs: Stubs, session_id: str, prompt: str, max_tokens: int, sampli
 
 
 def test_poisoned_neighbours_fail_alone_and_keep_their_state(start_server, reference) -> None:
-    server = start_server()
+    server = start_server(max_decode_steps=1)
     engine = server.server.models.get("charlm").engine
     expected = [reference.generate(prompt, n, **sampling) for prompt, sampling, n in PLANS]
     _, raise_from, _ = reference.generate(PLANS[RAISES][0], RAISE_AT, **PLANS[RAISES][1])
     _, nan_from, _ = reference.generate(PLANS[TURNS_NAN][0], NAN_AT, **PLANS[TURNS_NAN][1])
-    poison = engine.wrap_backend(lambda backend: PoisonedSteps(backend, raise_from, nan_from))
+    poison = engine.wrap_decoder(lambda decoder: PoisonedCalls(decoder, raise_from, nan_from))
     stubs = Stubs(server.address)
     ids = [stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm")).session_id for _ in PLANS]
 

@@ -386,22 +386,21 @@ def test_closing_a_session_while_its_turn_is_being_saved(stored):
 
 
 class NaNAfter:
-    """A backend wrapper: single-character steps from state ``poisoned`` (h0 column) give a NaN state."""
+    """A decoder wrapper: a call from state ``poisoned`` (h0 column) gives that row a NaN state."""
 
     def __init__(self, inner, poisoned: np.ndarray) -> None:
-        self.inner, self.name, self.device, self.poisoned = inner, inner.name, inner.device, poisoned
+        self.inner, self.name, self.sample, self.inputs = inner, inner.name, inner.sample, inner.inputs
+        self.poisoned = poisoned
 
-    def run(self, inputs):
-        logits, h, c = self.inner.run(inputs)
-        hit = np.all(np.abs(inputs["h0"] - self.poisoned) <= 1e-6, axis=(0, 2))
-        if inputs["tokens"].shape[1] == 1 and hit.any():
-            h = h.copy()
-            h[:, hit] = np.nan
-        return logits, h, c
+    def decode(self, inputs):
+        out = self.inner.decode(inputs)
+        hit = np.all(np.abs(inputs.h0 - self.poisoned) <= 1e-6, axis=(0, 2))
+        out.h[:, hit] = np.nan
+        return out
 
 
 def test_a_turn_that_fails_on_its_own_row_saves_the_state_it_kept(stored):
-    a, b = stored.start(), stored.start()
+    a, b = stored.start(max_decode_steps=1), stored.start()  # a: one character per call, so one call starts there
     with Client(a.address, retries=0) as on_a, Client(b.address, retries=0) as on_b:
         session = on_a.session(prompt=PROMPT, seed=SEED)
         text_of(session, n=6)
@@ -409,7 +408,7 @@ def test_a_turn_that_fails_on_its_own_row_saves_the_state_it_kept(stored):
         text_of(fork, n=3)
         poisoned = array_of(fork.export().h)  # the state after 3 characters of the session's next turn
         engine = a.server.models.get("charlm").engine
-        engine.wrap_backend(lambda backend: NaNAfter(backend, poisoned))
+        engine.wrap_decoder(lambda decoder: NaNAfter(decoder, poisoned))
         with pytest.raises(LstmError) as failed:
             text_of(session, n=8)
         assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION
