@@ -46,7 +46,7 @@ def test_entry_files_manifest_and_onnx_contract(exported, checkpoints, name, tas
     entry = load_entry(exported / name / "1")
     assert entry.task == task and entry.version == 1 and entry.name == name
     assert set(entry.manifest["files"]) == {"model.onnx", "model.pt"} | (
-        {"tokenizer.json"} if name == "sentiment" else set()
+        {"tokenizer.json"} if name == "sentiment" else {"sample.onnx", "decode.onnx"}
     )
     payload = load_checkpoint(checkpoints[name])
     assert entry.manifest["training"]["data_sha256"] == payload["data_sha256"]
@@ -139,7 +139,8 @@ def test_quantized_version_records_quality_and_speed(checkpoints, exported, tmp_
     out = tmp_path / "charlm" / "2"
     manifest = export_checkpoint(checkpoints["charlm"], out, eval_data=checkpoints["corpus"], quantize=True)
     entry = load_entry(out)
-    assert set(entry.manifest["files"]) == {"model.onnx"} and entry.manifest["backends"] == ["onnxruntime"]
+    assert set(entry.manifest["files"]) == {"model.onnx", "sample.onnx", "decode.onnx"}
+    assert entry.manifest["backends"] == ["onnxruntime"]
     block = manifest["quantization"]
     fp32 = load_entry(exported / "charlm" / "1").manifest["quality"]["value"]
     assert block["quality"]["fp32"]["value"] == pytest.approx(fp32)

@@ -110,3 +110,17 @@ def test_batch_invariance_is_read_and_a_damaged_record_is_named(repository) -> N
     edit_manifest(charlm, lambda m: m.update(batch_invariance={"onnxruntime": {"invariant": "yes"}}))
     with pytest.raises(ModelRepositoryError, match=r"manifest\.json: corrupted batch_invariance"):
         load_entry(charlm)
+
+
+def test_a_language_model_needs_its_sampler_and_may_lack_its_decode_graph(repository) -> None:
+    charlm = repository / "charlm" / "1"
+    assert load_entry(charlm).has_decode_graph
+    (charlm / "decode.onnx").unlink()
+    edit_manifest(charlm, lambda m: m["files"].pop("decode.onnx"))
+    assert not load_entry(charlm).has_decode_graph  # a runtime then samples with sample.onnx after each step
+    (charlm / "sample.onnx").unlink()
+    with pytest.raises(ModelRepositoryError, match=r"sample\.onnx: missing"):
+        load_entry(charlm)
+    edit_manifest(charlm, lambda m: m["files"].pop("sample.onnx"))
+    with pytest.raises(ModelRepositoryError, match=r"charlm/1 has no sample\.onnx"):
+        load_entry(charlm)

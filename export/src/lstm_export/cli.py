@@ -1,5 +1,5 @@
-"""``lstm-export CHECKPOINT --out models/<name>/<version>``: TorchScript + ONNX + manifest, verified and checked
-for batch invariance."""
+"""``lstm-export CHECKPOINT --out models/<name>/<version>``: TorchScript + ONNX + manifest (a language model also
+its sampler and decode graph), verified and checked for batch invariance."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     for backend, record in manifest["batch_invariance"].items():
         verdict = "invariant" if record["invariant"] else f"NOT invariant ({record['first_failure']})"
         print(f"  batch invariance, {backend}: {verdict}")
+    if "decoding" in manifest:
+        for check in manifest["decoding"]["verified"]:
+            print(f"  verified: {check}")
+        record = manifest["decoding"]["batch_invariance"]["onnxruntime"]
+        print(f"  batch invariance, decode.onnx and sample.onnx: {'invariant' if record['invariant'] else 'NOT'}")
     return 0
 
 

@@ -26,7 +26,12 @@ of the logits, the first maximum). Otherwise the weights
 divided by their sum, and truncated to the first ``top_k`` ranks (0: no limit)
 and to the ranks whose exclusive cumulative probability is below ``top_p``
 (1: no limit); the first rank is always kept. The token is the first kept rank
-whose cumulative kept probability exceeds ``u`` times their total.
+whose cumulative kept probability exceeds ``u`` times their total. A row that
+neither ``top_k`` nor ``top_p`` limits walks its weights in vocabulary order
+instead (the first token whose cumulative weight exceeds ``u`` times the total:
+the same distribution, not the same token for a given ``u``), and a batch is
+sorted only when one of its rows is limited (an ``If``); which branch runs never
+changes a row's token, as ``invariance.py`` checks.
 """
 
 from __future__ import annotations
@@ -38,10 +43,66 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from lstm_server.runtime.model_repository import TensorSpec
+
 from .step_graph import IR_VERSION, Graph, charlm_weights, split_layers, stack_layers, value_info
 
 DOUBLE, INT64, BOOL, FLOAT = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL, TensorProto.FLOAT
 SAMPLE_FILE_DESCRIPTION = "lstm_export.decode_graph: sampling as ONNX operators, float64, row by row"
+DECODE_FILE_DESCRIPTION = (
+    "lstm_export.decode_graph: one Scan over K whose body feeds each row's pending token, steps every layer with "
+    "the step graph's operators and weights (per-row int8 for an int8 entry), computes the logits with the same "
+    "head, and samples with the sampler's operators; a row past its steps keeps everything through Where"
+)
+SAMPLING_RULE = (
+    "temperature 0 is greedy (ArgMax of the logits, the first maximum). Otherwise the weights exp(l/T - max(l/T)) "
+    "(float64) are ranked by TopK (ties: lower index first), divided by their sum, and truncated to the first "
+    "top_k ranks (0: no limit) and to the ranks whose exclusive cumulative probability is below top_p (1: no "
+    "limit); the first rank is always kept. The token is the first kept rank whose cumulative kept probability "
+    "exceeds u times their total (u: the row's draw, uniform in [0, 1)). A row that neither top_k nor top_p limits "
+    "walks the weights in vocabulary order instead of rank order (the same distribution; a batch is sorted only "
+    "when some row is limited)"
+)
+
+
+def sampler_signature(vocab_size: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of ``sample.onnx``, in order."""
+    inputs = (
+        TensorSpec("logits", "float32", ("batch", vocab_size)),
+        TensorSpec("draws", "float64", ("batch",)),
+        *_sampling_specs(),
+    )
+    return inputs, (TensorSpec("token", "int64", ("batch",)),)
+
+
+def decode_signature(
+    num_layers: int, hidden_size: int, vocab_size: int
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of ``decode.onnx``, in order; ``steps_per_call`` is K."""
+    state = (num_layers, "batch", hidden_size)
+    inputs = (
+        TensorSpec("tokens", "int64", ("batch",)),
+        TensorSpec("h0", "float32", state),
+        TensorSpec("c0", "float32", state),
+        TensorSpec("draws", "float64", ("batch", "steps_per_call")),
+        *_sampling_specs(),
+        TensorSpec("steps", "int64", ("batch",)),
+    )
+    outputs = (
+        TensorSpec("sampled", "int64", ("batch", "steps_per_call")),
+        TensorSpec("logits", "float32", ("batch", vocab_size)),
+        TensorSpec("hn", "float32", state),
+        TensorSpec("cn", "float32", state),
+    )
+    return inputs, outputs
+
+
+def _sampling_specs() -> tuple[TensorSpec, ...]:
+    return (
+        TensorSpec("temperature", "float64", ("batch",)),
+        TensorSpec("top_k", "int64", ("batch",)),
+        TensorSpec("top_p", "float64", ("batch",)),
+    )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,16 @@ raw bytes (which also tells -0.0 from 0.0).
   to the longest (plus a few extra columns), the padding filled with the pad
   id or with random tokens.
 
+A language model's sampler (``sample.onnx``) and decode graph (``decode.onnx``)
+are held to the same standard (``check_decoding_invariance``): the subject row
+gets sampling parameters of every kind in turn (greedy, temperature, top_k,
+top_p, both), and its neighbours get random parameters, none that truncate, or
+only ones that truncate, so a row that does not truncate is checked beside rows
+that do and the other way round (the sampler sorts a batch only when some row
+truncates). Draws are uniform or, where the row's distribution is known, placed
+exactly on a boundary of its cumulative distribution (``cdf_points``), where one
+bit of difference in the row's arithmetic would change its token.
+
 Only numpy is needed; the run function decides the runtime.
 """
 
@@ -70,20 +80,37 @@ class _Mismatch(Exception):
     pass
 
 
-def _compare(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], where: str) -> None:
-    for name, a, e in zip(OUTPUTS, actual, expected, strict=True):
+def first_difference(
+    actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], names: Sequence[str] = OUTPUTS, other: str = "alone"
+) -> str | None:
+    """The first output (in ``names`` order) whose dtype, shape or bits differ, in words; None if all are equal."""
+    for name, a, e in zip(names, actual, expected, strict=True):
         a, e = np.asarray(a), np.asarray(e)
         if a.shape != e.shape or a.dtype != e.dtype:
-            raise _Mismatch(f"{where}: {name} is {a.dtype}{list(a.shape)}, alone {e.dtype}{list(e.shape)}")
+            return f"{name} is {a.dtype}{list(a.shape)}, {other} {e.dtype}{list(e.shape)}"
         if not (np.array_equal(a, e) and a.tobytes() == e.tobytes()):
-            differ = int(np.count_nonzero(a != e)) or int(np.count_nonzero(a.view(np.uint32) != e.view(np.uint32)))
+            bits = f"u{a.itemsize}"  # also tells -0.0 from 0.0
+            differ = int(np.count_nonzero(a != e)) or int(np.count_nonzero(a.view(bits) != e.view(bits)))
+            if a.dtype.kind in "iu" and a.size <= 16:
+                return f"{name} differs: {a.ravel().tolist()}, {other} {e.ravel().tolist()}"
             diff = float(np.nanmax(np.abs(a.astype(np.float64) - e))) if a.size else 0.0
-            raise _Mismatch(f"{where}: {name} differs in {differ} of {a.size} values (max |diff| {diff:.3g})")
+            return f"{name} differs in {differ} of {a.size} values (max |diff| {diff:.3g})"
+    return None
+
+
+def _compare(
+    actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], where: str, names: Sequence[str] = OUTPUTS
+) -> None:
+    difference = first_difference(actual, expected, names)
+    if difference is not None:
+        raise _Mismatch(f"{where}: {difference}")
 
 
 def _row(outputs: Sequence[np.ndarray], index: int) -> list[np.ndarray]:
-    logits, hn, cn = outputs
-    return [logits[index : index + 1].copy(), hn[:, index : index + 1].copy(), cn[:, index : index + 1].copy()]
+    """Row ``index`` of the outputs: batch-first ones (logits, sampled), then ``hn`` and ``cn`` (batch second)."""
+    *batch_first, hn, cn = outputs
+    rows = [o[index : index + 1].copy() for o in batch_first]
+    return [*rows, hn[:, index : index + 1].copy(), cn[:, index : index + 1].copy()]
 
 
 def _state(shape: ModelShape, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -198,3 +225,193 @@ def check_batch_invariance(
             failures.append(str(mismatch))
     checked = describe(shape.task, batch_sizes, steps, max_length)
     return InvarianceResult(not failures, checked, "; ".join(failures) or None)
+
+
+# -- a language model's sampler and decode graph ----------------------------------------------------------------------
+
+SAMPLER_OUTPUTS = ("token",)
+DECODE_OUTPUTS = ("sampled", "logits", "hn", "cn")
+SAMPLING_KINDS = ("greedy", "temperature", "top_k", "top_p", "top_k and top_p")
+TRUNCATING = SAMPLING_KINDS[2:]
+NEIGHBOURS = {
+    "random": SAMPLING_KINDS,
+    "none truncating": ("greedy", "temperature"),
+    "all truncating": TRUNCATING,
+}
+DECODE_CALLS = (8, 3, 1)  # the K of the subject's successive decode calls
+# decode.onnx's inputs along their batch axis: tokens, h0, c0, draws, temperature, top_k, top_p, steps
+_DECODE_BATCH_AXES = (0, 1, 1, 0, 0, 0, 0, 0)
+
+
+def random_sampling(kinds: Sequence[str], vocab: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """[temperature (float64), top_k (int64), top_p (float64)] for rows of the given kinds (``SAMPLING_KINDS``).
+    A greedy row gets random limits too, which it must ignore; top_k is 1, a small number or up to the vocabulary."""
+    n = len(kinds)
+    temperature = rng.uniform(0.25, 2.0, n)
+    top_k, top_p = np.zeros(n, np.int64), np.ones(n)
+    for row, kind in enumerate(kinds):
+        if kind not in SAMPLING_KINDS:
+            raise ValueError(f"unknown sampling kind {kind!r}: expected one of {SAMPLING_KINDS}")
+        limit_k, limit_p = "top_k" in kind, "top_p" in kind
+        if kind == "greedy":
+            temperature[row] = 0.0
+            limit_k, limit_p = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
+        if limit_k:
+            top_k[row] = (1, int(rng.integers(2, 8)), int(rng.integers(1, vocab + 1)))[int(rng.integers(0, 3))]
+        if limit_p:
+            top_p[row] = rng.uniform(0.05, 0.99)
+    return [temperature, top_k, top_p]
+
+
+def neighbour_kinds(mode: str, count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` sampling kinds drawn from the pool of ``mode`` (``NEIGHBOURS``)."""
+    pool = NEIGHBOURS[mode]
+    return [pool[int(i)] for i in rng.integers(0, len(pool), count)]
+
+
+def cdf_points(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Where the sampler's token changes for one row of ``logits``: its cumulative kept probabilities in the order
+    it walks them (the vocabulary's, or the ranks' when top_k or top_p limits the row), in (0, 1), computed here
+    in numpy; empty for a greedy row. A draw on one of them sits on the edge between two tokens, so a difference
+    in the last bit of the row's arithmetic would change its token."""
+    if temperature <= 0:
+        return np.zeros(0)
+    scaled = logits.astype(np.float64) / temperature
+    weights = np.exp(scaled - scaled.max())
+    if top_k > 0 or top_p < 1:
+        ranked = weights[np.argsort(-weights, kind="stable")] / weights.sum()
+        ranks = np.arange(ranked.size)
+        keep = ((ranks < top_k) | (top_k <= 0) | (ranks == 0)) & (np.cumsum(ranked) - ranked < top_p)
+        weights = np.where(keep, ranked, 0.0)
+    cumulative = np.cumsum(weights)
+    points = cumulative[:-1] / cumulative[-1]
+    return np.unique(points[(points > 0) & (points < 1)])
+
+
+def sampler_draw(logits: np.ndarray, params: Sequence[float], boundary: bool, rng: np.random.Generator) -> float:
+    """A uniform draw, or (``boundary``) one on a random point of ``cdf_points``, nudged by at most one ulp."""
+    points = cdf_points(logits, *params) if boundary else np.zeros(0)
+    if points.size == 0:
+        return float(rng.random())
+    point = points[int(rng.integers(0, points.size))]
+    return float(np.clip([np.nextafter(point, 0.0), point, np.nextafter(point, 1.0)][int(rng.integers(0, 3))], 0, 1))
+
+
+def _subject_logits(vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """Random logits [1, vocab] (float32), with tied values every other time (TopK must break ties by index)."""
+    logits = (rng.standard_normal((1, vocab)) * rng.uniform(1.0, 4.0)).astype(np.float32)
+    if rng.integers(0, 2):
+        tied = rng.choice(vocab, size=min(vocab, 4), replace=False)
+        logits[0, tied] = logits[0, tied[0]]
+    return logits
+
+
+def _check_sampler(run: Runner, shape: ModelShape, sizes: Sequence[int], rng: np.random.Generator) -> None:
+    vocab = shape.vocab_size
+    for number, batch in enumerate(sizes):
+        kind = SAMPLING_KINDS[number % len(SAMPLING_KINDS)]
+        mode = list(NEIGHBOURS)[number % len(NEIGHBOURS)]
+        params = random_sampling([kind], vocab, rng)
+        for boundary in (False, True, True):
+            logits = _subject_logits(vocab, rng)
+            scalars = (float(params[0][0]), int(params[1][0]), float(params[2][0]))
+            draws = np.array([sampler_draw(logits[0], scalars, boundary, rng)])
+            (expected,) = run([logits, draws, *params])
+            position, others = int(rng.integers(0, batch)), batch - 1
+            neighbours = [
+                (rng.standard_normal((others, vocab)) * 2).astype(np.float32),
+                rng.random(others),
+                *random_sampling(neighbour_kinds(mode, others, rng), vocab, rng),
+            ]
+            inputs = [_place(a, o, position, 0) for a, o in zip([logits, draws, *params], neighbours, strict=True)]
+            (token,) = run(inputs)
+            draw = "a draw on a boundary of its distribution" if boundary else "a uniform draw"
+            where = f"batch {batch}, a {kind} row at position {position} with {draw}, neighbours {mode}"
+            _compare([token[position : position + 1]], [expected], where, SAMPLER_OUTPUTS)
+
+
+def _decode_draws(run: Runner, inputs: list[np.ndarray], boundary: bool, rng: np.random.Generator) -> np.ndarray:
+    """The subject's draws [1, K] for a decode call with ``inputs`` (draws: a placeholder): uniform, or each on a
+    boundary of the distribution it samples from, found by calling the graph alone with the first k + 1 draws
+    (its ``logits`` are those the k-th token was drawn from)."""
+    tokens, h, c, placeholder, temperature, top_k, top_p, steps = inputs
+    draws = rng.random(placeholder.shape)
+    if not boundary:
+        return draws
+    params = (float(temperature[0]), int(top_k[0]), float(top_p[0]))
+    for k in range(int(steps[0])):
+        logits = run([tokens, h, c, draws[:, : k + 1], temperature, top_k, top_p, np.array([k + 1])])[1]
+        draws[0, k] = sampler_draw(logits[0], params, True, rng)
+    return draws
+
+
+def _check_decoding(run: Runner, shape: ModelShape, sizes: Sequence[int], rng: np.random.Generator) -> None:
+    vocab = shape.vocab_size
+    for number, batch in enumerate(sizes):
+        kind = SAMPLING_KINDS[number % len(SAMPLING_KINDS)]
+        mode = list(NEIGHBOURS)[number % len(NEIGHBOURS)]
+        tokens, (h, c) = rng.integers(0, vocab, 1), _state(shape, 1, rng)
+        params = random_sampling([kind], vocab, rng)
+        for call, k in enumerate(DECODE_CALLS):
+            steps = np.array([k if call == 0 else int(rng.integers(0, k + 1))])
+            boundary = call != 1
+            draws = _decode_draws(run, [tokens, h, c, np.zeros((1, k)), *params, steps], boundary, rng)
+            subject = [tokens, h, c, draws, *params, steps]
+            expected = _row(run(subject), 0)
+            position, others = int(rng.integers(0, batch)), batch - 1
+            neighbours = [
+                rng.integers(0, vocab, others),
+                *_state(shape, others, rng),
+                rng.random((others, k)),
+                *random_sampling(neighbour_kinds(mode, others, rng), vocab, rng),
+                rng.integers(0, k + 1, others),
+            ]
+            inputs = [
+                _place(a, o, position, axis) for a, o, axis in zip(subject, neighbours, _DECODE_BATCH_AXES, strict=True)
+            ]
+            draw = "draws on boundaries of its distributions" if boundary else "uniform draws"
+            where = (
+                f"batch {batch}, a {kind} row at position {position}, call {call + 1} (K {k}, {steps[0]} steps, "
+                f"{draw}), neighbours {mode}"
+            )
+            _compare(_row(run(inputs), position), expected, where, DECODE_OUTPUTS)
+            if steps[0] > 0:
+                tokens = expected[0][0, steps[0] - 1 : steps[0]]
+            h, c = expected[2], expected[3]
+
+
+def describe_decoding(sizes: Sequence[int]) -> str:
+    """What :func:`check_decoding_invariance` checks, in words (the manifest's ``checked``)."""
+    listed = ", ".join(str(s) for s in sizes)
+    calls = " then ".join(f"K {k}" for k in DECODE_CALLS)
+    return (
+        f"batch sizes {listed}: a row alone vs at a random position among random neighbours, the row's sampling "
+        f"{', '.join(SAMPLING_KINDS)} in turn, the neighbours' random, none truncating or all truncating in turn "
+        "(random parameters, draws, steps and states); "
+        f"decode.onnx: three calls ({calls}, the first all K steps, then 0..K), state and token carried, draws on "
+        "the boundaries of the row's distributions except in the second call, sampled, logits, hn, cn compared "
+        "bitwise; sample.onnx: random logits (ties every other time), a uniform draw and two on boundaries, the "
+        "token compared"
+    )
+
+
+def check_decoding_invariance(
+    decode: Runner,
+    sample: Runner,
+    shape: ModelShape,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    seed: int = 0,
+) -> InvarianceResult:
+    """Check a language model's decode graph (inputs and outputs in ``decode.onnx``'s order) and sampler
+    (``sample.onnx``'s) for batch invariance; the failures are named by file."""
+    rng = np.random.default_rng(seed)
+    failures = []
+    for name, check in (
+        ("decode.onnx", lambda: _check_decoding(decode, shape, batch_sizes, rng)),
+        ("sample.onnx", lambda: _check_sampler(sample, shape, batch_sizes, rng)),
+    ):
+        try:
+            check()
+        except _Mismatch as mismatch:
+            failures.append(f"{name}: {mismatch}")
+    return InvarianceResult(not failures, describe_decoding(batch_sizes), "; ".join(failures) or None)

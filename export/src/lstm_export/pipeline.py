@@ -4,7 +4,10 @@ Everything is written into a temporary directory beside the target, verified
 against eager PyTorch, checked for batch invariance (``invariance.py``: the
 onnxruntime graph must be invariant or nothing is written; TorchScript is
 measured and recorded as it is), and only then moved into place: a failed
-export leaves nothing behind.
+export leaves nothing behind. A language model also gets its sampler
+(``sample.onnx``) and decode graph (``decode.onnx``, ``decode_graph.py``),
+held bitwise to ``model.onnx`` and the sampler (``verify.verify_decoding``)
+and checked for batch invariance, described by the manifest's ``decoding``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import onnxruntime as ort
 import torch
 
 from lstm_server.runtime.model_repository import (
+    DECODE_FILE,
     FORMAT,
     MANIFEST,
     ONNX_FILE,
+    SAMPLE_FILE,
     TOKENIZER_FILE,
     TORCHSCRIPT_FILE,
     ModelRepositoryError,
+    TensorSpec,
     expected_signature,
     list_entries,
     load_entry,
@@ -35,11 +41,28 @@ from lstm_server.runtime.model_repository import (
 )
 from lstm_training.checkpoint import git_commit, load_checkpoint, model_from_checkpoint
 
+from .decode_graph import (
+    DECODE_FILE_DESCRIPTION,
+    SAMPLE_FILE_DESCRIPTION,
+    SAMPLING_RULE,
+    build_decode_model,
+    build_sampler_model,
+    decode_signature,
+    sampler_signature,
+)
 from .evaluate import measure_quality, step_seconds
 from .exporter import DEFAULT_OPSET, check_onnx, export_torchscript
-from .invariance import InvarianceResult, ModelShape, check_batch_invariance
+from .invariance import InvarianceResult, ModelShape, check_batch_invariance, check_decoding_invariance
 from .step_graph import GRAPH_DESCRIPTION, QUANTIZATION_METHOD, export_step_onnx
-from .verify import onnx_runner, torch_runner, verify_export, verify_quantized
+from .verify import (
+    VerificationError,
+    named_runner,
+    onnx_runner,
+    torch_runner,
+    verify_decoding,
+    verify_export,
+    verify_quantized,
+)
 
 TASK_OF_KIND = {"charlm": "generation", "sentiment": "classification"}
 
@@ -172,13 +195,7 @@ def _batch_invariance(work: Path, manifest: dict[str, Any], scripted: Any) -> di
     for threads in sorted({1, os.cpu_count() or 1}):
         session = _session(work / ONNX_FILE, threads)
         results.append((threads, check_batch_invariance(onnx_runner(session, task), shape)))
-    failures = [f"with {threads} intra-op threads: {r.first_failure}" for threads, r in results if not r.invariant]
-    counts = " and ".join(str(threads) for threads, _ in results)
-    onnx_result = InvarianceResult(
-        not failures,
-        f"{results[0][1].checked}; onnxruntime {ort.__version__}, CPU, {counts} intra-op threads",
-        "; ".join(failures) or None,
-    )
+    onnx_result = _threads_record(results)
     if not onnx_result.invariant:
         raise ExportError(f"the onnxruntime graph is not batch invariant: {onnx_result.first_failure}")
     record = {"onnxruntime": onnx_result.to_json()}
@@ -187,6 +204,79 @@ def _batch_invariance(work: Path, manifest: dict[str, Any], scripted: Any) -> di
         checked = f"{result.checked}; torch {torch.__version__}, CPU, {torch.get_num_threads()} threads"
         record["torchscript"] = InvarianceResult(result.invariant, checked, result.first_failure).to_json()
     return record
+
+
+Signature = tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]
+ONNX_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
+
+
+def _signature_runner(session: ort.InferenceSession, file: str, signature: Signature) -> Any:
+    """A runner for ``session`` in ``signature``'s order; ExportError if the graph's inputs or outputs are not it."""
+    for declared, actual, side in (
+        (signature[0], session.get_inputs(), "inputs"),
+        (signature[1], session.get_outputs(), "outputs"),
+    ):
+        got = [(a.name, ONNX_TYPES.get(a.type, a.type), tuple(a.shape)) for a in actual]
+        want = [(t.name, t.dtype, t.shape) for t in declared]
+        if got != want:
+            raise ExportError(f"{file}: its {side} {got} are not the documented {want}")
+    return named_runner(session, [t.name for t in signature[0]], [t.name for t in signature[1]])
+
+
+def _threads_record(results: list[tuple[int, InvarianceResult]]) -> InvarianceResult:
+    """One record for checks run with several intra-op thread counts."""
+    failures = [f"with {threads} intra-op threads: {r.first_failure}" for threads, r in results if not r.invariant]
+    counts = " and ".join(str(threads) for threads, _ in results)
+    return InvarianceResult(
+        not failures,
+        f"{results[0][1].checked}; onnxruntime {ort.__version__}, CPU, {counts} intra-op threads",
+        "; ".join(failures) or None,
+    )
+
+
+def _decoding(work: Path, model: torch.nn.Module, manifest: dict[str, Any], quantize: bool) -> dict[str, Any]:
+    """Write a language model's ``sample.onnx`` and ``decode.onnx`` beside its (final) ``model.onnx``, verify them
+    against it bitwise and check them for batch invariance, with 1 and all intra-op threads; their manifest block.
+    ExportError on any failure."""
+    opset, shape = manifest["export"]["opset"], ModelShape.from_manifest(manifest)
+    signatures = {
+        SAMPLE_FILE: sampler_signature(shape.vocab_size),
+        DECODE_FILE: decode_signature(shape.state_rows, shape.hidden_size, shape.vocab_size),
+    }
+    onnx.save(build_sampler_model(shape.vocab_size, opset), str(work / SAMPLE_FILE))
+    onnx.save(build_decode_model(model, quantize, opset), str(work / DECODE_FILE))
+    for file in signatures:
+        check_onnx(work / file)
+    verified, results = [], []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        step = onnx_runner(_session(work / ONNX_FILE, threads), "generation")
+        sample, decode = (_signature_runner(_session(work / f, threads), f, s) for f, s in signatures.items())
+        try:
+            verified = verify_decoding(step, sample, decode, shape)
+        except VerificationError as error:
+            raise ExportError(
+                f"{DECODE_FILE} does not draw what {ONNX_FILE} and {SAMPLE_FILE} draw, with {threads} intra-op "
+                f"threads: {error}"
+            ) from error
+        results.append((threads, check_decoding_invariance(decode, sample, shape)))
+    record = _threads_record(results)
+    if not record.invariant:
+        raise ExportError(f"the decode graph or the sampler is not batch invariant: {record.first_failure}")
+    counts = " and ".join(str(threads) for threads, _ in results)
+    block: dict[str, Any] = {}
+    for file, (inputs, outputs) in signatures.items():
+        key = "sampler" if file == SAMPLE_FILE else "decode"
+        block[key] = {
+            "file": file,
+            "inputs": [t.to_json() for t in inputs],
+            "outputs": [t.to_json() for t in outputs],
+            "graph": SAMPLE_FILE_DESCRIPTION if file == SAMPLE_FILE else DECODE_FILE_DESCRIPTION,
+        }
+    block["decode"]["weights"] = "per-row int8, as model.onnx" if quantize else "float32, as model.onnx"
+    block["sampling_rule"] = SAMPLING_RULE
+    block["verified"] = [f"{check}; onnxruntime, {counts} intra-op threads" for check in verified]
+    block["batch_invariance"] = {"onnxruntime": record.to_json()}
+    return block
 
 
 def _check_inputs(payload: dict[str, Any], checkpoint: Path, eval_data: Path | None, quantize: bool) -> None:
@@ -263,6 +353,8 @@ def export_checkpoint(
             _quantize(work, model, manifest, eval_data, tokenizer_json)
             manifest["backends"] = ["onnxruntime"]
         manifest["batch_invariance"] = _batch_invariance(work, manifest, None if quantize else scripted)
+        if task == "generation":
+            manifest["decoding"] = _decoding(work, model, manifest, quantize)
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(work.iterdir())}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _replace(work, out)
