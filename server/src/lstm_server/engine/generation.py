@@ -603,8 +603,8 @@ class GenerationEngine:
         inputs = self.decoder.inputs(n, k)
         slots = np.fromiter((t.slot for t in batch), np.intp, n)
         inputs.tokens[:] = np.fromiter((t._pending for t in batch), np.int64, n)
-        np.take(self.slots.h, slots, axis=1, out=inputs.h0)
-        np.take(self.slots.c, slots, axis=1, out=inputs.c0)
+        np.take(self.slots.h, slots, axis=1, out=inputs.h0, mode="clip")  # "raise" would copy through a buffer
+        np.take(self.slots.c, slots, axis=1, out=inputs.c0, mode="clip")
         params = [t.sampling for t in batch]
         inputs.temperature[:] = np.fromiter((p.temperature for p in params), np.float64, n)
         inputs.top_k[:] = np.fromiter((p.top_k for p in params), np.int64, n)
