@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ import torch
 from lstm_export.cli import main as export_main
 from lstm_export.pipeline import ExportError, export_checkpoint
 from lstm_export.verify import VerificationError, random_inputs
-from lstm_server.runtime.model_repository import check_onnx_session, load_entry
+from lstm_server.runtime.model_repository import ModelRepositoryError, check_onnx_session, load_entry
 from lstm_training.checkpoint import load_checkpoint, model_from_checkpoint
 
 CASES = [("charlm", "generation"), ("sentiment", "classification")]
@@ -217,3 +218,25 @@ def test_export_refuses_what_it_cannot_describe_honestly(checkpoints, tmp_path, 
     assert export_main([str(tmp_path / "small.pt"), "--out", str(tmp_path / "m" / "charlm" / "1")]) == 2
     assert "stores its weights as float16: give --eval-data" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_version_under_an_older_contract_does_not_block_re_exporting_its_sibling(exported, checkpoints, tmp_path):
+    """Only the other versions' task is read: a language model exported before sample.onnx existed (which the
+    loader now refuses) is no reason to refuse re-exporting the version beside it; a manifest without a task is."""
+    repo = tmp_path / "models"
+    shutil.copytree(exported / "charlm" / "1", repo / "charlm" / "1")
+    manifest = json.loads((repo / "charlm" / "1" / "manifest.json").read_text())
+    for name in ("sample.onnx", "decode.onnx"):
+        manifest["files"].pop(name)
+        (repo / "charlm" / "1" / name).unlink()
+    (repo / "charlm" / "1" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelRepositoryError, match=r"has no sample\.onnx"):
+        load_entry(repo / "charlm" / "1")
+    export_checkpoint(checkpoints["charlm"], repo / "charlm" / "2")
+    assert load_entry(repo / "charlm" / "2").has_decode_graph
+    with pytest.raises(ExportError, match=r"holds generation models \(version 1\)"):
+        export_checkpoint(checkpoints["sentiment"], repo / "charlm" / "3")
+    (repo / "charlm" / "1" / "manifest.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"cannot check the existing versions: .*charlm/1/manifest\.json does not"):
+        export_checkpoint(checkpoints["charlm"], repo / "charlm" / "2", force=True)
+    assert load_entry(repo / "charlm" / "2").has_decode_graph  # the refused export left version 2 as it was

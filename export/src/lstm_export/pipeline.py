@@ -32,7 +32,6 @@ from lstm_server.runtime.model_repository import (
     SAMPLE_FILE,
     TOKENIZER_FILE,
     TORCHSCRIPT_FILE,
-    ModelRepositoryError,
     TensorSpec,
     expected_signature,
     list_entries,
@@ -77,6 +76,21 @@ def _task_of(payload: dict[str, Any], checkpoint: Path) -> str:
     return TASK_OF_KIND[payload["kind"]]
 
 
+def _task_of_entry(path: Path) -> str:
+    """The task another version of the name declares. Only its manifest is read: a version written under an
+    older contract (one the loader now refuses, such as a language model without ``sample.onnx``) must not stop
+    its siblings from being re-exported in place."""
+    try:
+        task = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["task"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExportError(
+            f"cannot check the existing versions: {path / MANIFEST} does not say its task ({error!r})"
+        ) from error
+    if not isinstance(task, str):
+        raise ExportError(f"cannot check the existing versions: {path / MANIFEST} does not say its task")
+    return task
+
+
 def _check_target(out: Path, name: str, task: str, force: bool) -> int:
     if not out.name.isdigit() or str(int(out.name)) != out.name:
         raise ExportError(f"--out {out}: the last directory must be the version number, as in models/{name}/1")
@@ -84,13 +98,10 @@ def _check_target(out: Path, name: str, task: str, force: bool) -> int:
     for version in list_entries(root).get(name, []):
         if version == int(out.name):
             continue
-        try:
-            other = load_entry(root / name / str(version)).manifest
-        except ModelRepositoryError as error:
-            raise ExportError(f"cannot check the existing versions of {name}: {error}") from error
-        if other["task"] != task:
+        other = _task_of_entry(root / name / str(version))
+        if other != task:
             raise ExportError(
-                f"{root / name} holds {other['task']} models (version {version}); this checkpoint is a {task} "
+                f"{root / name} holds {other} models (version {version}); this checkpoint is a {task} "
                 "model: export it under another name"
             )
     if out.exists() and not force:
