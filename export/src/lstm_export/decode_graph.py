@@ -16,14 +16,16 @@ graphs written beside the step graph:
 
 The random draws are inputs: the server computes each row's uniforms from its
 session's (seed, position) stream, so what a row draws never depends on its
-batch or on K. Sampling runs in float64 on each row alone (row-wise reductions,
-``TopK`` over the vocabulary, ``CumSum`` along it), so ``invariance.py`` can
+batch or on K. Sampling runs in float64 on each row alone (element-wise ``Pow``,
+``TopK`` over the vocabulary, ``CumSum`` along it; the only reductions are
+``ReduceMax`` and integer sums, exact in any order), so ``invariance.py`` can
 hold both graphs to the same bitwise standard as the step graph.
 
 The sampling rule (every row, every call): temperature 0 is greedy (``ArgMax``
 of the logits, the first maximum). Otherwise the weights
-``exp(l / T - max(l / T))`` are ranked by ``TopK`` (ties: lower index first),
-divided by their sum, and truncated to the first ``top_k`` ranks (0: no limit)
+``e ** (l / T - max(l / T))`` (float64, ``Pow``: see ``sampling_weights``) are
+ranked by ``TopK`` (ties: lower index first), divided by their sum (added in
+vocabulary order), and truncated to the first ``top_k`` ranks (0: no limit)
 and to the ranks whose exclusive cumulative probability is below ``top_p``
 (1: no limit); the first rank is always kept. The token is the first kept rank
 whose cumulative kept probability exceeds ``u`` times their total. A row that
@@ -48,15 +50,19 @@ from lstm_server.runtime.model_repository import TensorSpec
 from .step_graph import IR_VERSION, Graph, charlm_weights, split_layers, stack_layers, value_info
 
 DOUBLE, INT64, BOOL, FLOAT = TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL, TensorProto.FLOAT
-SAMPLE_FILE_DESCRIPTION = "lstm_export.decode_graph: sampling as ONNX operators, float64, row by row"
+SAMPLE_FILE_DESCRIPTION = (
+    "lstm_export.decode_graph: sampling as ONNX operators, float64, row by row (Pow, CumSum, TopK, If: no float "
+    "reduction whose order could depend on the batch)"
+)
 DECODE_FILE_DESCRIPTION = (
     "lstm_export.decode_graph: one Scan over K whose body feeds each row's pending token, steps every layer with "
     "the step graph's operators and weights (per-row int8 for an int8 entry), computes the logits with the same "
     "head, and samples with the sampler's operators; a row past its steps keeps everything through Where"
 )
 SAMPLING_RULE = (
-    "temperature 0 is greedy (ArgMax of the logits, the first maximum). Otherwise the weights exp(l/T - max(l/T)) "
-    "(float64) are ranked by TopK (ties: lower index first), divided by their sum, and truncated to the first "
+    "temperature 0 is greedy (ArgMax of the logits, the first maximum). Otherwise the weights e ** (l/T - max(l/T)) "
+    "(float64, computed with Pow) are ranked by TopK (ties: lower index first), divided by their sum (added in "
+    "vocabulary order), and truncated to the first "
     "top_k ranks (0: no limit) and to the ranks whose exclusive cumulative probability is below top_p (1: no "
     "limit); the first rank is always kept. The token is the first kept rank whose cumulative kept probability "
     "exceeds u times their total (u: the row's draw, uniform in [0, 1)). A row that neither top_k nor top_p limits "
@@ -142,25 +148,39 @@ def sampler_params(g: Graph, temperature: str, top_k: str, top_p: str, vocab: in
     )
 
 
-def _inverse_cdf(g: Graph, weights: str, u: str) -> str:
-    """Per row, the first index [batch, 1] whose cumulative weight exceeds ``u`` [batch, 1] times the total."""
-    cumulative = g.op("CumSum", weights, g.const(np.int64(-1), "last_axis"))
+def _first_above(g: Graph, cumulative: str, u: str) -> str:
+    """Per row, the first index [batch, 1] whose ``cumulative`` [batch, n] weight exceeds ``u`` [batch, 1] times the
+    row's total (its last cumulative value)."""
     total = g.op("Gather", cumulative, g.const(np.array([-1], np.int64), "last_column"), axis=1)  # [batch, 1]
     below = g.op("LessOrEqual", cumulative, g.op("Mul", u, total))
-    index = g.op("ReduceSum", g.op("Cast", below, to=INT64), g.ints([-1]), keepdims=1)
-    return g.op("Min", index, g.op("Sub", g.op("Shape", weights, start=1, end=2), g.const(np.int64(1), "one")))
+    index = g.op("ReduceSum", g.op("Cast", below, to=INT64), g.ints([-1]), keepdims=1)  # integers: exact
+    return g.op("Min", index, g.op("Sub", g.op("Shape", cumulative, start=1, end=2), g.const(np.int64(1), "one")))
 
 
-def _ranked_draw(g: Graph, weights: str, u: str, params: SamplerParams) -> str:
-    """Tokens [batch, 1] drawn from each row's ranked distribution truncated by its top_k and top_p."""
+def sampling_weights(g: Graph, logits: str, params: SamplerParams) -> tuple[str, str]:
+    """(weights, cumulative) [batch, vocab], float64: ``e ** (l / T - max(l / T))`` and its running sum in vocabulary
+    order. ``Pow`` and ``CumSum``, not ``Exp`` and ``ReduceSum``: onnxruntime's float64 ``Exp`` computes the elements
+    at the end of a vectorized block (which ones depends on the batch) with its scalar code, which rounds some
+    differently, and its float64 ``ReduceSum`` adds a row in an order that depends on where the row starts in memory;
+    either would make a row's token depend on its batch. ``Pow`` calls the C library's ``pow`` element by element."""
+    scaled = g.op("Div", g.op("Cast", logits, to=DOUBLE), params.divisor)
+    shifted = g.op("Sub", scaled, g.reduce_max_last(scaled))  # <= 0; ReduceMax is exact in any order
+    weights = g.op("Pow", g.const(np.float64(np.e), "e"), shifted)
+    return weights, g.op("CumSum", weights, g.const(np.int64(-1), "last_axis"))
+
+
+def _ranked_draw(g: Graph, weights: str, total: str, u: str, params: SamplerParams) -> str:
+    """Tokens [batch, 1] drawn from each row's ranked distribution truncated by its top_k and top_p; ``total``
+    [batch, 1] is the sum of the row's weights."""
     ranked, order = g.op(
         "TopK", weights, g.op("Shape", weights, start=1, end=2), outputs=2, axis=-1, largest=1, sorted=1
     )
-    probs = g.op("Div", ranked, g.op("ReduceSum", weights, g.ints([-1]), keepdims=1))
+    probs = g.op("Div", ranked, total)
     before = g.op("CumSum", probs, g.const(np.int64(-1), "last_axis"), exclusive=1)
     keep = g.op("And", params.within_k, g.op("Less", before, params.top_p))
     kept = g.op("Where", keep, probs, g.const(np.float64(0.0), "zero_f64"))
-    return g.op("GatherElements", order, _inverse_cdf(g, kept, u), axis=1)
+    chosen = _first_above(g, g.op("CumSum", kept, g.const(np.int64(-1), "last_axis")), u)
+    return g.op("GatherElements", order, chosen, axis=1)
 
 
 def add_sampler(g: Graph, logits: str, draws: str, params: SamplerParams) -> str:
@@ -168,12 +188,15 @@ def add_sampler(g: Graph, logits: str, draws: str, params: SamplerParams) -> str
     ``draws`` [batch] (float64, in [0, 1)); the rule is in the module docstring."""
     column = g.ints([1])
     u = g.op("Unsqueeze", draws, column)
-    scaled = g.op("Div", g.op("Cast", logits, to=DOUBLE), params.divisor)
-    weights = g.op("Exp", g.op("Sub", scaled, g.reduce_max_last(scaled)))
-    plain = _inverse_cdf(g, weights, u)  # [batch, 1]: vocabulary order
+    weights, cumulative = sampling_weights(g, logits, params)
+    plain = _first_above(g, cumulative, u)  # [batch, 1]: vocabulary order
     ranked = g.child()
+    total = ranked.op("Gather", cumulative, ranked.const(np.array([-1], np.int64), "last_column"), axis=1)
     chosen = ranked.op(
-        "Where", ranked.op("Unsqueeze", params.truncated, column), _ranked_draw(ranked, weights, u, params), plain
+        "Where",
+        ranked.op("Unsqueeze", params.truncated, column),
+        _ranked_draw(ranked, weights, total, u, params),
+        plain,
     )
     ranked_branch = ranked.graph("ranked", [], [value_info(chosen, INT64)])
     unranked = g.child()

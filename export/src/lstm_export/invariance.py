@@ -32,6 +32,7 @@ Only numpy is needed; the run function decides the runtime.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -239,6 +240,7 @@ NEIGHBOURS = {
     "all truncating": TRUNCATING,
 }
 DECODE_CALLS = (8, 3, 1)  # the K of the subject's successive decode calls
+EDGE_ROWS = 8  # the rows of a sampler check's batch that draw on an edge of their distribution
 # decode.onnx's inputs along their batch axis: tokens, h0, c0, draws, temperature, top_k, top_p, steps
 _DECODE_BATCH_AXES = (0, 1, 1, 0, 0, 0, 0, 0)
 
@@ -277,63 +279,121 @@ def cdf_points(logits: np.ndarray, temperature: float, top_k: int, top_p: float)
     if temperature <= 0:
         return np.zeros(0)
     scaled = logits.astype(np.float64) / temperature
-    weights = np.exp(scaled - scaled.max())
+    weights = np.array([math.pow(math.e, x) for x in (scaled - scaled.max()).tolist()])  # as the graph's Pow
+    cumulative = np.cumsum(weights)  # sequential, in vocabulary order, as the graph's CumSum
     if top_k > 0 or top_p < 1:
-        ranked = weights[np.argsort(-weights, kind="stable")] / weights.sum()
+        ranked = weights[np.argsort(-weights, kind="stable")] / cumulative[-1]
         ranks = np.arange(ranked.size)
-        keep = ((ranks < top_k) | (top_k <= 0) | (ranks == 0)) & (np.cumsum(ranked) - ranked < top_p)
-        weights = np.where(keep, ranked, 0.0)
-    cumulative = np.cumsum(weights)
+        before = np.concatenate([[0.0], np.cumsum(ranked)[:-1]])
+        keep = ((ranks < top_k) | (top_k <= 0) | (ranks == 0)) & (before < top_p)
+        cumulative = np.cumsum(np.where(keep, ranked, 0.0))
     points = cumulative[:-1] / cumulative[-1]
     return np.unique(points[(points > 0) & (points < 1)])
 
 
-def sampler_draw(logits: np.ndarray, params: Sequence[float], boundary: bool, rng: np.random.Generator) -> float:
-    """A uniform draw, or (``boundary``) one on a random point of ``cdf_points``, nudged by at most one ulp."""
+def sampler_draw(
+    logits: np.ndarray, params: Sequence[float], boundary: bool, rng: np.random.Generator, sample: Runner | None = None
+) -> float:
+    """A uniform draw for one row (``logits`` [vocab], ``params`` (temperature, top_k, top_p)), or (``boundary``)
+    one on an edge between two tokens: a random point of ``cdf_points`` and, with ``sample`` (the sampler, run on
+    the row alone), the exact edge found around it by bisection, the draw being the last float that gives the
+    lower token or the first that gives the upper one. A difference in the last bit of the row's arithmetic then
+    moves the edge past the draw about half the time, whatever the arithmetic's details."""
     points = cdf_points(logits, *params) if boundary else np.zeros(0)
     if points.size == 0:
         return float(rng.random())
-    point = points[int(rng.integers(0, points.size))]
-    return float(np.clip([np.nextafter(point, 0.0), point, np.nextafter(point, 1.0)][int(rng.integers(0, 3))], 0, 1))
+    point = float(points[int(rng.integers(0, points.size))])
+    if sample is None:
+        return point
+    row = [logits[None].astype(np.float32), *(np.array([v]) for v in params)]
+
+    def token(u: float) -> int:
+        return int(sample([row[0], np.array([u]), *row[1:]])[0][0])
+
+    low, high = point * (1 - 1e-12), min(point * (1 + 1e-12), np.nextafter(1.0, 0.0))
+    low_token = token(low)
+    if low_token == token(high):
+        return point  # no edge in the bracket (an arithmetic far from cdf_points'): a draw near one
+    while np.nextafter(low, 1.0) < high:
+        middle = low + (high - low) / 2
+        if token(middle) == low_token:
+            low = middle
+        else:
+            high = middle
+    return float(high if rng.integers(0, 2) else low)
 
 
-def _subject_logits(vocab: int, rng: np.random.Generator) -> np.ndarray:
-    """Random logits [1, vocab] (float32), with tied values every other time (TopK must break ties by index)."""
+def _random_logits(vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """Random logits [1, vocab] (float32): tied values every other time (TopK must break ties by index), and the
+    last few tokens among the most likely every third time (a vectorized kernel computes the last elements of a
+    row alone with its scalar code, but not the same elements of a row inside a batch)."""
     logits = (rng.standard_normal((1, vocab)) * rng.uniform(1.0, 4.0)).astype(np.float32)
     if rng.integers(0, 2):
         tied = rng.choice(vocab, size=min(vocab, 4), replace=False)
         logits[0, tied] = logits[0, tied[0]]
+    if rng.integers(0, 3) == 0:
+        last = min(vocab, 7)
+        logits[0, -last:] = logits.max() - rng.uniform(0.0, 1.0, last).astype(np.float32)
     return logits
 
 
+def _batch_kinds(number: int, batch: int, rng: np.random.Generator) -> tuple[list[str], int, str]:
+    """The sampling kinds of a batch: the subject's kind (every kind in turn) at a random position among neighbours
+    of the mode's pool (every mode in turn); (kinds, position, mode)."""
+    kind = SAMPLING_KINDS[number % len(SAMPLING_KINDS)]
+    mode = list(NEIGHBOURS)[number % len(NEIGHBOURS)]
+    position = int(rng.integers(0, batch))
+    kinds = neighbour_kinds(mode, batch - 1, rng)
+    kinds.insert(position, kind)
+    return kinds, position, mode
+
+
+def _beside(kinds: Sequence[str], row: int) -> str:
+    others = [k for i, k in enumerate(kinds) if i != row]
+    if not others:
+        return "alone in the batch"
+    return f"beside {sum(k in TRUNCATING for k in others)} of {len(others)} rows that truncate"
+
+
+def _row_alone(inputs: Sequence[np.ndarray], row: int, axes: Sequence[int]) -> list[np.ndarray]:
+    """Row ``row`` of a batch's inputs, each copied into a buffer of its own."""
+    return [np.take(a, [row], axis).copy() for a, axis in zip(inputs, axes, strict=True)]
+
+
 def _check_sampler(run: Runner, shape: ModelShape, sizes: Sequence[int], rng: np.random.Generator) -> None:
+    """Every row of each batch against the same row alone; the rows draw uniformly once, then twice with
+    ``EDGE_ROWS`` of them (the subject among them) on an edge of their distribution."""
     vocab = shape.vocab_size
     for number, batch in enumerate(sizes):
-        kind = SAMPLING_KINDS[number % len(SAMPLING_KINDS)]
-        mode = list(NEIGHBOURS)[number % len(NEIGHBOURS)]
-        params = random_sampling([kind], vocab, rng)
+        kinds, position, _ = _batch_kinds(number, batch, rng)
+        params = random_sampling(kinds, vocab, rng)
         for boundary in (False, True, True):
-            logits = _subject_logits(vocab, rng)
-            scalars = (float(params[0][0]), int(params[1][0]), float(params[2][0]))
-            draws = np.array([sampler_draw(logits[0], scalars, boundary, rng)])
-            (expected,) = run([logits, draws, *params])
-            position, others = int(rng.integers(0, batch)), batch - 1
-            neighbours = [
-                (rng.standard_normal((others, vocab)) * 2).astype(np.float32),
-                rng.random(others),
-                *random_sampling(neighbour_kinds(mode, others, rng), vocab, rng),
-            ]
-            inputs = [_place(a, o, position, 0) for a, o in zip([logits, draws, *params], neighbours, strict=True)]
-            (token,) = run(inputs)
-            draw = "a draw on a boundary of its distribution" if boundary else "a uniform draw"
-            where = f"batch {batch}, a {kind} row at position {position} with {draw}, neighbours {mode}"
-            _compare([token[position : position + 1]], [expected], where, SAMPLER_OUTPUTS)
+            logits = np.concatenate([_random_logits(vocab, rng) for _ in range(batch)])
+            edge = {position, *rng.choice(batch, min(batch, EDGE_ROWS) - 1, replace=False).tolist()} if boundary else ()
+            draws = np.array(
+                [
+                    sampler_draw(
+                        logits[r], (float(params[0][r]), int(params[1][r]), float(params[2][r])), r in edge, rng, run
+                    )
+                    for r in range(batch)
+                ]
+            )
+            inputs = [logits, draws, *params]
+            (tokens,) = run(inputs)
+            for row in range(batch):
+                expected = run(_row_alone(inputs, row, (0,) * len(inputs)))
+                draw = "a draw on a boundary of its distribution" if row in edge else "a uniform draw"
+                where = f"batch {batch}, a {kinds[row]} row at position {row} with {draw}, {_beside(kinds, row)}"
+                _compare([tokens[row : row + 1]], expected, where, SAMPLER_OUTPUTS)
 
 
-def _decode_draws(run: Runner, inputs: list[np.ndarray], boundary: bool, rng: np.random.Generator) -> np.ndarray:
-    """The subject's draws [1, K] for a decode call with ``inputs`` (draws: a placeholder): uniform, or each on a
-    boundary of the distribution it samples from, found by calling the graph alone with the first k + 1 draws
-    (its ``logits`` are those the k-th token was drawn from)."""
+def _decode_draws(
+    run: Runner, sample: Runner, inputs: list[np.ndarray], boundary: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """The subject's draws [1, K] for a decode call with ``inputs`` (draws: a placeholder): uniform, or each on an
+    edge of the distribution it samples from: the decode graph alone with the first k + 1 draws gives the logits
+    the k-th token is drawn from, and the sampler (which ``verify.verify_decoding`` holds to the decode graph's)
+    the edge (``sampler_draw``)."""
     tokens, h, c, placeholder, temperature, top_k, top_p, steps = inputs
     draws = rng.random(placeholder.shape)
     if not boundary:
@@ -341,40 +401,55 @@ def _decode_draws(run: Runner, inputs: list[np.ndarray], boundary: bool, rng: np
     params = (float(temperature[0]), int(top_k[0]), float(top_p[0]))
     for k in range(int(steps[0])):
         logits = run([tokens, h, c, draws[:, : k + 1], temperature, top_k, top_p, np.array([k + 1])])[1]
-        draws[0, k] = sampler_draw(logits[0], params, True, rng)
+        draws[0, k] = sampler_draw(logits[0], params, True, rng, sample)
     return draws
 
 
-def _check_decoding(run: Runner, shape: ModelShape, sizes: Sequence[int], rng: np.random.Generator) -> None:
+def _check_decoding(
+    run: Runner, sample: Runner, shape: ModelShape, sizes: Sequence[int], rng: np.random.Generator
+) -> None:
+    """The subject makes ``DECODE_CALLS``, its token and state carried, each in a fresh batch at a new position,
+    with draws on boundaries except in the second call; every neighbour is also compared with itself alone."""
     vocab = shape.vocab_size
     for number, batch in enumerate(sizes):
-        kind = SAMPLING_KINDS[number % len(SAMPLING_KINDS)]
-        mode = list(NEIGHBOURS)[number % len(NEIGHBOURS)]
+        kinds, _, mode = _batch_kinds(number, batch, rng)
+        kind = kinds[0] if batch == 1 else SAMPLING_KINDS[number % len(SAMPLING_KINDS)]
         tokens, (h, c) = rng.integers(0, vocab, 1), _state(shape, 1, rng)
         params = random_sampling([kind], vocab, rng)
         for call, k in enumerate(DECODE_CALLS):
             steps = np.array([k if call == 0 else int(rng.integers(0, k + 1))])
             boundary = call != 1
-            draws = _decode_draws(run, [tokens, h, c, np.zeros((1, k)), *params, steps], boundary, rng)
+            draws = _decode_draws(run, sample, [tokens, h, c, np.zeros((1, k)), *params, steps], boundary, rng)
             subject = [tokens, h, c, draws, *params, steps]
             expected = _row(run(subject), 0)
             position, others = int(rng.integers(0, batch)), batch - 1
+            row_kinds = neighbour_kinds(mode, others, rng)
+            row_kinds.insert(position, kind)
             neighbours = [
                 rng.integers(0, vocab, others),
                 *_state(shape, others, rng),
                 rng.random((others, k)),
-                *random_sampling(neighbour_kinds(mode, others, rng), vocab, rng),
+                *random_sampling(row_kinds[:position] + row_kinds[position + 1 :], vocab, rng),
                 rng.integers(0, k + 1, others),
             ]
             inputs = [
                 _place(a, o, position, axis) for a, o, axis in zip(subject, neighbours, _DECODE_BATCH_AXES, strict=True)
             ]
+            batched = run(inputs)
             draw = "draws on boundaries of its distributions" if boundary else "uniform draws"
             where = (
-                f"batch {batch}, a {kind} row at position {position}, call {call + 1} (K {k}, {steps[0]} steps, "
-                f"{draw}), neighbours {mode}"
+                f"batch {batch}, the {kind} row at position {position}, call {call + 1} (K {k}, {steps[0]} steps, "
+                f"{draw}), {_beside(row_kinds, position)}"
             )
-            _compare(_row(run(inputs), position), expected, where, DECODE_OUTPUTS)
+            _compare(_row(batched, position), expected, where, DECODE_OUTPUTS)
+            for row in range(batch):
+                if row != position:
+                    alone = run(_row_alone(inputs, row, _DECODE_BATCH_AXES))
+                    where = (
+                        f"batch {batch}, a {row_kinds[row]} neighbour at position {row} (K {k}, uniform draws), "
+                        f"{_beside(row_kinds, row)}"
+                    )
+                    _compare(_row(batched, row), _row(alone, 0), where, DECODE_OUTPUTS)
             if steps[0] > 0:
                 tokens = expected[0][0, steps[0] - 1 : steps[0]]
             h, c = expected[2], expected[3]
@@ -385,14 +460,26 @@ def describe_decoding(sizes: Sequence[int]) -> str:
     listed = ", ".join(str(s) for s in sizes)
     calls = " then ".join(f"K {k}" for k in DECODE_CALLS)
     return (
-        f"batch sizes {listed}: a row alone vs at a random position among random neighbours, the row's sampling "
-        f"{', '.join(SAMPLING_KINDS)} in turn, the neighbours' random, none truncating or all truncating in turn "
-        "(random parameters, draws, steps and states); "
-        f"decode.onnx: three calls ({calls}, the first all K steps, then 0..K), state and token carried, draws on "
-        "the boundaries of the row's distributions except in the second call, sampled, logits, hn, cn compared "
-        "bitwise; sample.onnx: random logits (ties every other time), a uniform draw and two on boundaries, the "
-        "token compared"
+        f"batch sizes {listed}: every row of a batch vs the same row alone, bitwise; in each batch a subject row "
+        f"sampling {', '.join(SAMPLING_KINDS)} in turn, at a random position, among neighbours whose sampling is "
+        "random, never truncating or always truncating in turn (random parameters, logits, states and steps). "
+        f"decode.onnx: the subject makes three calls ({calls}; all K steps, then 0..K), its token and state carried, "
+        "each in a fresh batch, its draws on boundaries of its distributions except in the second call; sampled, "
+        "logits, hn, cn compared. sample.onnx: random logits (ties every other time, the last tokens likely every "
+        f"third time), three calls, every row drawing uniformly in the first and {EDGE_ROWS} of them (the subject "
+        "included) on an edge of their distribution in the others; the token compared"
     )
+
+
+def check_sampler_invariance(
+    sample: Runner, shape: ModelShape, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, seed: int = 0
+) -> InvarianceResult:
+    """Check a sampler alone (inputs and outputs in ``sample.onnx``'s order), as ``check_decoding_invariance`` does."""
+    try:
+        _check_sampler(sample, shape, batch_sizes, np.random.default_rng(seed))
+    except _Mismatch as mismatch:
+        return InvarianceResult(False, describe_decoding(batch_sizes), f"sample.onnx: {mismatch}")
+    return InvarianceResult(True, describe_decoding(batch_sizes), None)
 
 
 def check_decoding_invariance(
@@ -407,7 +494,7 @@ def check_decoding_invariance(
     rng = np.random.default_rng(seed)
     failures = []
     for name, check in (
-        ("decode.onnx", lambda: _check_decoding(decode, shape, batch_sizes, rng)),
+        ("decode.onnx", lambda: _check_decoding(decode, sample, shape, batch_sizes, rng)),
         ("sample.onnx", lambda: _check_sampler(sample, shape, batch_sizes, rng)),
     ):
         try:

@@ -194,7 +194,7 @@ def _stepped_row(
     for k in range(int(steps[0])):
         out, h, c = step([token, h, c])
         logits = out[:, -1].copy()
-        draws[0, k] = sampler_draw(logits[0], params, boundary, rng)
+        draws[0, k] = sampler_draw(logits[0], params, boundary, rng, sample)
         (drawn,) = sample([logits, draws[:, k].copy(), temperature, top_k, top_p])
         sampled[0, k] = drawn[0]
         token = drawn.reshape(1, 1)
