@@ -144,10 +144,11 @@ def is_running(process: Process) -> bool:
     if not alive(process.pid):
         return False
     try:
-        argv0 = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return not process.command or Path(process.command[0]).name in argv0  # nginx and redis retitle themselves
+    # the whole command line: a Python entry point's argv[0] is the interpreter; nginx and redis retitle themselves
+    return not process.command or Path(process.command[0]).name in cmdline
 
 
 def stop(process: Process, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
