@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
         configure_logging(config.log_level, config.replica_name)
+        # the model thread needs the GIL back after every model call, while the event loop holds it for gRPC: with
+        # Python's 5 ms it could wait that long each time (measured: bench/RESULTS.md)
+        sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
         asyncio.run(serve(config))
     except (ConfigError, ModelRepositoryError, StartupError) as error:
         print(f"lstm-server: {error}", file=sys.stderr)

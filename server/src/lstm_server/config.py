@@ -36,6 +36,7 @@ class ServerConfig:
     model_versions: str = ""  # per-model pin, "charlm=1"; unpinned models serve their highest version
     threads: int = 0  # intra-op threads per model; 0 means the number of cores
     thread_spinning: bool = True  # onnxruntime's idle intra-op threads busy-wait (fast wake-up, burns CPU)
+    gil_switch_interval_ms: float = 0.5  # how long the model thread may wait for the GIL (Python's default is 5)
     # sessions
     max_sessions: int = 10000
     idle_timeout_s: float = 3600.0
@@ -124,6 +125,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "port": (0, 65535),
     "metrics_port": (0, 65535),
     "threads": (0, 1024),
+    "gil_switch_interval_ms": (0.01, 1000),
     "max_sessions": (1, 10_000_000),
     "idle_timeout_s": (0.001, INF),
     "evict_idle_s": (0.001, INF),
