@@ -58,7 +58,7 @@ def run(entry_dir, plan: list[tuple[str, Sampling]], max_steps: int, together: b
         assert isinstance(decoder, GraphDecoder)
     codec = CharCodec(entry.vocab)
     slots = StateSlots(entry.num_layers, entry.hidden_size, len(codec), 64)
-    # a budget no call reaches: every call after the first (which measures) takes max_steps characters
+    # a budget no call reaches: K is 1 for the first call (which measures), then doubles up to max_steps
     engine = GenerationEngine("charlm", backend, codec, slots, 64, 10_000, 0.0, Metrics(), decoder, max_steps, 1e6)
 
     async def one(prompt: str, sampling: Sampling):

@@ -14,8 +14,10 @@ leave between calls; nobody waits for another turn to finish.
 K adapts: each call takes as many characters as fit in ``decode_budget_ms``
 at the time a character has taken at this batch size (measured, per
 power-of-two batch bucket), at most ``max_decode_steps``, and no more than
-the longest row needs. A turn that joins or a job that arrives waits at most
-about one budget. Each row asks for its own count of characters (``steps``):
+the longest row needs. After a turn joins, K starts again at 1 and doubles with
+every call (others are often joining at the same time, and each waits for the
+call in flight). A turn that joins or a job that arrives waits at most about
+one budget. Each row asks for its own count of characters (``steps``):
 what is left of its ``max_tokens``, and the room in its stream buffer; past
 it the row's state stays as it is. A stop string that ends inside a row's
 characters ends the turn there: the row is run again, alone, from its state
@@ -304,6 +306,7 @@ class GenerationEngine:
         self.max_decode_steps = max_decode_steps
         self.decode_budget_s = decode_budget_ms / 1000
         self._char_seconds: dict[int, float] = {}  # per batch bucket: a moving average of a call's time / K
+        self._ramp = 1  # K's cap: 1 after a turn joins, doubled by every call since (model thread only)
         self._vocab = np.array(codec.vocab, dtype=object)
         self._batch_size = metrics.batch_size.labels(name)  # labelled once, not on every step
         self._tokens = metrics.tokens_generated.labels(name)
@@ -550,6 +553,7 @@ class GenerationEngine:
                 turn._send(char, turn._to_send(char)[1])
                 turn._pending = token
                 self._turns.append(turn)
+                self._ramp = 1  # others may be joining too: short calls until they are in
                 self.metrics.time_to_first_token.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
                 self._tokens.inc()
             self._notify([turn])
@@ -585,11 +589,13 @@ class GenerationEngine:
         return failure
 
     def _steps_per_call(self, batch: int) -> int:
-        """K for a call on ``batch`` rows: what fits the time budget at the measured time per character."""
+        """K for a call on ``batch`` rows: what fits the time budget at the measured time per character, and at most
+        the ramp since the last turn joined (1, 2, 4, ...: a turn that arrives while others join waits little)."""
         seconds = self._char_seconds.get(1 << (batch - 1).bit_length())
+        ramp, self._ramp = self._ramp, min(2 * self._ramp, self.max_decode_steps)
         if seconds is None:
             return 1  # measured first
-        return max(1, min(self.max_decode_steps, int(self.decode_budget_s / seconds)))
+        return max(1, min(ramp, self.max_decode_steps, int(self.decode_budget_s / seconds)))
 
     def _measured(self, batch: int, steps: int, seconds: float) -> None:
         bucket = 1 << (batch - 1).bit_length()
@@ -614,8 +620,9 @@ class GenerationEngine:
         inputs.draws[:] = uniforms(as_uint64(p.seed for p in params)[:, None], positions)
         return inputs
 
-    def _decode(self, inputs: DecodeInputs, n: int) -> tuple[np.ndarray, DecodeOutputs, dict[int, Exception]]:
-        """The decoder on every row, contained: (rows that ran, their outputs, the error of each row that failed)."""
+    def _decode(self, inputs: DecodeInputs, n: int) -> tuple[np.ndarray, DecodeOutputs | None, dict[int, Exception]]:
+        """The decoder on every row, contained: (rows that ran, their outputs (None: no row ran), the error of each
+        row that failed)."""
 
         def run(rows: np.ndarray) -> DecodeOutputs:
             if len(rows) == n:
@@ -701,8 +708,9 @@ class GenerationEngine:
         sends: dict[int, tuple[int, str | None]],
         failures: dict[int, SessionStepError],
     ) -> None:
-        """Rows whose stop string ended early: run again from their state before the call, reading exactly the
-        characters sent (their pending one, then all but the stop string's last), and keep that state."""
+        """Rows whose stop string ended before their last character read: run again alone from their state before
+        the call, reading exactly their pending character and the characters sent (the same draws draw the same
+        characters), and keep that state."""
         again = inputs.rows(rows)
         again.steps[:] = [sends[i][0] + 1 for i in rows.tolist()]
         try:
