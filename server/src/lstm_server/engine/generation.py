@@ -588,16 +588,21 @@ class GenerationEngine:
         failure.__cause__ = error
         return failure
 
-    def _steps_per_call(self, batch: int) -> int:
-        """K for a call on ``batch`` rows: what fits the time budget at the measured time per character, and at most
-        the ramp since the last turn joined (1, 2, 4, ...: a turn that arrives while others join waits little)."""
+    def _steps_per_call(self, batch: int) -> tuple[int, int]:
+        """(K for a call on ``batch`` rows, the K the time budget alone allows): what fits the budget at the measured
+        time per character, and at most the ramp since the last turn joined (1, 2, 4, ...: a turn that arrives while
+        others join waits little)."""
         seconds = self._char_seconds.get(1 << (batch - 1).bit_length())
         ramp, self._ramp = self._ramp, min(2 * self._ramp, self.max_decode_steps)
         if seconds is None:
-            return 1  # measured first
-        return max(1, min(ramp, self.max_decode_steps, int(self.decode_budget_s / seconds)))
+            return 1, 1  # measured first
+        budget = max(1, min(self.max_decode_steps, int(self.decode_budget_s / seconds)))
+        return min(ramp, budget), budget
 
     def _measured(self, batch: int, steps: int, seconds: float) -> None:
+        """Fold a call that took ``steps`` characters into its batch bucket's time per character. Only calls whose K
+        the budget chose count: a short call (the ramp, or rows near their end) spreads the call's fixed cost over
+        few characters and would hold K down."""
         bucket = 1 << (batch - 1).bit_length()
         per_char = seconds / steps
         old = self._char_seconds.get(bucket)
@@ -642,7 +647,8 @@ class GenerationEngine:
             finishing = np.fromiter((t._finishing for t in batch), bool, n)
         room = np.fromiter((t._remaining + 1 for t in batch), np.int64, n)  # the last drawn may go unsent
         room = np.minimum(room, self.stream_buffer_chars - np.fromiter((t._outbox_chars for t in batch), np.int64, n))
-        steps = np.where(finishing, 1, np.clip(room, 1, self._steps_per_call(n)))
+        k, budget = self._steps_per_call(n)
+        steps = np.where(finishing, 1, np.clip(room, 1, k))
         started = time.perf_counter()
         inputs = self._decode_inputs(batch, steps)
         rows, out, raised = self._decode(inputs, n)
@@ -695,7 +701,8 @@ class GenerationEngine:
                 batch[i]._finish(error)
                 self._turns.remove(batch[i])
             self._notify(batch)
-        self._measured(n, int(steps.max()), time.perf_counter() - started)
+        if int(steps.max()) == budget:
+            self._measured(n, budget, time.perf_counter() - started)
         self._batch_size.observe(n)
         self._tokens.inc(delivered)
         return int(steps.max())

@@ -195,7 +195,7 @@ def load_decoder(
     entry: ModelEntry, backend: Backend, capacity: int, max_steps: int, threads: int, spinning: bool
 ) -> Decoder:
     """The decode graph when ``backend`` is onnxruntime and the entry has one, else the step loop."""
-    sampler = Sampler(entry, threads, spinning)
+    sampler = Sampler(entry, 1, spinning)  # one row or a few: no worker threads to spin beside the decoder's
     if backend.name == "onnxruntime" and backend.device == "cpu" and entry.has_decode_graph:
         return GraphDecoder(entry, sampler, capacity, max_steps, threads, spinning)
     return SteppedDecoder(backend, sampler, entry.num_layers, entry.hidden_size, len(entry.vocab))
