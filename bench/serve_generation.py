@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import statistics
@@ -369,6 +370,7 @@ def main() -> None:
     eager = CharLM(CharLMConfig(**fp32.manifest["model_config"]))
     eager.load_state_dict(torch.jit.load(str(fp32.file("model.pt"))).state_dict())
     eager.eval()
+    gc.freeze()  # the load generator shares this process with torch's heaps: keep the collector off them
     print(
         f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads (server and in-process); "
         f"{args.tokens} chars per session, {args.naive_tokens} per naive request, {args.rounds} round(s); "

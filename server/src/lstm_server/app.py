@@ -76,6 +76,7 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
             decoder,
             config.max_decode_steps,
             config.decode_budget_ms,
+            config.stream_messages_per_s,
         )
     from tokenizers import Tokenizer
 

@@ -52,6 +52,7 @@ class ServerConfig:
     max_batch: int = 256  # sessions stepped together
     stream_buffer_chars: int = 1024  # generated but unsent characters before a session pauses
     stream_interval_ms: float = 20.0  # a stream sends at most one message per interval (first and last at once)
+    stream_messages_per_s: float = 2000.0  # all streams together send about this many messages a second (0: no cap)
     max_decode_steps: int = 32  # characters per session per model call at most (1: one character per call)
     decode_budget_ms: float = 10.0  # a model call takes as many characters as fit in about this long
     # classification limits
@@ -137,6 +138,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "max_batch": (1, 100_000),
     "stream_buffer_chars": (1, 100_000_000),
     "stream_interval_ms": (0, 60_000),
+    "stream_messages_per_s": (0, 10_000_000),
     "max_decode_steps": (1, 4096),
     "decode_budget_ms": (0, 60_000),
     "max_classify_texts": (1, 100_000),

@@ -35,8 +35,9 @@ each turn's outbox and go out together in one message (coalescing), and a
 turn whose outbox reaches ``stream_buffer_chars`` sits out of the batch until
 its reader catches up (backpressure), so memory stays bounded and nobody else
 slows down. A stream also sends at most one message per ``stream_interval_ms``
-(the first and the last go at once): fewer, fuller messages leave the CPU to
-the model instead of to gRPC.
+(the first and the last go at once), and all streams together about
+``stream_messages_per_s`` (the interval grows with the number of running
+turns): fewer, fuller messages leave the CPU to the model instead of to gRPC.
 
 What the state has seen: every character of the prompt and every generated
 character, counted the moment it is handed to the stream (the turn's
@@ -255,7 +256,7 @@ class Turn:
                 return
             if text:
                 yield Chunk(text, tokens_seen)
-                next_send = loop.time() + engine.stream_interval_s
+                next_send = loop.time() + engine.send_interval()
 
 
 class Paused:
@@ -293,6 +294,7 @@ class GenerationEngine:
         decoder: Decoder,
         max_decode_steps: int = 32,
         decode_budget_ms: float = 10.0,
+        stream_messages_per_s: float = 0.0,
     ) -> None:
         self.name = name
         self.backend = backend
@@ -301,6 +303,7 @@ class GenerationEngine:
         self.max_batch = max_batch
         self.stream_buffer_chars = stream_buffer_chars
         self.stream_interval_s = stream_interval_ms / 1000
+        self.stream_messages_per_s = stream_messages_per_s
         self.metrics = metrics
         self.decoder = decoder
         self.max_decode_steps = max_decode_steps
@@ -365,6 +368,13 @@ class GenerationEngine:
         with self.lock:
             self.decoder = wrapped = wrap(self.decoder)
         return wrapped
+
+    def send_interval(self) -> float:
+        """The least time between two messages of one stream: ``stream_interval_ms``, longer when the running
+        turns would together send more than ``stream_messages_per_s`` messages a second (0: no such cap)."""
+        if self.stream_messages_per_s <= 0:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, len(self._turns) / self.stream_messages_per_s)
 
     # -- slots (event loop; the caller owns the slot and no turn uses it) ----------
 
