@@ -356,3 +356,47 @@ def test_a_slot_released_twice_is_freed_once() -> None:
     assert {slots.allocate(), slots.allocate()} == {0, 1}
     with pytest.raises(ServiceError):
         slots.allocate()
+
+
+class CallSizes:
+    """A decoder wrapper recording each call's (rows, K)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.sample, self.inputs = inner, inner.name, inner.sample, inner.inputs
+        self.calls: list[tuple[int, int]] = []
+
+    def decode(self, inputs):
+        self.calls.append(inputs.draws.shape)
+        return self.inner.decode(inputs)
+
+
+def test_k_ramps_after_a_join_and_each_row_takes_only_what_it_needs() -> None:
+    async def scenario():
+        engine = new_engine(CountingModel(), max_decode_steps=8, decode_budget_ms=1e6)  # the budget never binds
+        sizes = engine.wrap_decoder(CallSizes)
+        engine.start()
+        first = start(engine, "a", [0], Sampling(temperature=0, max_tokens=40))
+        assert await read_all(first) == "b" * 40
+        calls_alone = list(sizes.calls)
+        sizes.calls.clear()
+        short = start(engine, "b", [0], Sampling(temperature=0, max_tokens=3))
+        assert await read_all(short) == "bbb"
+        result = (calls_alone, list(sizes.calls), first.completion.result(), short.completion.result())
+        await engine.stop()
+        return result, engine
+
+    (alone, short_calls, first, short), engine = asyncio.run(scenario())
+    # 1 (measured first), then 2, 4, 8, 8, ... up to the 39 characters left after the first; the last call reads
+    # the last character sent and draws one that is not sent
+    assert [k for _, k in alone] == [1, 2, 4, 8, 8, 8, 8, 1]
+    assert [k for _, k in short_calls] == [1, 2]  # 3 characters: the first from the sampler, 2 more, then done
+    assert first.tokens_seen == 41 and h_of(engine, 0) == 41  # the prompt and every character sent
+    assert short.tokens_seen == 4
+
+
+def test_many_running_turns_stretch_every_stream_s_message_interval() -> None:
+    engine = new_engine(CountingModel(), stream_messages_per_s=100.0)
+    engine.stream_interval_s = 0.02
+    assert engine.send_interval() == 0.02  # no running turns
+    engine._turns.extend([object()] * 10)  # stand-ins: only their number matters
+    assert engine.send_interval() == pytest.approx(0.1)  # 10 streams sharing 100 messages a second
