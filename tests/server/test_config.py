@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lstm_server.cli import main as server_main
@@ -65,3 +67,12 @@ def test_per_model_backend_override() -> None:
 def test_per_model_version_pin() -> None:
     config = ServerConfig(model_versions="charlm=1")
     assert config.version_for("charlm") == 1 and config.version_for("sentiment") is None
+
+
+def test_per_model_threads() -> None:
+    config = ServerConfig(threads=3, model_threads="charlm=1")
+    assert config.threads_for("charlm") == 1 and config.threads_for("sentiment") == 3
+    assert ServerConfig().threads_for("charlm") == (os.cpu_count() or 1)
+    for bad in ("charlm=0", "charlm=two", "charlm=", "charlm=2000"):
+        with pytest.raises(ConfigError, match="--model-threads: charlm="):
+            load_config(["--model-threads", bad], {})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 
 import grpc
@@ -60,7 +59,7 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
     if entry.task == "generation":
         codec = CharCodec(entry.vocab)
         slots = StateSlots(layers, entry.hidden_size, len(codec), config.max_sessions)
-        threads = config.threads or os.cpu_count() or 1
+        threads = config.threads_for(entry.name)
         decoder = load_decoder(
             entry, model.backend, config.max_batch, config.max_decode_steps, threads, config.thread_spinning
         )

@@ -35,6 +35,7 @@ class ServerConfig:
     model_backends: str = ""  # per-model override, "charlm=torchscript,sentiment=onnxruntime"
     model_versions: str = ""  # per-model pin, "charlm=1"; unpinned models serve their highest version
     threads: int = 0  # intra-op threads per model; 0 means the number of cores
+    model_threads: str = ""  # per-model override of threads, "charlm=1,sentiment=2"
     thread_spinning: bool = True  # onnxruntime's idle intra-op threads busy-wait (fast wake-up, burns CPU)
     gil_switch_interval_ms: float = 0.5  # how long the model thread may wait for the GIL (Python's default is 5)
     # sessions
@@ -98,6 +99,12 @@ class ServerConfig:
             raise ConfigError("--tls-cert and --tls-key: give both (PEM files) to serve TLS, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca: client certificates need TLS: give --tls-cert and --tls-key too")
+        for model, value in _per_model(self.model_threads).items():
+            if not value.isdigit() or not 1 <= int(value) <= 1024:
+                raise ConfigError(
+                    f"--model-threads: {model}={value!r}: give each model a whole number of threads from 1 to 1024, "
+                    "as in charlm=1,sentiment=2"
+                )
         if self.list_page_size > self.list_max_page_size:
             raise ConfigError("--list-page-size: must be at most --list-max-page-size")
         if not (self.authenticated or self.insecure_no_auth or is_loopback(self.host)):
@@ -114,6 +121,11 @@ class ServerConfig:
 
     def backend_for(self, model: str) -> str:
         return _per_model(self.model_backends).get(model, self.backend)
+
+    def threads_for(self, model: str) -> int:
+        """Intra-op threads for ``model``: its ``model_threads`` entry, else ``threads``, else the number of cores."""
+        threads = _per_model(self.model_threads).get(model)
+        return int(threads) if threads else self.threads or os.cpu_count() or 1
 
     def version_for(self, model: str) -> int | None:
         """The pinned version of ``model``, or None for the highest in the repository."""

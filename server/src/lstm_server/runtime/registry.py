@@ -70,7 +70,8 @@ class ModelRegistry:
             entry = load_entry(root / name / str(version)) if version else load_latest(root, name)
             backend_name = config.backend_for(name)
             check_batching(entry, backend_name, config)
-            backend = load_backend(entry, backend_name, config.device, config.threads or None, config.thread_spinning)
+            threads = config.threads_for(name)
+            backend = load_backend(entry, backend_name, config.device, threads, config.thread_spinning)
             model = LoadedModel(entry, backend)
             self.models[name] = model
             log.info(
