@@ -31,6 +31,8 @@ from .model_repository import DECODE_FILE, SAMPLE_FILE, ModelEntry
 
 @dataclass
 class DecodeInputs:
+    """One decoder call's inputs (the decode graph's, by name)."""
+
     tokens: np.ndarray  # int64 [batch]: each row's pending token, fed first
     h0: np.ndarray  # float32 [layers, batch, hidden]
     c0: np.ndarray  # float32 [layers, batch, hidden]
@@ -52,12 +54,16 @@ class DecodeInputs:
 
 @dataclass
 class DecodeOutputs:
+    """One decoder call's outputs: each row's characters (-1 past its steps), and its logits and state after the
+    last character it read."""
+
     sampled: np.ndarray  # int64 [batch, K]
     logits: np.ndarray  # float32 [batch, vocab]
     h: np.ndarray  # float32 [layers, batch, hidden]
     c: np.ndarray
 
     def copy(self) -> DecodeOutputs:
+        """Arrays of its own (a decoder may reuse its output buffers on the next call)."""
         return DecodeOutputs(self.sampled.copy(), self.logits.copy(), self.h.copy(), self.c.copy())
 
 
