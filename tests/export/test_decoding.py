@@ -48,6 +48,13 @@ def runners(entry_dir: Path):
     return step, sample, decode
 
 
+def assert_refused(checkpoints, tmp_path: Path, match: str) -> None:
+    """Exporting the tiny language model fails with an ExportError matching ``match``, and writes nothing."""
+    with pytest.raises(ExportError, match=match):
+        export_checkpoint(checkpoints["charlm"], tmp_path / "charlm" / "1")
+    assert not (tmp_path / "charlm").exists()
+
+
 def signature(sess: ort.InferenceSession) -> tuple[list, list]:
     return (
         [(a.name, a.type, list(a.shape)) for a in sess.get_inputs()],
@@ -388,22 +395,20 @@ def broken_hn(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_an_export_whose_decode_graph_mixes_rows_is_refused_and_writes_nothing(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "build_decode_model", lambda *args: broken_hn(build_decode_model(*args)))
-    with pytest.raises(
-        ExportError,
-        match=r"decode\.onnx does not draw what model\.onnx and sample\.onnx draw, with 1 "
+    assert_refused(
+        checkpoints,
+        tmp_path,
+        r"decode\.onnx does not draw what model\.onnx and sample\.onnx draw, with 1 "
         r"intra-op threads: .*K 1, row 0 of 7 .*: hn differs in",
-    ):
-        export_checkpoint(checkpoints["charlm"], tmp_path / "charlm" / "1")
-    assert not (tmp_path / "charlm").exists()
+    )
     # with the comparison against stepping skipped, the batch invariance check alone still refuses it
     monkeypatch.setattr(pipeline, "verify_decoding", lambda *args: [])
-    with pytest.raises(
-        ExportError,
-        match=r"the decode graph or the sampler is not batch invariant: with 1 intra-op "
+    assert_refused(
+        checkpoints,
+        tmp_path,
+        r"the decode graph or the sampler is not batch invariant: with 1 intra-op "
         r"threads: decode\.onnx: batch 2, .*hn differs in",
-    ):
-        export_checkpoint(checkpoints["charlm"], tmp_path / "charlm" / "1")
-    assert not (tmp_path / "charlm").exists()
+    )
 
 
 def test_an_export_whose_sampler_differs_from_the_decode_graphs_is_refused(checkpoints, tmp_path, monkeypatch):
@@ -415,13 +420,11 @@ def test_an_export_whose_sampler_differs_from_the_decode_graphs_is_refused(check
         return model
 
     monkeypatch.setattr(pipeline, "build_sampler_model", hotter)
-    with pytest.raises(
-        ExportError,
-        match=r"decode\.onnx does not draw what model\.onnx and sample\.onnx draw, .*: sampled "
-        r"differs",
-    ):
-        export_checkpoint(checkpoints["charlm"], tmp_path / "charlm" / "1")
-    assert not (tmp_path / "charlm").exists()
+    assert_refused(
+        checkpoints,
+        tmp_path,
+        r"decode\.onnx does not draw what model\.onnx and sample\.onnx draw, .*: sampled differs",
+    )
 
 
 def test_an_export_whose_graph_signature_is_not_the_documented_one_is_refused(checkpoints, tmp_path, monkeypatch):
@@ -433,9 +436,7 @@ def test_an_export_whose_graph_signature_is_not_the_documented_one_is_refused(ch
         return model
 
     monkeypatch.setattr(pipeline, "build_sampler_model", renamed)
-    with pytest.raises(ExportError, match=r"sample\.onnx: its outputs \[\('next_token'.* are not the documented"):
-        export_checkpoint(checkpoints["charlm"], tmp_path / "charlm" / "1")
-    assert not (tmp_path / "charlm").exists()
+    assert_refused(checkpoints, tmp_path, r"sample\.onnx: its outputs \[\('next_token'.* are not the documented")
 
 
 # -- the shipped entries ------------------------------------------------------------------------------------------

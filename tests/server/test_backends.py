@@ -73,21 +73,21 @@ def test_thread_spinning_is_the_operators_choice_and_changes_no_result(exported,
 def test_backend_errors_are_clear(exported) -> None:
     entry = load_entry(exported / "charlm" / "1")
     with pytest.raises(ModelRepositoryError, match="unknown backend 'tensorflow'"):
-        load_backend(entry, "tensorflow", "cpu")
+        load_backend(entry, "tensorflow", "cpu", 1)
     with pytest.raises(ModelRepositoryError, match="unknown device 'tpu'"):
-        load_backend(entry, "onnxruntime", "tpu")
+        load_backend(entry, "onnxruntime", "tpu", 1)
     quantized = dict(entry.manifest, backends=["onnxruntime"])
     with pytest.raises(ModelRepositoryError, match=r"ships only \['onnxruntime'\], not torchscript"):
-        load_backend(type(entry)(entry.path, quantized), "torchscript", "cpu")
+        load_backend(type(entry)(entry.path, quantized), "torchscript", "cpu", 1)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_refused_with_a_reason(exported) -> None:
     entry = load_entry(exported / "charlm" / "1")
     with pytest.raises(ModelRepositoryError, match="no CUDA provider"):
-        load_backend(entry, "onnxruntime", "cuda")
+        load_backend(entry, "onnxruntime", "cuda", 1)
     with pytest.raises(ModelRepositoryError, match="torch sees no GPU"):
-        load_backend(entry, "torchscript", "cuda")
+        load_backend(entry, "torchscript", "cuda", 1)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU (CUDA)")

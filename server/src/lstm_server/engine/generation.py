@@ -119,6 +119,11 @@ def _join(parts: list[tuple[np.ndarray, DecodeOutputs]]) -> tuple[np.ndarray, De
     return rows, joined
 
 
+def _bucket(batch: int) -> int:
+    """The power of two at or above ``batch``: calls on about as many rows share a time per character."""
+    return 1 << (batch - 1).bit_length()
+
+
 @dataclass(slots=True)
 class Chunk:
     """Text of a turn as its reader takes it, and the characters the state has read or counted by then.
@@ -602,7 +607,7 @@ class GenerationEngine:
         """(K for a call on ``batch`` rows, the K the time budget alone allows): what fits the budget at the measured
         time per character, and at most the ramp since the last turn joined (1, 2, 4, ...: a turn that arrives while
         others join waits little)."""
-        seconds = self._char_seconds.get(1 << (batch - 1).bit_length())
+        seconds = self._char_seconds.get(_bucket(batch))
         ramp, self._ramp = self._ramp, min(2 * self._ramp, self.max_decode_steps)
         if seconds is None:
             return 1, 1  # measured first
@@ -613,8 +618,7 @@ class GenerationEngine:
         """Fold a call that took ``steps`` characters into its batch bucket's time per character. Only calls whose K
         the budget chose count: a short call (the ramp, or rows near their end) spreads the call's fixed cost over
         few characters and would hold K down."""
-        bucket = 1 << (batch - 1).bit_length()
-        per_char = seconds / steps
+        bucket, per_char = _bucket(batch), seconds / steps
         old = self._char_seconds.get(bucket)
         self._char_seconds[bucket] = per_char if old is None else 0.8 * old + 0.2 * per_char
 

@@ -7,7 +7,6 @@ is imported only when asked for, so a server without torch works.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -96,11 +95,10 @@ class TorchScriptBackend:
         return logits.cpu().numpy(), h.cpu().numpy(), c.cpu().numpy()
 
 
-def load_backend(
-    entry: ModelEntry, backend: str, device: str, threads: int | None = None, spinning: bool = True
-) -> Backend:
-    """Open ``entry`` with the named runtime on ``device``; ``spinning``: onnxruntime's idle worker threads
-    busy-wait for the next call instead of sleeping."""
+def load_backend(entry: ModelEntry, backend: str, device: str, threads: int, spinning: bool = True) -> Backend:
+    """Open ``entry`` with the named runtime on ``device`` with ``threads`` intra-op threads
+    (``config.threads_for``); ``spinning``: onnxruntime's idle worker threads busy-wait for the next call instead of
+    sleeping."""
     if backend not in BACKENDS:
         raise ModelRepositoryError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     if device not in DEVICES:
@@ -109,7 +107,6 @@ def load_backend(
         raise ModelRepositoryError(
             f"{entry.path}: {entry.name}/{entry.version} ships only {entry.manifest['backends']}, not {backend}"
         )
-    threads = threads or os.cpu_count() or 1
     if backend == "onnxruntime":
         return OnnxBackend(entry, device, threads, spinning)
     return TorchScriptBackend(entry, device, threads)
