@@ -66,6 +66,9 @@ class ServerConfig:
     drain_delay_s: float = 0.5  # on SIGTERM, NOT_SERVING is reported this long before new calls are refused
     grace_period_s: float = 10.0  # then running calls get this long to finish
     log_level: str = "INFO"
+    # observability (docs/observability.md)
+    tracing: str = "off"  # OpenTelemetry spans: off, console (JSON lines on stderr) or otlp (to --otlp-endpoint)
+    otlp_endpoint: str = "http://127.0.0.1:4317"  # OTLP/gRPC collector for --tracing otlp
     # security (docs/security.md)
     auth_tokens: str = ""  # file of "TENANT TOKEN" lines; clients send "authorization: Bearer TOKEN"
     tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)
@@ -169,6 +172,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backend": ("onnxruntime", "torchscript"),
     "device": ("cpu", "cuda"),
     "session_store": ("memory", "redis"),
+    "tracing": ("off", "console", "otlp"),
     "log_level": tuple(logging.getLevelNamesMapping()),
 }
 

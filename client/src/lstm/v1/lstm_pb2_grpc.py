@@ -5,7 +5,7 @@ import warnings
 
 from lstm.v1 import lstm_pb2 as lstm_dot_v1_dot_lstm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
