@@ -61,6 +61,13 @@ cluster-down:
 compose-test: install
 	bash deploy/compose-test.sh
 
+# Triton's perf_analyzer (C++ load generator) in .perf-analyzer/bin/perf_analyzer: the PyPI wheel's binary, run on
+# Debian trixie's libc where this system's is older than 2.38 (Debian 12); every download pinned by sha256.
+# bench/perf_analyzer.py drives it against a server on loopback (docs/benchmarks.md).
+.PHONY: perf-analyzer
+perf-analyzer:
+	bash bench/perf_analyzer_install.sh
+
 # Regenerate the committed gRPC stubs after editing proto/ (a test checks they match).
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=client/src --grpc_python_out=client/src \
