@@ -69,7 +69,7 @@ def test_retries_give_up_with_a_typed_error(flaky) -> None:
 
 def test_non_idempotent_calls_are_not_retried(flaky) -> None:
     servicer, address = flaky(failures=1)
-    with Client(address, retries=5, backoff=0.01) as client, pytest.raises(Unavailable):
+    with Client(address, retries=4, backoff=0.01) as client, pytest.raises(Unavailable):
         client.session(model="charlm")
     assert servicer.calls["CreateSession"] == 1
 

@@ -8,12 +8,14 @@ with Client("gateway.example:443", token="...", tls=TlsConfig(ca="ca.pem")) as c
             print(chunk.text, end="", flush=True)
 """
 
-from .aio import AsyncClient, AsyncSession
+from .aio import AsyncChat, AsyncClient, AsyncSession
+from .chat import Chat
 from .client import Client, Session
 from .errors import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     LstmError,
     NotFound,
@@ -26,14 +28,17 @@ from .tensors import make_tensor, tensor_shape, tensor_values
 from .transport import InsecureTokenWarning, TlsConfig
 
 __all__ = [
+    "AsyncChat",
     "AsyncClient",
     "AsyncSession",
     "Cancelled",
+    "Chat",
     "Chunk",
     "ClassifyResult",
     "Client",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "FieldViolation",
     "InsecureTokenWarning",
     "InvalidArgument",
     "LstmError",

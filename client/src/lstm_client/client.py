@@ -1,9 +1,7 @@
-"""The synchronous client: ``Client`` and its ``Session``."""
+"""The synchronous client: ``Client`` and its ``Session``; ``Connection`` holds what it shares with ``AsyncClient``."""
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,9 +9,9 @@ import grpc
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
+from .chat import Chat, chat_opening
 from .errors import LstmError, from_rpc_error
 from .results import (
-    UNKNOWN,
     Chunk,
     ClassifyResult,
     StepResult,
@@ -23,11 +21,11 @@ from .results import (
     generate_request,
     replica_of,
     session_metadata,
+    step_request,
+    step_result,
 )
-from .tensors import TensorLike, as_tensor
-from .transport import Metadata, TlsConfig, auth_metadata, open_channel
-
-RETRYABLE = grpc.StatusCode.UNAVAILABLE
+from .tensors import TensorLike
+from .transport import Metadata, TlsConfig, auth_metadata, check_timeout, merge_options, open_channel, retry_options
 
 
 class PageTokens:
@@ -48,14 +46,9 @@ class PageTokens:
         return True
 
 
-def backoff_delays(retries: int, base: float) -> Iterator[float]:
-    """Exponential backoff with full jitter: the waits before retries 1..n."""
-    for attempt in range(retries):
-        yield random.uniform(0, base * 2**attempt)
-
-
 class Connection:
-    """What the sync and asyncio clients share: the channel, the stubs, the token and the call rules."""
+    """What the sync and asyncio clients share: the channel (with its retry policy), the stubs, the token and the
+    deadline."""
 
     asyncio = False  # whether the channel is a grpc.aio one (AsyncClient)
 
@@ -71,10 +64,9 @@ class Connection:
         options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
         self._auth = auth_metadata(token)  # checked before the channel is made
-        self.channel = open_channel(target, tls=tls, token=token, options=options, asyncio=self.asyncio)
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
+        self.timeout = check_timeout(timeout)
+        all_options = merge_options(options, retry_options(retries, backoff))
+        self.channel = open_channel(target, tls=tls, token=token, options=all_options, asyncio=self.asyncio)
         self.sessions = rpc.SessionsStub(self.channel)
         self.generation = rpc.GenerationStub(self.channel)
         self.classification = rpc.ClassificationStub(self.channel)
@@ -86,6 +78,10 @@ class Connection:
         when calling the stubs directly)."""
         return (*(extra or ()), *self._auth)
 
+    def deadline(self, timeout: float | None) -> float | None:
+        """A call's deadline in seconds: its own ``timeout`` if given, else the client's (``None``: none)."""
+        return self.timeout if timeout is None else check_timeout(timeout)
+
 
 class Client(Connection):
     """A connection to an lstm-server (or a gateway in front of several).
@@ -94,10 +90,13 @@ class Client(Connection):
     ``tls``: ``True`` for TLS with gRPC's default roots, a ``TlsConfig`` for a private CA, a client certificate
     (mutual TLS) or a server name override; ``None`` (default) for plaintext. A token over plaintext is only for a
     server on loopback (an ``InsecureTokenWarning`` says so otherwise).
-    ``timeout`` is the default deadline in seconds of every unary call; idempotent calls (classify, step,
-    describe, get, list, export) are retried ``retries`` times with backoff (``backoff`` seconds, doubling, with
-    jitter) when the server is UNAVAILABLE. ``options`` are gRPC channel options. Failures raise ``LstmError``
-    subclasses carrying the status code.
+    ``timeout``: the deadline in seconds of every call, streams included (a whole ``generate`` turn, a whole
+    ``chat`` stream); ``None`` for no deadline; 0 or less is a ``ValueError``. Methods that take ``timeout=``
+    override it for their call.
+    ``retries`` (0 to 4) and ``backoff``: gRPC's own retry policy resends the idempotent calls (classify, step,
+    models, describe, attach/refresh, list_sessions, export) when the server is UNAVAILABLE, up to ``retries``
+    more times after random waits of up to ``backoff`` seconds, doubling. ``options`` are gRPC channel options
+    (a ``grpc.service_config`` there replaces that policy). Failures raise ``LstmError`` subclasses.
     """
 
     def close(self) -> None:
@@ -114,24 +113,16 @@ class Client(Connection):
         method: Callable[..., Any],
         request: Any,
         *,
-        idempotent: bool,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Any:
-        """One unary call with the token, the deadline, the retry rule and typed errors; records the replica."""
-        delays = backoff_delays(self.retries if idempotent else 0, self.backoff)
-        while True:
-            try:
-                response, call = method.with_call(
-                    request, timeout=timeout or self.timeout, metadata=self.metadata(metadata)
-                )
-                self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
-                return response
-            except grpc.RpcError as error:
-                delay = next(delays, None) if error.code() == RETRYABLE else None
-                if delay is None:
-                    raise from_rpc_error(error) from None
-                time.sleep(delay)
+        """One unary call with the token, the deadline and typed errors; records the replica."""
+        try:
+            response, call = method.with_call(request, timeout=self.deadline(timeout), metadata=self.metadata(metadata))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
+        return response
 
     # -- stateless calls -----------------------------------------------------
 
@@ -139,7 +130,7 @@ class Client(Connection):
         self, texts: list[str], model: str = "sentiment", timeout: float | None = None
     ) -> list[ClassifyResult]:
         request = pb.ClassifyRequest(model=model, texts=texts)
-        return classify_results(self.call(self.classification.Classify, request, idempotent=True, timeout=timeout))
+        return classify_results(self.call(self.classification.Classify, request, timeout=timeout))
 
     def step(
         self,
@@ -151,22 +142,14 @@ class Client(Connection):
     ) -> StepResult:
         """Read ``text`` (or token ids) from ``state`` (h, c; default zeros): the next-character distribution and
         the new state. ``state`` is a previous ``StepResult.state`` or plain ``(values, shape)`` pairs."""
-        request = pb.StepRequest(model=model, unknown_characters=UNKNOWN[unknown_characters])
-        if tokens is not None:
-            request.tokens.ids.extend(tokens)
-        else:
-            request.text = text or ""
-        if state is not None:
-            request.h.CopyFrom(as_tensor(state[0]))
-            request.c.CopyFrom(as_tensor(state[1]))
-        response = self.call(self.generation.Step, request, idempotent=True)
-        return StepResult(list(response.probabilities), response.h, response.c)
+        request = step_request(model, text, tokens, state, unknown_characters)
+        return step_result(self.call(self.generation.Step, request))
 
     def models(self) -> list[pb.ModelInfo]:
-        return list(self.call(self.models_stub.ListModels, pb.ListModelsRequest(), idempotent=True).models)
+        return list(self.call(self.models_stub.ListModels, pb.ListModelsRequest()).models)
 
     def describe(self, model: str) -> pb.ModelInfo:
-        return self.call(self.models_stub.DescribeModel, pb.DescribeModelRequest(model=model), idempotent=True)
+        return self.call(self.models_stub.DescribeModel, pb.DescribeModelRequest(model=model))
 
     # -- sessions --------------------------------------------------------------
 
@@ -175,21 +158,16 @@ class Client(Connection):
     ) -> Session:
         """A new session (closed when used as a context manager); ``defaults`` are sampling parameters."""
         request = create_request(model, prompt, unknown_characters, defaults)
-        info = self.call(self.sessions.CreateSession, request, idempotent=False, metadata=session_metadata())
-        return Session(self, info)
+        return Session(self, self.call(self.sessions.CreateSession, request, metadata=session_metadata()))
 
     def attach(self, session_id: str) -> Session:
         """An existing session, by id."""
         request = pb.GetSessionRequest(session_id=session_id)
-        return Session(
-            self, self.call(self.sessions.GetSession, request, idempotent=True, metadata=session_metadata(session_id))
-        )
+        return Session(self, self.call(self.sessions.GetSession, request, metadata=session_metadata(session_id)))
 
     def import_session(self, state: pb.SessionState) -> Session:
         request = pb.ImportSessionRequest(state=state)
-        return Session(
-            self, self.call(self.sessions.ImportSession, request, idempotent=False, metadata=session_metadata())
-        )
+        return Session(self, self.call(self.sessions.ImportSession, request, metadata=session_metadata()))
 
     def list_sessions(self, model: str = "", page_size: int = 0) -> list[pb.Session]:
         """The caller's sessions (of ``model``, or all), oldest first: every page, ``page_size`` sessions per call
@@ -198,10 +176,24 @@ class Client(Connection):
         pages = PageTokens()
         while True:
             request = pb.ListSessionsRequest(model=model, page_size=page_size, page_token=pages.token)
-            response = self.call(self.sessions.ListSessions, request, idempotent=True)
+            response = self.call(self.sessions.ListSessions, request)
             found.extend(response.sessions)
             if not pages.advance(response.next_page_token):
                 return found
+
+    def chat(
+        self,
+        model: str = "charlm",
+        prompt: str = "",
+        *,
+        keep_session: bool = False,
+        timeout: float | None = None,
+        unknown_characters: str = "reject",
+        **defaults: Any,
+    ) -> Chat:
+        """A Chat stream on a session it creates (``prompt`` and sampling ``defaults`` as for ``session``): the
+        session ends with the stream unless ``keep_session``. ``timeout`` is the whole stream's deadline."""
+        return Chat(self, chat_opening(model, prompt, unknown_characters, defaults, keep_session), timeout)
 
 
 class Session:
@@ -221,11 +213,8 @@ class Session:
         if not self.closed:
             self.close()
 
-    def _metadata(self) -> Metadata:
-        return session_metadata(self.id)
-
-    def _unary(self, method, request, idempotent: bool):
-        response = self.client.call(method, request, idempotent=idempotent, metadata=self._metadata())
+    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+        response = self.client.call(method, request, metadata=session_metadata(self.id))
         self.last_replica = self.client.last_replica
         return response
 
@@ -233,10 +222,11 @@ class Session:
         self, prompt: str = "", *, timeout: float | None = None, unknown_characters: str = "reject", **sampling: Any
     ) -> Iterator[Chunk]:
         """Append ``prompt``, then stream the generated characters (sampling: temperature, top_k, top_p,
-        seed, max_tokens, stop). Leaving the loop early cancels the turn."""
+        seed, max_tokens, stop). ``timeout`` (default: the client's) is the deadline of the whole turn. Leaving
+        the loop early cancels the turn."""
         request = generate_request(self.id, prompt, unknown_characters, sampling)
         call = self.client.generation.Generate(
-            request, timeout=timeout, metadata=self.client.metadata(self._metadata())
+            request, timeout=self.client.deadline(timeout), metadata=self.client.metadata(session_metadata(self.id))
         )
         try:
             self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
@@ -247,20 +237,25 @@ class Session:
         finally:
             call.cancel()
 
+    def chat(self, *, timeout: float | None = None) -> Chat:
+        """A Chat stream on this session (which outlives the stream); ``timeout`` is the whole stream's deadline."""
+        return Chat(self.client, pb.ChatRequest(session_id=self.id), timeout)
+
     def refresh(self) -> pb.Session:
-        self.info = self._unary(self.client.sessions.GetSession, pb.GetSessionRequest(session_id=self.id), True)
+        self.info = self._unary(self.client.sessions.GetSession, pb.GetSessionRequest(session_id=self.id))
         return self.info
 
     def fork(self) -> Session:
-        info = self._unary(self.client.sessions.ForkSession, pb.ForkSessionRequest(session_id=self.id), False)
-        return Session(self.client, info)
+        return Session(
+            self.client, self._unary(self.client.sessions.ForkSession, pb.ForkSessionRequest(session_id=self.id))
+        )
 
     def export(self) -> pb.SessionState:
-        return self._unary(self.client.sessions.ExportSession, pb.ExportSessionRequest(session_id=self.id), True)
+        return self._unary(self.client.sessions.ExportSession, pb.ExportSessionRequest(session_id=self.id))
 
     def close(self) -> None:
         try:
-            self._unary(self.client.sessions.CloseSession, pb.CloseSessionRequest(session_id=self.id), False)
+            self._unary(self.client.sessions.CloseSession, pb.CloseSessionRequest(session_id=self.id))
         finally:
             self.closed = True
 

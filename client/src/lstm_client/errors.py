@@ -1,20 +1,52 @@
-"""Typed exceptions: every failed call raises a subclass of ``LstmError`` carrying the gRPC status code."""
+"""Typed exceptions: every failed call raises a subclass of ``LstmError`` carrying the gRPC status code, and the
+rich details (``google.rpc.Status`` in ``grpc-status-details-bin``) when the server attached them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request (``google.rpc.BadRequest.FieldViolation``)."""
+
+    field: str
+    description: str
 
 
 class LstmError(Exception):
-    """A call failed; ``code`` is the gRPC status code and ``details`` the server's message."""
+    """A call failed; ``code`` is the gRPC status code and ``details`` the server's message.
+
+    From the status's rich details, when present: ``reason`` (``ErrorInfo.reason``, e.g. a machine-readable
+    cause), ``field_violations`` (``BadRequest``: which request fields were wrong and why) and ``retry_delay``
+    (``RetryInfo``: seconds to wait before trying again); ``None``, ``()`` and ``None`` when absent."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        details: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        reason: str | None = None,
+        field_violations: tuple[FieldViolation, ...] = (),
+        retry_delay: float | None = None,
+    ) -> None:
         super().__init__(f"{(code or self.code).name}: {details}")
         self.details = details
         if code is not None:
             self.code = code
+        self.reason = reason
+        self.field_violations = field_violations
+        self.retry_delay = retry_delay
 
 
 class InvalidArgument(LstmError):
@@ -66,6 +98,34 @@ _BY_CODE = {
 }
 
 
+def rich_details(trailing_metadata: Iterable[tuple[str, Any]] | None) -> dict[str, Any]:
+    """``reason``, ``field_violations`` and ``retry_delay`` from a ``google.rpc.Status`` in the trailers (only
+    the ones present; nothing from details that do not parse, so they never hide the status itself)."""
+    found: dict[str, Any] = {}
+    for key, value in trailing_metadata or ():
+        if key != DETAILS_KEY:
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return found
+        for detail in status.details:
+            info, bad, retry = (
+                error_details_pb2.ErrorInfo(),
+                error_details_pb2.BadRequest(),
+                error_details_pb2.RetryInfo(),
+            )
+            if detail.Unpack(info):
+                found["reason"] = info.reason
+            elif detail.Unpack(bad):
+                found["field_violations"] = tuple(FieldViolation(v.field, v.description) for v in bad.field_violations)
+            elif detail.Unpack(retry):
+                found["retry_delay"] = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+    return found
+
+
 def from_rpc_error(error: grpc.RpcError) -> LstmError:
+    """The typed error for a failed call (sync or asyncio), with its rich details."""
     code = error.code()
-    return _BY_CODE.get(code, LstmError)(error.details() or "", code)
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return _BY_CODE.get(code, LstmError)(error.details() or "", code, **rich_details(trailers))

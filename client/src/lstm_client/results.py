@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from lstm.v1 import lstm_pb2 as pb
 
+from .tensors import TensorLike, as_tensor
+
 FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"}
 UNKNOWN = {
     "reject": pb.UNKNOWN_CHARACTERS_REJECT,
@@ -73,6 +75,28 @@ def generate_request(session_id: str, prompt: str, unknown_characters: str, samp
         sampling=sampling_params(**sampling),
         unknown_characters=UNKNOWN[unknown_characters],
     )
+
+
+def step_request(
+    model: str,
+    text: str | None,
+    tokens: list[int] | None,
+    state: tuple[TensorLike, TensorLike] | None,
+    unknown_characters: str,
+) -> pb.StepRequest:
+    request = pb.StepRequest(model=model, unknown_characters=UNKNOWN[unknown_characters])
+    if tokens is not None:
+        request.tokens.ids.extend(tokens)
+    else:
+        request.text = text or ""
+    if state is not None:
+        request.h.CopyFrom(as_tensor(state[0]))
+        request.c.CopyFrom(as_tensor(state[1]))
+    return request
+
+
+def step_result(response: pb.StepResponse) -> StepResult:
+    return StepResult(list(response.probabilities), response.h, response.c)
 
 
 def session_metadata(session_id: str = "") -> tuple[tuple[str, str], ...]:

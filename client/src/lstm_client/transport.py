@@ -9,6 +9,8 @@ and a ``InsecureTokenWarning`` says so when the target is not a loopback address
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -102,6 +104,57 @@ def is_loopback(target: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+#: The calls that change nothing on the server, so that gRPC may send them again (``retry_options``).
+IDEMPOTENT = {
+    "lstm.v1.Classification": ("Classify",),
+    "lstm.v1.Generation": ("Step",),
+    "lstm.v1.Models": ("ListModels", "DescribeModel"),
+    "lstm.v1.Sessions": ("GetSession", "ListSessions", "ExportSession"),
+}
+MAX_RETRIES = 4  # gRPC makes at most 5 attempts of a call
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A deadline in seconds: ``None`` (no deadline) or a finite number above 0 (``ValueError`` otherwise)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not (0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a finite number of seconds above 0, or None for no deadline; got {timeout}")
+    return float(timeout)
+
+
+def retry_options(retries: int, backoff: float) -> list[tuple[str, Any]]:
+    """Channel options that make gRPC itself retry the ``IDEMPOTENT`` calls on UNAVAILABLE (a service config
+    ``retryPolicy``): up to ``retries`` more attempts, the n-th after a random wait of up to
+    ``backoff * 2**(n-1)`` seconds. No retries at 0."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be an integer from 0 to {MAX_RETRIES} (gRPC's limit), got {retries!r}")
+    if not (0 < backoff < math.inf):
+        raise ValueError(f"backoff must be a finite number of seconds above 0, got {backoff!r}")
+    if retries == 0:
+        return [("grpc.enable_retries", 0)]
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": f"{backoff:.9f}s",
+        "maxBackoff": f"{backoff * 2 ** (retries - 1):.9f}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": service, "method": method} for service, methods in IDEMPOTENT.items() for method in methods]
+    config = {"methodConfig": [{"name": names, "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+
+
+def merge_options(
+    options: Sequence[tuple[str, Any]] | None, defaults: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
+    """``options`` plus the ``defaults`` whose keys they do not set (the caller's own win)."""
+    given = {key for key, _ in options or ()}
+    return [*(options or ()), *(option for option in defaults if option[0] not in given)]
 
 
 def open_channel(
