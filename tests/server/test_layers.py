@@ -10,7 +10,7 @@ import lstm_server
 
 PACKAGE = Path(lstm_server.__file__).parent
 LAYERS = ["runtime", "engine", "sessions", "api"]  # bottom to top
-CROSS_CUTTING = ["config", "errors", "metrics", "logs"]
+CROSS_CUTTING = ["config", "errors", "metrics", "logs", "tracing"]
 
 
 def imported(path: Path) -> set[str]:

@@ -1,12 +1,31 @@
-"""Structured logs: one JSON object per line, with any ``extra=`` fields of the call."""
+"""Structured logs: one JSON object per line, with the fields of the call being served (``bind``: request id,
+method, tenant, session, model) and any ``extra=`` fields of the line."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Replaced, never changed in place: a task started by the call (a turn's lifecycle) keeps the fields it was started
+# with, and the next call on the event loop starts from its own copy of the context.
+_call_fields: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "lstm_call_fields", default=MappingProxyType({})
+)
+
+
+def bind(**fields: str) -> None:
+    """Put ``fields`` on every log line of the current call from now on (its task, and tasks it starts later)."""
+    _call_fields.set({**_call_fields.get(), **fields})
+
+
+def call_fields() -> Mapping[str, str]:
+    """The fields ``bind`` set for the current call."""
+    return _call_fields.get()
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,6 +40,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "replica": self.replica,
+            **_call_fields.get(),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:

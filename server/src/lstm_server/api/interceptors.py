@@ -1,25 +1,47 @@
-"""Cross-cutting concerns for every RPC of the lstm.v1 services: authentication, requests that do not parse,
-status mapping (the project's ``Status`` to the gRPC status code of the same name), metrics, logs, replica name.
-Health and reflection pass untouched (load balancers call them without credentials)."""
+"""Cross-cutting concerns for every RPC of this server's own services (health and reflection pass untouched: load
+balancers call them without credentials): request ids, authentication, requests that do not parse, errors as
+gRPC statuses with ``google.rpc`` details, trace spans, metrics, logs, the replica's name."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry.trace import StatusCode
 
-from ..errors import ServiceError, Status
+from .. import tracing
+from ..errors import ERROR_DOMAIN, SHOWN_ID_CHARS, ServiceError, Status
+from ..logs import bind
 from ..metrics import Metrics
 from .auth import Authenticator
 
 log = logging.getLogger("lstm_server.rpc")
-OWN_SERVICES = "/lstm.v1."
+PASS_THROUGH = ("/grpc.health.", "/grpc.reflection.")
 MAX_MESSAGE_CHARS = 2000  # status details travel in trailers, which a peer may cap at 8 KiB
+MAX_DESCRIPTION_CHARS = 500  # a field violation's description: the message says the rest
+REQUEST_ID = "x-request-id"
+REQUEST_ID_FORM = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces; anything else gets a new id
+LOGGED_FIELDS = {"model": "model", "session_id": "session"}  # request fields put on the call's log lines
+# codes that are the server's fault: the server span is marked as an error (OpenTelemetry's gRPC conventions)
+SERVER_FAULTS = {
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DATA_LOSS,
+}
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
 
 
@@ -31,6 +53,41 @@ def status_code(status: Status) -> grpc.StatusCode:
 def caller() -> str:
     """The tenant of the call being served (set by the interceptor before the servicer runs)."""
     return _tenant.get()
+
+
+def request_id(metadata) -> str:
+    """The caller's ``x-request-id`` if it is 1 to 128 printable ASCII characters without spaces, else a new one
+    (32 hex digits)."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID and isinstance(value, str) and REQUEST_ID_FORM.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def error_status(error: ServiceError) -> grpc.Status:
+    """The status that answers ``error``: its code and message (cut to ``MAX_MESSAGE_CHARS``), with an
+    ``ErrorInfo`` (its reason; its field in the metadata), a ``BadRequest`` naming the field of an
+    INVALID_ARGUMENT, and a ``RetryInfo`` when a retry after a delay may succeed."""
+    code = status_code(error.code)
+    message = error.message[:MAX_MESSAGE_CHARS]
+    details = [
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata={"field": error.field} if error.field else {}
+        )
+    ]
+    if error.field and error.code is Status.INVALID_ARGUMENT:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=message[:MAX_DESCRIPTION_CHARS], reason=error.reason
+        )
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if error.retry_after_s is not None:
+        delay = Duration()
+        delay.FromNanoseconds(round(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)
 
 
 @dataclass(frozen=True)
@@ -59,6 +116,7 @@ def _check_parsed(request, method: str):
             Status.INVALID_ARGUMENT,
             f"the {method} request is not a valid message of its type ({request.error[:200]}): check that the "
             "client uses this server's lstm.v1 protocol",
+            reason="MALFORMED_REQUEST",
         )
     return request
 
@@ -68,10 +126,81 @@ async def _checked_stream(requests: AsyncIterator, method: str) -> AsyncIterator
         yield _check_parsed(request, method)
 
 
+def _bind_request_fields(request) -> None:
+    """Put the model and session a request names on the call's log lines."""
+    fields = {}
+    for name, key in LOGGED_FIELDS.items():
+        value = getattr(request, name, None)
+        if value and isinstance(value, str):
+            fields[key] = value[:SHOWN_ID_CHARS]
+    if fields:
+        bind(**fields)
+
+
+class _Call:
+    """One call as the interceptor follows it: its request id, start, server span; how it ends."""
+
+    def __init__(self, interceptor: ServiceInterceptor, full_method: str, context: grpc.aio.ServicerContext) -> None:
+        self.started = time.perf_counter()
+        self.interceptor = interceptor
+        self.method = full_method.rsplit("/", 1)[-1]
+        metadata = context.invocation_metadata() or ()
+        self.request_id = request_id(metadata)
+        bind(request_id=self.request_id, method=self.method)
+        service = full_method.lstrip("/").rsplit("/", 1)[0]
+        self.span = tracing.start_call(
+            full_method.lstrip("/"),
+            metadata,
+            {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": self.method,
+                "lstm.request_id": self.request_id,
+            },
+        )
+
+    def admit(self, request, context: grpc.aio.ServicerContext, streaming_requests: bool):
+        """Authenticate the call and check its request; returns the request (or request stream) to serve."""
+        tenant = self.interceptor.authenticator.tenant(context)
+        _tenant.set(tenant)
+        bind(tenant=tenant)
+        if streaming_requests:
+            return _checked_stream(request, self.method)
+        _bind_request_fields(_check_parsed(request, self.method))
+        return request
+
+    def finish(self, code: grpc.StatusCode, message: str = "") -> None:
+        """Count, time, log and end the span of the call, which ends with ``code``."""
+        seconds = time.perf_counter() - self.started
+        metrics = self.interceptor.metrics
+        metrics.requests.labels(self.method, code.name).inc()
+        metrics.request_duration.labels(self.method, code.name).observe(seconds)
+        level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) else logging.WARNING
+        extra = {"method": self.method, "code": code.name, "ms": round(1e3 * seconds, 2), "error": message}
+        log.log(level, "rpc", extra=extra)
+        if self.span is not None:
+            self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code in SERVER_FAULTS:
+                self.span.set_status(StatusCode.ERROR, message or code.name)
+            self.span.end()
+
+    async def fail(self, context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+        """End the call with the status that answers ``error`` (INTERNAL for anything but a ``ServiceError``),
+        the request id in its trailers too."""
+        if not isinstance(error, ServiceError):
+            log.error("unexpected error in %s", self.method, exc_info=error)
+            error = ServiceError(Status.INTERNAL, f"internal error in {self.method}: {error}")
+        status = error_status(error)
+        self.finish(status.code, status.details)
+        trailers = (*status.trailing_metadata, (REQUEST_ID, self.request_id))
+        await context.abort_with_status(status._replace(trailing_metadata=trailers))
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates each call (its tenant is ``caller()``), refuses requests that do not parse, turns
-    ``ServiceError`` into its status, counts calls by method and code, logs each call, and sends the replica's
-    name as ``x-replica`` initial metadata."""
+    """For every call of this server's own services: a request id (``x-request-id``, echoed in the initial
+    metadata and an error's trailers, on every log line), a server span, authentication (its tenant is
+    ``caller()``), requests that do not parse refused, ``ServiceError`` answered as its status with details, the
+    call counted and timed by method and code and logged, and the replica's name as ``x-replica``."""
 
     def __init__(self, metrics: Metrics, replica: str, authenticator: Authenticator) -> None:
         self.metrics = metrics
@@ -80,16 +209,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(OWN_SERVICES):
+        if handler is None or details.method.startswith(PASS_THROUGH):
             return handler
-        method = details.method.rsplit("/", 1)[-1]
         streaming = handler.response_streaming
         behavior = (
             handler.unary_stream or handler.stream_stream if streaming else handler.unary_unary or handler.stream_unary
         )
-        requests = handler.request_streaming
         wrap = self._wrap_stream if streaming else self._wrap_unary
-        wrapped = wrap(behavior, method, requests)
+        wrapped = wrap(behavior, details.method, handler.request_streaming)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -102,69 +229,39 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _admit(self, request, context, method: str, streaming_requests: bool):
-        """Authenticate the call and check its request; returns the request (or request stream) to serve."""
-        _tenant.set(self.authenticator.tenant(context))
-        if streaming_requests:
-            return _checked_stream(request, method)
-        return _check_parsed(request, method)
+    async def _begin(self, full_method: str, context: grpc.aio.ServicerContext) -> _Call:
+        call = _Call(self, full_method, context)
+        await context.send_initial_metadata((("x-replica", self.replica), (REQUEST_ID, call.request_id)))
+        return call
 
-    def _finish(self, method: str, code: grpc.StatusCode, started: float, message: str = "") -> None:
-        self.metrics.requests.labels(method, code.name).inc()
-        level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) else logging.WARNING
-        log.log(
-            level,
-            "rpc",
-            extra={
-                "method": method,
-                "code": code.name,
-                "ms": round(1e3 * (time.perf_counter() - started), 2),
-                "error": message[:MAX_MESSAGE_CHARS],
-            },
-        )
-
-    def _wrap_unary(self, behavior, method: str, streaming_requests: bool):
+    def _wrap_unary(self, behavior, full_method: str, streaming_requests: bool):
         async def wrapped(request, context):
-            started = time.perf_counter()
-            await context.send_initial_metadata((("x-replica", self.replica),))
+            call = await self._begin(full_method, context)
             try:
-                response = await behavior(self._admit(request, context, method, streaming_requests), context)
+                response = await behavior(call.admit(request, context, streaming_requests), context)
             except asyncio.CancelledError:
-                self._finish(method, _ended(context), started)
+                call.finish(_ended(context))
                 raise
-            except ServiceError as error:
-                code = status_code(error.code)
-                self._finish(method, code, started, error.message)
-                await context.abort(code, error.message[:MAX_MESSAGE_CHARS])
             except Exception as error:
-                self._finish(method, grpc.StatusCode.INTERNAL, started, repr(error))
-                log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}"[:2000])
-            self._finish(method, grpc.StatusCode.OK, started)
+                await call.fail(context, error)
+            call.finish(grpc.StatusCode.OK)
             return response
 
         return wrapped
 
-    def _wrap_stream(self, behavior, method: str, streaming_requests: bool):
+    def _wrap_stream(self, behavior, full_method: str, streaming_requests: bool):
         async def wrapped(request, context):
-            started = time.perf_counter()
-            await context.send_initial_metadata((("x-replica", self.replica),))
+            call = await self._begin(full_method, context)
             try:
-                async for response in behavior(self._admit(request, context, method, streaming_requests), context):
+                async for response in behavior(call.admit(request, context, streaming_requests), context):
                     yield response
-            except ServiceError as error:
-                code = status_code(error.code)
-                self._finish(method, code, started, error.message)
-                await context.abort(code, error.message[:MAX_MESSAGE_CHARS])
             except (asyncio.CancelledError, GeneratorExit):
-                self._finish(method, _ended(context), started)
+                call.finish(_ended(context))
                 raise
             except Exception as error:
-                self._finish(method, grpc.StatusCode.INTERNAL, started, repr(error))
-                log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {error}"[:2000])
+                await call.fail(context, error)
             else:
-                self._finish(method, grpc.StatusCode.OK, started)
+                call.finish(grpc.StatusCode.OK)
 
         return wrapped
 

@@ -31,13 +31,19 @@ def from_tensor(tensor: pb.Tensor, shape: tuple[int, ...], name: str, bound: flo
     if tuple(tensor.shape) != shape or len(tensor.data) != 4 * size:
         raise invalid(
             f"{name} must have shape {list(shape)} and {4 * size} bytes of data ({size} little-endian float32), "
-            f"got shape {list(tensor.shape)[:8]} and {len(tensor.data)} bytes"
+            f"got shape {list(tensor.shape)[:8]} and {len(tensor.data)} bytes",
+            reason="INVALID_TENSOR",
+            field=name,
         )
     array = np.frombuffer(tensor.data, FLOAT32_LE).reshape(shape).astype(np.float32)
     if not np.isfinite(array).all():
-        raise invalid(f"{name} holds NaN or infinite values")
+        raise invalid(f"{name} holds NaN or infinite values", reason="INVALID_TENSOR", field=name)
     if bound is not None and np.abs(array).max(initial=0.0) > bound:
-        raise invalid(f"{name} holds values beyond +-{bound:g}, which no run of the model can produce")
+        raise invalid(
+            f"{name} holds values beyond +-{bound:g}, which no run of the model can produce",
+            reason="INVALID_TENSOR",
+            field=name,
+        )
     return array
 
 
@@ -85,4 +91,8 @@ def page_after(token: str) -> int:
         kind, _, seq = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
         if kind == "after" and seq.isdigit():
             return int(seq)
-    raise invalid("page_token is not one this server gave: pass the next_page_token of the previous page")
+    raise invalid(
+        "page_token is not one this server gave: pass the next_page_token of the previous page",
+        reason="INVALID_PAGE",
+        field="page_token",
+    )

@@ -27,13 +27,19 @@ def unknown_policy(value: int) -> str:
     policy = UNKNOWN_POLICY.get(value)
     if policy is None:
         names = ", ".join(f"{pb.UnknownCharacters.Name(v)} ({v})" for v in UNKNOWN_POLICY)
-        raise invalid(f"unknown_characters {value} is not one of {names}")
+        raise invalid(
+            f"unknown_characters {value} is not one of {names}", reason="INVALID_ENUM", field="unknown_characters"
+        )
     return policy
 
 
 def check_prompt(text: str | list[int], config: ServerConfig, what: str = "prompt") -> None:
     if len(text) > config.max_prompt_chars:
-        raise invalid(f"{what} has {len(text)} characters; the limit is {config.max_prompt_chars} (max_prompt_chars)")
+        raise invalid(
+            f"{what} has {len(text)} characters; the limit is {config.max_prompt_chars} (max_prompt_chars)",
+            reason="PROMPT_TOO_LONG",
+            field=what,
+        )
 
 
 def check_proposed_id(session_id: str) -> str:
@@ -41,7 +47,9 @@ def check_proposed_id(session_id: str) -> str:
     if session_id and not SESSION_ID.fullmatch(session_id):
         raise invalid(
             f"x-session-id {shown(session_id)} is not a session id: propose 32 lowercase hex digits (128 random "
-            "bits), or send no x-session-id and the server picks one"
+            "bits), or send no x-session-id and the server picks one",
+            reason="INVALID_SESSION_ID",
+            field="x-session-id",
         )
     return session_id
 
@@ -57,21 +65,29 @@ def proposed_session_id(context: grpc.aio.ServicerContext) -> str:
 def page_size(requested: int, config: ServerConfig) -> int:
     """ListSessions' page size: the default for 0, at most the largest page."""
     if requested < 0:
-        raise invalid(f"page_size must be >= 0 (0: the default of {config.list_page_size}), got {requested}")
+        raise invalid(
+            f"page_size must be >= 0 (0: the default of {config.list_page_size}), got {requested}",
+            reason="INVALID_PAGE",
+            field="page_size",
+        )
     return min(requested or config.list_page_size, config.list_max_page_size)
 
 
 def check_classify(texts: list[str], config: ServerConfig) -> None:
     """A Classify call's texts: at least one, within the count and length limits."""
     if not texts:
-        raise invalid("Classify needs at least one text")
+        raise invalid("Classify needs at least one text", reason="NO_TEXTS", field="texts")
     if len(texts) > config.max_classify_texts:
         raise invalid(
             f"{len(texts)} texts in one call; the limit is {config.max_classify_texts} (max_classify_texts): split "
-            "the batch"
+            "the batch",
+            reason="TOO_MANY_TEXTS",
+            field="texts",
         )
     for i, text in enumerate(texts):
         if len(text) > config.max_classify_chars:
             raise invalid(
-                f"texts[{i}] has {len(text)} characters; the limit is {config.max_classify_chars} (max_classify_chars)"
+                f"texts[{i}] has {len(text)} characters; the limit is {config.max_classify_chars} (max_classify_chars)",
+                reason="TEXT_TOO_LONG",
+                field=f"texts[{i}]",
             )

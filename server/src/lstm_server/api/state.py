@@ -58,10 +58,17 @@ class StateMessages:
         """Refuse a state that this deployment did not sign, or that another tenant's session wrote."""
         problem = self.signer.verify(message)
         if problem:
-            raise ServiceError(code, f"{what} is refused: {problem}; states can only be brought back as exported")
+            raise ServiceError(
+                code,
+                f"{what} is refused: {problem}; states can only be brought back as exported",
+                reason="STATE_SIGNATURE_INVALID",
+                field="state" if code is Status.INVALID_ARGUMENT else None,
+            )
         if message.tenant != tenant:
             raise ServiceError(
-                Status.PERMISSION_DENIED, f"{what} belongs to another tenant; import states your own sessions exported"
+                Status.PERMISSION_DENIED,
+                f"{what} belongs to another tenant; import states your own sessions exported",
+                reason="STATE_OTHER_TENANT",
             )
 
     def state(self, message: pb.SessionState, tenant: str) -> SessionState:
@@ -73,16 +80,22 @@ class StateMessages:
     def _fields(self, message: pb.SessionState) -> SessionState:
         """A signed state's fields, checked against the model and the limits. (Its sampling defaults are
         checked where the session is made from it.)"""
-        model = self.models.of_task(message.model, "generation")
+        model = self.models.of_task(message.model, "generation", "state.model")
         if message.model_version != model.version:
             raise ServiceError(
                 Status.FAILED_PRECONDITION,
                 f"this state was written by {message.model} version {message.model_version}, but this server runs "
                 f"version {model.version}; states do not carry over between versions (pin the version with "
                 "--model-versions, or start a new session)",
+                reason="MODEL_VERSION_MISMATCH",
+                field="state.model_version",
             )
         if message.tokens_seen > MAX_TOKENS_SEEN:
-            raise invalid(f"state.tokens_seen {message.tokens_seen} is beyond the limit of {MAX_TOKENS_SEEN}")
+            raise invalid(
+                f"state.tokens_seen {message.tokens_seen} is beyond the limit of {MAX_TOKENS_SEEN}",
+                reason="INVALID_STATE",
+                field="state.tokens_seen",
+            )
         engine = model.engine
         shape = engine.state_shape
         # h = o * tanh(c) lies in [-1, 1]; c moves by at most 1 per character (|f c + i g| <= |c| + 1)
@@ -90,11 +103,15 @@ class StateMessages:
         c = from_tensor(message.c, shape, "state.c", bound=float(message.tokens_seen))
         has_logits = bool(message.next_logits.shape)
         if has_logits != (message.tokens_seen > 0):
-            raise invalid("state.next_logits must be given exactly when state.tokens_seen is above 0")
+            raise invalid(
+                "state.next_logits must be given exactly when state.tokens_seen is above 0",
+                reason="INVALID_STATE",
+                field="state.next_logits",
+            )
         logits = from_tensor(message.next_logits, (engine.vocab_size,), "state.next_logits") if has_logits else None
         defaults = sampling_dict(message.defaults)
         if "seed" not in defaults:
-            raise invalid("state.defaults.seed is missing")
+            raise invalid("state.defaults.seed is missing", reason="INVALID_STATE", field="state.defaults.seed")
         return SessionState(
             message.model, message.model_version, message.tokens_seen, h, c, logits, defaults, message.tenant
         )
@@ -106,7 +123,9 @@ class StateMessages:
             message = pb.SessionState.FromString(data)
         except Exception as error:  # protobuf's DecodeError
             raise ServiceError(
-                Status.DATA_LOSS, f"{what} cannot be parsed ({error}); close the session, create a new one"
+                Status.DATA_LOSS,
+                f"{what} cannot be parsed ({error}); close the session, create a new one",
+                reason="STORED_STATE_CORRUPT",
             ) from error
         self.check_signed(message, tenant, Status.DATA_LOSS, what)
         return self._fields(message)

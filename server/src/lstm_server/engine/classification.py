@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .. import tracing
 from ..errors import ServiceError, Status
 from ..metrics import Metrics
 from ..runtime.backends import Backend
@@ -100,6 +101,9 @@ class ClassifierEngine:
         self.max_delay = max_delay_ms / 1000
         self._queue_wait = metrics.queue_wait.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
+        self._queued = metrics.queue_depth.labels(name)
+        self._call_seconds = metrics.model_call.labels(name, "classify")
+        self._prompt_chars = metrics.prompt_characters.labels(name)
         self.unk_id = tokenizer.token_to_id("[UNK]")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._queue: list[tuple[list[int], asyncio.Future, float]] = []
@@ -133,13 +137,18 @@ class ClassifierEngine:
             future = loop.create_future()
             self._queue.append((self.encode(text), future, time.perf_counter()))
             futures.append(future)
+        self._queued.inc(len(texts))
+        self._prompt_chars.inc(sum(map(len, texts)))
         self._wake.set()
         if len(self._queue) >= self.max_batch:
             self._full.set()
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        with tracing.span("lstm.classify", {"lstm.texts": len(texts)}):
+            results = await asyncio.gather(*futures, return_exceptions=True)
         for i, result in enumerate(results):
             if isinstance(result, ServiceError):
-                raise ServiceError(result.code, f"texts[{i}]: {result.message}") from result
+                raise ServiceError(
+                    result.code, f"texts[{i}]: {result.message}", reason=result.reason, field=f"texts[{i}]"
+                ) from result
             if isinstance(result, BaseException):
                 raise result
         return results
@@ -151,7 +160,9 @@ class ClassifierEngine:
             tokens[row, : len(ids)] = ids
         layers, hidden = self.state_shape
         zeros = np.zeros((layers, len(batch), hidden), np.float32)
+        started = time.perf_counter()
         logits, _, _ = self.backend.run({"tokens": tokens, "lengths": lengths, "h0": zeros, "c0": zeros})
+        self._call_seconds.observe(time.perf_counter() - started)
         return logits
 
     def _run(self, batch: list[list[int]]) -> list[np.ndarray | ServiceError]:
@@ -162,7 +173,9 @@ class ClassifierEngine:
             log.error(
                 "classifier %s failed on a text of %d tokens: %s", self.name, len(batch[i]), error, exc_info=error
             )
-            results[i] = ServiceError(Status.INTERNAL, f"the classifier failed on this text: {error}")
+            results[i] = ServiceError(
+                Status.INTERNAL, f"the classifier failed on this text: {error}", reason="MODEL_FAILED"
+            )
         for rows, logits in parts:
             probabilities = softmax(logits)
             finite = np.isfinite(logits).all(axis=1)
@@ -174,6 +187,7 @@ class ClassifierEngine:
                         Status.INTERNAL,
                         "the classifier's output for this text is not finite (NaN or infinity), so it has no "
                         "probabilities; the same text fails the same way again (the other texts are not affected)",
+                        reason="NON_FINITE_OUTPUT",
                     )
         return results
 
@@ -190,6 +204,7 @@ class ClassifierEngine:
                 with contextlib.suppress(TimeoutError):  # the delay is over, or max_batch texts are queued
                     await asyncio.wait_for(self._full.wait(), wait)
             taken, self._queue = self._queue, []
+            self._queued.dec(len(taken))
             taken.sort(key=lambda item: len(item[0]))
             now = time.perf_counter()
             for _, _, queued_at in taken:

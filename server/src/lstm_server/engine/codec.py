@@ -32,6 +32,7 @@ class CharCodec:
                     Status.INVALID_ARGUMENT,
                     f"characters not in the model's vocabulary: {shown!r}; remove them, or set "
                     "unknown_characters to SKIP or REPLACE",
+                    reason="UNKNOWN_CHARACTERS",
                 )
             if policy == SKIP:
                 text = "".join(ch for ch in text if ch in self.index)
@@ -48,5 +49,7 @@ class CharCodec:
             raise ServiceError(
                 Status.INVALID_ARGUMENT,
                 f"token ids out of range [0, {len(self.vocab)}): {bad[:20]}",
+                reason="TOKEN_OUT_OF_RANGE",
+                field="tokens.ids",
             )
         return np.asarray(ids, dtype=np.int64)

@@ -82,6 +82,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import ServiceError, Status
+from ..logs import call_fields
 from ..metrics import Metrics
 from ..runtime.backends import Backend
 from ..runtime.decoding import DecodeInputs, DecodeOutputs, Decoder
@@ -91,6 +92,7 @@ from .sampling import Sampling, as_uint64, softmax, uniforms
 from .slots import SlotState, StateSlots, all_finite, finite_rows
 
 LENGTH, STOP = "length", "stop"
+NON_FINITE, MODEL_FAILED = "NON_FINITE_STATE", "MODEL_FAILED"  # the reasons of a row's failures
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=Backend)
 D = TypeVar("D", bound=Decoder)
@@ -161,14 +163,21 @@ class Turn:
     The underscored fields change on the model thread under the engine's lock;
     the event loop reads them only through ``chunks()``, ``progress()`` and
     ``completion`` (resolved on the event loop once the last character is fed).
+    The times (``time.perf_counter()``) and ``model_calls``, for metrics and
+    trace spans, are the model thread's until ``completion`` resolves.
     """
 
     def __init__(self, engine: GenerationEngine, slot: int, position: int, sampling: Sampling, session_id: str) -> None:
         self.engine = engine
         self.slot = slot
         self.session_id = session_id  # for messages and logs only
+        self.log_fields = dict(call_fields())  # the submitting call's, for the model thread's log lines
         self.sampling = sampling
         self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None  # the model thread took it: its queueing ends, its prefill starts
+        self.first_at: float | None = None  # its prompt read and first character drawn
+        self.ended_at: float | None = None  # its last character fed, or it failed
+        self.model_calls = 0  # the decode calls it took part in
         self.completion: asyncio.Future[TurnEnd] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()  # set on the event loop when there is news for the reader
         self._tokens_seen = position
@@ -222,6 +231,7 @@ class Turn:
             error = failure
         self._pending = None
         self._end = TurnEnd(self._finish_reason, error, self._tokens_seen)
+        self.ended_at = time.perf_counter()
 
     def progress(self) -> TurnProgress:
         with self.engine.lock:
@@ -318,7 +328,11 @@ class GenerationEngine:
         self._vocab = np.array(codec.vocab, dtype=object)
         self._batch_size = metrics.batch_size.labels(name)  # labelled once, not on every step
         self._tokens = metrics.tokens_generated.labels(name)
-        self._inter_token = metrics.inter_token_latency.labels(name)
+        self._prompt_chars = metrics.prompt_characters.labels(name)
+        self._queued = metrics.queue_depth.labels(name)
+        self._prefill_seconds = metrics.model_call.labels(name, "prefill")
+        self._decode_seconds = metrics.model_call.labels(name, "decode")
+        self._step_seconds = metrics.model_call.labels(name, "step")
         self.lock = threading.Condition()
         self._jobs: list[Callable[[], None]] = []
         self._turns: collections.deque[Turn] = collections.deque()
@@ -452,6 +466,7 @@ class GenerationEngine:
         sampled character, after the prompt ``tokens``). Read its text with ``turn.chunks()``; ``turn.completion``
         says how it ended. The slot must not be used otherwise until then."""
         turn = Turn(self, slot, position, sampling, session_id)
+        self._queued.inc()
         self._post(partial(self._admit, turn, tokens))
         return turn
 
@@ -475,9 +490,13 @@ class GenerationEngine:
             self._notify_scheduled = True
             self._loop.call_soon_threadsafe(self._flush_notifications)
 
-    def _checked_run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
-        """(last logits [1, vocab], h, c) after one sequence ``tokens``; raises ``NonFinite`` on NaN or infinity."""
+    def _checked_run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, timer: Any):
+        """(last logits [1, vocab], h, c) after one sequence ``tokens``, the call timed by ``timer``; raises
+        ``NonFinite`` on NaN or infinity."""
+        started = time.perf_counter()
         logits, h, c = self.backend.run({"tokens": tokens[None, :], "h0": h, "c0": c})
+        timer.observe(time.perf_counter() - started)
+        self._prompt_chars.inc(len(tokens))
         logits = logits[:, -1]
         if not all_finite(h, c, logits):
             raise NonFinite
@@ -486,19 +505,21 @@ class GenerationEngine:
     def _prefill(self, slot: int, session_id: str, tokens: np.ndarray, failed: str):
         """The slot's (logits, h, c) after ``tokens``, nothing written; ``failed`` ends the error messages."""
         try:
-            return self._checked_run(tokens, *self.slots.gather(np.array([slot])))
+            return self._checked_run(tokens, *self.slots.gather(np.array([slot])), self._prefill_seconds)
         except NonFinite:
             self.metrics.row_failures.labels(self.name, "non_finite").inc()
             raise SessionStepError(
                 Status.FAILED_PRECONDITION,
                 f"session {session_id}'s state became non-finite (NaN or infinity) while reading the prompt "
                 f"({len(tokens)} characters); {failed}",
+                reason=NON_FINITE,
             ) from None
         except Exception as error:
             self.metrics.row_failures.labels(self.name, "exception").inc()
             raise SessionStepError(
                 Status.INTERNAL,
                 f"model step failed for session {session_id} while reading the prompt: {error}; {failed}",
+                reason=MODEL_FAILED,
             ) from error
 
     def _read(self, slot: int, tokens: np.ndarray, session_id: str) -> None:
@@ -507,15 +528,16 @@ class GenerationEngine:
 
     def _explicit(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         try:
-            logits, h, c = self._checked_run(tokens, h, c)
+            logits, h, c = self._checked_run(tokens, h, c, self._step_seconds)
         except NonFinite:
             raise ServiceError(
                 Status.FAILED_PRECONDITION,
                 "the model's output for this input and state is not finite (NaN or infinity); nothing was kept: "
                 "send h and c as this model returned them, with finite values (or neither, for a fresh sequence)",
+                reason=NON_FINITE,
             ) from None
         except Exception as error:
-            raise ServiceError(Status.INTERNAL, f"model step failed: {error}") from error
+            raise ServiceError(Status.INTERNAL, f"model step failed: {error}", reason=MODEL_FAILED) from error
         return logits[0], h, c
 
     def _draw_first(self, turn: Turn, logits: np.ndarray, position: int) -> int:
@@ -529,7 +551,9 @@ class GenerationEngine:
         )
 
     def _admit(self, turn: Turn, tokens: np.ndarray) -> None:
-        self.metrics.queue_wait.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
+        self._queued.dec()
+        turn.admitted_at = time.perf_counter()
+        self.metrics.queue_wait.labels(self.name).observe(turn.admitted_at - turn.submitted_at)
         slot, session_id = turn.slot, turn.session_id
         kept = f"the prompt was not read: the session keeps its state after {turn._tokens_seen} characters"
         try:  # nothing is written until the prompt is read and the first character drawn
@@ -546,13 +570,15 @@ class GenerationEngine:
                     token = self._draw_first(turn, logits, position)
                 except Exception as error:
                     raise SessionStepError(
-                        Status.INTERNAL, f"sampling failed for session {session_id}: {error}; {kept}"
+                        Status.INTERNAL,
+                        f"sampling failed for session {session_id}: {error}; {kept}",
+                        reason=MODEL_FAILED,
                     ) from error
             if len(tokens):
                 self.slots.scatter(np.array([slot]), h, c, logits)
         except Exception as error:
             cause = error.__cause__ if isinstance(error, SessionStepError) else error
-            log.error("turn failed for session %s: %s", session_id, error, exc_info=cause)
+            log.error("turn failed for session %s: %s", session_id, error, exc_info=cause, extra=turn.log_fields)
             with self.lock:
                 turn._finish(error)
                 self._notify([turn])
@@ -569,7 +595,7 @@ class GenerationEngine:
                 turn._pending = token
                 self._turns.append(turn)
                 self._ramp = 1  # others may be joining too: short calls until they are in
-                self.metrics.time_to_first_token.labels(self.name).observe(time.perf_counter() - turn.submitted_at)
+                turn.first_at = time.perf_counter()
                 self._tokens.inc()
             self._notify([turn])
 
@@ -594,11 +620,12 @@ class GenerationEngine:
                 f"after the first {seen}; {kept}. It can still be exported, or continued with another prompt or "
                 "sampling (the same continuation fails the same way); or close it and start a new one"
             )
-            return SessionStepError(Status.FAILED_PRECONDITION, message)
+            return SessionStepError(Status.FAILED_PRECONDITION, message, reason=NON_FINITE)
         failure = SessionStepError(
             Status.INTERNAL,
             f"model step failed for session {turn.session_id}: {error}; {kept}. Retry the turn, or export or close "
             "the session",
+            reason=MODEL_FAILED,
         )
         failure.__cause__ = error
         return failure
@@ -654,8 +681,8 @@ class GenerationEngine:
         rows, out = _join(parts)
         return rows, out, raised
 
-    def _step(self, batch: list[Turn]) -> int:
-        """One decoder call for ``batch``; returns K (the most characters a row took)."""
+    def _step(self, batch: list[Turn]) -> None:
+        """One decoder call for ``batch``."""
         n = len(batch)
         with self.lock:  # a cancellation arriving after this snapshot is handled at the next call
             finishing = np.fromiter((t._finishing for t in batch), bool, n)
@@ -665,7 +692,9 @@ class GenerationEngine:
         steps = np.where(finishing, 1, np.clip(room, 1, k))
         started = time.perf_counter()
         inputs = self._decode_inputs(batch, steps)
+        called = time.perf_counter()
         rows, out, raised = self._decode(inputs, n)
+        self._decode_seconds.observe(time.perf_counter() - called)
         failures = {i: self._row_failure(batch[i], error) for i, error in raised.items()}
         sends: dict[int, tuple[int, str | None]] = {}  # row -> (characters sent, reason)
         rerun: list[int] = []  # positions in ``rows`` whose stop string ended before their last read character
@@ -693,9 +722,11 @@ class GenerationEngine:
             sampled = out.sampled.copy() if rerun else out.sampled
             if rerun:
                 self._rerun(batch, inputs, rows[rerun], sends, failures)
-        for error in failures.values():
-            log.error("%s", error.message, exc_info=error.__cause__)
+        for i, error in failures.items():
+            log.error("%s", error.message, exc_info=error.__cause__, extra=batch[i].log_fields)
         delivered = 0
+        for turn in batch:
+            turn.model_calls += 1
         with self.lock:
             for j, i in enumerate(rows.tolist()):
                 turn = batch[i]
@@ -719,7 +750,6 @@ class GenerationEngine:
             self._measured(n, budget, time.perf_counter() - started)
         self._batch_size.observe(n)
         self._tokens.inc(delivered)
-        return int(steps.max())
 
     def _rerun(
         self,
@@ -745,21 +775,18 @@ class GenerationEngine:
         self.slots.scatter(np.fromiter((batch[i].slot for i in rows.tolist()), np.intp), out.h, out.c, out.logits)
 
     def _run(self) -> None:
-        last_step = None
         while True:
             with self.lock:
                 while not self._stopping and not (batch := self._next_batch()) and not self._jobs:
                     self.lock.wait()
-                    last_step = None
                 if self._stopping:
                     return
                 jobs, self._jobs = self._jobs, []
             for job in jobs:
                 job()
             if batch:
-                steps = 1
                 try:
-                    steps = self._step(batch)
+                    self._step(batch)
                 except Exception as error:  # the model failed: end these turns, keep serving the others
                     log.exception("model step failed for %d sessions", len(batch))
                     with self.lock:
@@ -768,7 +795,3 @@ class GenerationEngine:
                                 turn._finish(error)
                                 self._turns.remove(turn)
                         self._notify(batch)
-                now = time.perf_counter()
-                if last_step is not None:
-                    self._inter_token.observe((now - last_step) / steps)  # per character of the call
-                last_step = now

@@ -30,16 +30,28 @@ class ServedModels:
     def all(self) -> list[ServedModel]:
         return list(self.models.values())
 
-    def get(self, name: str) -> ServedModel:
+    def get(self, name: str, field: str = "model") -> ServedModel:
+        """The model called ``name`` (NOT_FOUND otherwise; ``field``: the request field that names it)."""
         if name not in self.models:
-            raise ServiceError(Status.NOT_FOUND, f"no model {name!r}; this server has {', '.join(sorted(self.models))}")
+            raise ServiceError(
+                Status.NOT_FOUND,
+                f"no model {name!r}; this server has {', '.join(sorted(self.models))}",
+                reason="MODEL_NOT_FOUND",
+                field=field,
+            )
         return self.models[name]
 
-    def of_task(self, name: str, task: str) -> ServedModel:
-        model = self.get(name)
+    def of_task(self, name: str, task: str, field: str = "model") -> ServedModel:
+        """The model called ``name``, if it does ``task`` (INVALID_ARGUMENT otherwise)."""
+        model = self.get(name, field)
         if model.task != task:
             hint = "use Classify" if model.task == "classification" else "use sessions, Generate or Step"
-            raise ServiceError(Status.INVALID_ARGUMENT, f"model {name!r} is a {model.task} model, not {task}: {hint}")
+            raise ServiceError(
+                Status.INVALID_ARGUMENT,
+                f"model {name!r} is a {model.task} model, not {task}: {hint}",
+                reason="WRONG_MODEL_TASK",
+                field=field,
+            )
         return model
 
     def start(self) -> None:

@@ -78,6 +78,7 @@ class StateSlots:
                 Status.RESOURCE_EXHAUSTED,
                 f"all {self.capacity} state slots of this model are in use (max_sessions); "
                 "close sessions or raise the limit",
+                reason="SESSION_LIMIT",
             )
         self.h[:, slot] = 0.0
         self.c[:, slot] = 0.0

@@ -39,10 +39,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import tracing
 from ..config import ServerConfig
-from ..engine.generation import LENGTH, GenerationEngine, SessionStepError
+from ..engine.generation import LENGTH, GenerationEngine, SessionStepError, Turn, TurnEnd
 from ..engine.models import ServedModel, ServedModels
 from ..errors import ServiceError, Status, invalid
+from ..logs import bind
 from ..metrics import Metrics
 from .session import Session, SessionState, new_seed, new_session_id, resolve_sampling, session_options
 from .store import SessionStore, SessionSummary, StateCodec, StoredSession
@@ -54,7 +56,30 @@ log = logging.getLogger(__name__)
 
 def check_not_closed(session: Session) -> None:
     if session.closed:
-        raise ServiceError(Status.ABORTED, f"session {session.id} was closed while it was being made")
+        raise ServiceError(
+            Status.ABORTED, f"session {session.id} was closed while it was being made", reason="SESSION_CLOSED"
+        )
+
+
+def record_turn(turn: Turn, end: TurnEnd, read: int, prompt: int) -> None:
+    """The trace spans of a complete turn, from the times the model thread took: queueing (until the model thread
+    took it), prefill (its prompt read and first character drawn; only with a prompt) and decode (from the first
+    character to the last one fed). ``read``: the characters the state had read before the turn."""
+    if not tracing.enabled() or turn.admitted_at is None or turn.ended_at is None:
+        return
+    error = end.error.message if end.error is not None else None
+    tracing.record("lstm.queue", turn.submitted_at, turn.admitted_at, {})
+    if prompt:
+        prefilled = turn.first_at or turn.ended_at
+        failed = error if turn.first_at is None else None
+        tracing.record("lstm.prefill", turn.admitted_at, prefilled, {"lstm.characters": prompt}, failed)
+    if turn.first_at is not None:
+        attributes = {
+            "lstm.characters": max(0, end.tokens_seen - read - prompt),
+            "lstm.model_calls": turn.model_calls,
+            "lstm.finish_reason": end.finish_reason or "",
+        }
+        tracing.record("lstm.decode", turn.first_at, turn.ended_at, attributes, error)
 
 
 @dataclass
@@ -105,7 +130,11 @@ class SessionManager:
     ) -> Session:
         """A session in the table, with a zeroed slot of ``model``'s engine (nothing saved yet)."""
         if session_id and self.table.find(session_id) is not None:
-            raise ServiceError(Status.ALREADY_EXISTS, f"session {session_id} already exists; propose another id")
+            raise ServiceError(
+                Status.ALREADY_EXISTS,
+                f"session {session_id} already exists; propose another id",
+                reason="SESSION_EXISTS",
+            )
         self._make_room(tenant)
         defaults = {"seed": new_seed(), **defaults}
         resolve_sampling({}, defaults, self.config)  # refuse bad defaults now, not at the first turn
@@ -126,6 +155,7 @@ class SessionManager:
             model.engine.release(slot)
             raise
         self._gauge(model.name)
+        bind(session=session.id, model=model.name)
         return session
 
     def evict(self, session: Session) -> None:
@@ -201,9 +231,10 @@ class SessionManager:
         never encodes it)."""
         state = self.snapshot(session)
         summary = SessionSummary(state.model, state.model_version, state.tokens_seen, session.created_at, state.tenant)
-        session.revision = await self.store.save(
-            session.id, lambda: self.codec.encode(state), summary, session.revision
-        )
+        with tracing.span("lstm.store.save"):
+            session.revision = await self.store.save(
+                session.id, lambda: self.codec.encode(state), summary, session.revision
+            )
 
     async def save_new(self, session: Session) -> Session:
         """Save a session just made here; if that fails, or it is closed meanwhile, it never existed."""
@@ -236,6 +267,7 @@ class SessionManager:
         if session.tenant != tenant:
             raise self.table.not_found(session_id)
         session.touch()
+        bind(session=session.id, model=session.model)
         return session
 
     async def _resolve(self, session_id: str, tenant: str) -> Session:
@@ -244,7 +276,8 @@ class SessionManager:
             raise self.table.not_found(session_id)
         if local is not None and local.busy:
             return local  # in a turn here: the caller gets the usual 'busy' answer
-        revision = await self.store.revision(session_id, tenant)  # None for another tenant's: nothing touched
+        with tracing.span("lstm.store.revision"):
+            revision = await self.store.revision(session_id, tenant)  # None for another tenant's: nothing touched
         local = self.table.find(session_id)
         if local is not None and (local.busy or local.revision == revision):
             return local
@@ -252,7 +285,8 @@ class SessionManager:
             self.evict(local)  # stale (another replica moved it on) or expired in the store
         if revision is None:
             raise self.table.not_found(session_id)
-        stored = await self.store.load(session_id)
+        with tracing.span("lstm.store.load"):
+            stored = await self.store.load(session_id)
         if stored is None or stored.tenant != tenant:
             raise self.table.not_found(session_id)
         local = self.table.find(session_id)  # another call may have loaded it meanwhile
@@ -275,8 +309,9 @@ class SessionManager:
         session = self.new_session(model, defaults, tenant, session_id=session_id)
         session.busy = True
         try:
-            await model.engine.read(session.slot, tokens, session.id)
             if len(tokens):
+                with tracing.span("lstm.prefill", {"lstm.characters": len(tokens)}):
+                    await model.engine.read(session.slot, tokens, session.id)
                 session.tokens_seen += len(tokens)
                 session.has_logits = True
         except BaseException:  # failed or cancelled: nobody will ever know this session's id
@@ -322,7 +357,11 @@ class SessionManager:
         engine = self._engine(session)
         resolved = resolve_sampling(sampling, session.defaults, self.config)
         if not len(tokens) and not session.has_logits and not session.busy:  # a busy one is refused as busy
-            raise invalid(f"session {session.id} has read no text yet: give a non-empty prompt")
+            raise invalid(
+                f"session {session.id} has read no text yet: give a non-empty prompt",
+                reason="PROMPT_REQUIRED",
+                field="prompt",
+            )
         self.table.start_turn(session.tenant)
         try:
             self.table.acquire(session.id)
@@ -330,17 +369,18 @@ class SessionManager:
         except BaseException:
             self.table.end_turn(session.tenant)
             raise
-        session.turn = running = SessionTurn(turn)
-        task = asyncio.get_running_loop().create_task(self._run_turn(session, running))
+        session.turn = running = SessionTurn(turn, self.metrics, session.model)
+        task = asyncio.get_running_loop().create_task(self._run_turn(session, running, len(tokens)))
         self._lifecycles.add(task)
         task.add_done_callback(self._lifecycles.discard)
         return running
 
-    async def _run_turn(self, session: Session, running: SessionTurn) -> None:
-        """The turn's lifecycle: once the engine has fed its last character, count what the state read, save it
-        (a turn that failed on its own row kept a consistent state: it is saved too), free the session, and only
-        then settle the turn's last message."""
+    async def _run_turn(self, session: Session, running: SessionTurn, prompt: int) -> None:
+        """The turn's lifecycle: once the engine has fed its last character (after its ``prompt`` characters),
+        count what the state read, save it (a turn that failed on its own row kept a consistent state: it is saved
+        too), free the session, and only then settle the turn's last message."""
         end = await running.turn.completion
+        record_turn(running.turn, end, session.tokens_seen, prompt)
         error = end.error
         session.has_logits = session.has_logits or end.tokens_seen > session.tokens_seen
         session.tokens_seen = end.tokens_seen
@@ -360,7 +400,9 @@ class SessionManager:
             if session.closed:
                 self._engine(session).release(session.slot)
             if error is None and session.closed and end.finish_reason is None:
-                error = ServiceError(Status.ABORTED, f"session {session.id} was closed during the turn")
+                error = ServiceError(
+                    Status.ABORTED, f"session {session.id} was closed during the turn", reason="SESSION_CLOSED"
+                )
             running.settle(TurnOutcome(end.finish_reason or LENGTH, error))
 
     async def _save_turn(self, session: Session, error: ServiceError | None) -> None:

@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry  # the asyncio one: the sync Retry never a
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from ..errors import ServiceError, Status
+from ..errors import RETRY_AFTER_S, ServiceError, Status
 from ..metrics import Metrics
 from .store import SessionSummary, StoredSession
 
@@ -88,6 +88,8 @@ class RedisSessionStore:
         return ServiceError(
             Status.UNAVAILABLE,
             f"session store unavailable (redis at {self.url}): {error}; {outcome}, retry when the store is back",
+            reason="STORE_UNAVAILABLE",
+            retry_after_s=RETRY_AFTER_S,
         )
 
     async def connect(self, timeout_s: float) -> None:
@@ -171,16 +173,21 @@ class RedisSessionStore:
             raise ServiceError(
                 Status.NOT_FOUND,
                 f"session {session_id} was closed (or expired) during this call; create a new one",
+                reason="SESSION_CLOSED",
             )
         if revision < 0:
             if expected_revision == 0:
                 raise ServiceError(
-                    Status.ALREADY_EXISTS, f"session {session_id} already exists; create it with another id"
+                    Status.ALREADY_EXISTS,
+                    f"session {session_id} already exists; create it with another id",
+                    reason="SESSION_EXISTS",
                 )
             raise ServiceError(
                 Status.ABORTED,
                 f"session {session_id} was changed by another replica during this call; this call's change was "
                 "discarded: retry it",
+                reason="SESSION_CHANGED",
+                retry_after_s=0.0,
             )
         return revision
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import ServerConfig
 from ..engine.sampling import Sampling
-from ..errors import invalid
+from ..errors import ServiceError, invalid
 from .turn import SessionTurn
 
 MAX_SEED = 2**64 - 1
@@ -102,20 +102,32 @@ def resolve_sampling(request: dict[str, Any], defaults: dict[str, Any], config: 
         max_tokens=int(merged["max_tokens"]),
         stop=tuple(merged.get("stop", ())),
     )
+
+    def refused(name: str, message: str) -> ServiceError:
+        """INVALID_SAMPLING, naming the field where the value came from: the request's or the defaults'."""
+        return invalid(
+            message, reason="INVALID_SAMPLING", field=f"{'sampling' if name in request else 'defaults'}.{name}"
+        )
+
     if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
-        raise invalid(f"temperature must be a finite number >= 0 (0 is greedy), got {sampling.temperature}")
+        raise refused(
+            "temperature", f"temperature must be a finite number >= 0 (0 is greedy), got {sampling.temperature}"
+        )
     if sampling.top_k < 0:
-        raise invalid(f"top_k must be >= 0 (0 means no limit), got {sampling.top_k}")
+        raise refused("top_k", f"top_k must be >= 0 (0 means no limit), got {sampling.top_k}")
     if not 0 < sampling.top_p <= 1:
-        raise invalid(f"top_p must be in (0, 1] (1 means no limit), got {sampling.top_p}")
+        raise refused("top_p", f"top_p must be in (0, 1] (1 means no limit), got {sampling.top_p}")
     if not 0 <= sampling.max_tokens <= config.max_tokens_limit:
-        raise invalid(
-            f"max_tokens must be in [0, {config.max_tokens_limit}] (max_tokens_limit), got {sampling.max_tokens}"
+        raise refused(
+            "max_tokens",
+            f"max_tokens must be in [0, {config.max_tokens_limit}] (max_tokens_limit), got {sampling.max_tokens}",
         )
     if len(sampling.stop) > config.max_stop_strings:
-        raise invalid(f"at most {config.max_stop_strings} stop strings (max_stop_strings), got {len(sampling.stop)}")
+        raise refused(
+            "stop", f"at most {config.max_stop_strings} stop strings (max_stop_strings), got {len(sampling.stop)}"
+        )
     if any(not s or len(s) > 64 for s in sampling.stop):
-        raise invalid("stop strings must be 1 to 64 characters long")
+        raise refused("stop", "stop strings must be 1 to 64 characters long")
     if not 0 <= sampling.seed <= MAX_SEED:
-        raise invalid(f"seed must be in [0, 2^64 - 1], got {sampling.seed}")
+        raise refused("seed", f"seed must be in [0, 2^64 - 1], got {sampling.seed}")
     return sampling

@@ -8,7 +8,7 @@ import heapq
 import itertools
 import time
 
-from ..errors import ServiceError, Status, shown
+from ..errors import RETRY_AFTER_S, ServiceError, Status, shown
 from .session import Session
 
 
@@ -37,12 +37,14 @@ class SessionTable:
                 Status.RESOURCE_EXHAUSTED,
                 f"session limit reached: max_sessions is {self.max_sessions}; close idle sessions or raise "
                 "--max-sessions",
+                reason="SESSION_LIMIT",
             )
         if len(self._per_tenant.get(tenant, ())) >= self.tenant_max_sessions:
             raise ServiceError(
                 Status.RESOURCE_EXHAUSTED,
                 f"tenant {tenant!r} holds {self.tenant_max_sessions} sessions, its limit (tenant_max_sessions); "
                 "close some of them",
+                reason="TENANT_SESSION_LIMIT",
             )
 
     def add(self, session: Session) -> None:
@@ -61,6 +63,8 @@ class SessionTable:
             Status.NOT_FOUND,
             f"no session {shown(session_id)}: it was closed, expired after {self.idle_timeout_s:g} s idle, or "
             "never existed; create a new one (or import its exported state)",
+            reason="SESSION_NOT_FOUND",
+            field="session_id",
         )
 
     def page(self, tenant: str, model: str, after: int, size: int) -> tuple[list[Session], int]:
@@ -81,6 +85,8 @@ class SessionTable:
                 Status.RESOURCE_EXHAUSTED,
                 f"tenant {tenant!r} runs {self.tenant_max_turns} turns at once, its limit (tenant_max_turns); "
                 "wait for one to finish",
+                reason="TENANT_TURN_LIMIT",
+                retry_after_s=RETRY_AFTER_S,
             )
         self._turns[tenant] += 1
 
@@ -106,6 +112,8 @@ class SessionTable:
                 Status.ABORTED,
                 f"session {session_id} is busy with another turn; wait for that turn to finish (or cancel it) "
                 "and retry",
+                reason="SESSION_BUSY",
+                retry_after_s=RETRY_AFTER_S,
             )
         return session
 
