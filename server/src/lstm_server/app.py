@@ -20,9 +20,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
+from tritonclient.grpc import service_pb2_grpc as inference_rpc
 
 from .api.auth import AuthConfigError, Authenticator, ServerTls
 from .api.interceptors import ServiceInterceptor
+from .api.open_inference import SERVICE_NAME as INFERENCE_SERVICE
+from .api.open_inference import InferenceService
 from .api.servicers import Api, ClassificationService, GenerationService, ModelsService, SessionsService
 from .api.state import StateMessages
 from .api.state_signing import StateKeyError, StateSigner
@@ -42,9 +45,8 @@ from .sessions.store import MemoryStore, SessionStore
 from .sessions.table import SessionTable
 
 log = logging.getLogger(__name__)
-SERVICE_NAMES = [
-    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Sessions", "Generation", "Classification", "Models")
-]
+LSTM_SERVICES = ("Sessions", "Generation", "Classification", "Models")
+SERVICE_NAMES = [*(pb.DESCRIPTOR.services_by_name[name].full_name for name in LSTM_SERVICES), INFERENCE_SERVICE]
 
 
 class StartupError(RuntimeError):
@@ -139,6 +141,10 @@ class LstmServer:
         rpc.add_GenerationServicer_to_server(GenerationService(api), self.server)
         rpc.add_ClassificationServicer_to_server(ClassificationService(api), self.server)
         rpc.add_ModelsServicer_to_server(ModelsService(api), self.server)
+        self.serving = False  # the health status is SERVING (the inference protocol's readiness)
+        inference_rpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(api, lambda: self.serving), self.server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
@@ -157,6 +163,7 @@ class LstmServer:
         self._reaper: asyncio.Task | None = None
 
     async def _set_health(self, status: int) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in ["", *SERVICE_NAMES]:
             await self.health.set(name, status)
 

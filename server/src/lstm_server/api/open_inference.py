@@ -1,0 +1,331 @@
+"""The Open Inference Protocol (KServe v2 gRPC: ``inference.GRPCInferenceService``, as Triton publishes it),
+served beside lstm.v1 on the same port, on tritonclient's generated stubs.
+
+- Readiness follows the server's health: NOT_SERVING (starting, draining) is not ready. The interceptor treats
+  these RPCs as lstm.v1's: it authenticates each call (``caller()`` is its tenant) and answers a
+  ``ServiceError`` as its status.
+- A classifier answers a batch of texts in one response. A language model is a decoupled sequence model: a
+  request is one turn of its sequence's session (``sequences.py``); in a stream each piece of text goes out as
+  it is made, and the last response of a request says so (``triton_final_response``). ModelInfer answers the
+  whole turn in one response.
+- In a stream every request runs in its own task (at most ``MAX_STREAM_IN_FLIGHT`` at once; more wait to be
+  read), so different sequences run concurrently; a request that fails answers ``error_message`` (its status
+  code's name, then the message) and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import grpc
+import numpy as np
+from lstm.v1 import lstm_pb2 as pb
+from tritonclient.grpc import service_pb2 as ip
+from tritonclient.grpc import service_pb2_grpc as ip_grpc
+
+from ..engine.generation import Chunk
+from ..engine.models import ServedModel
+from ..errors import ServiceError, Status
+from ..sessions.turn import SessionTurn
+from .interceptors import MAX_MESSAGE_CHARS, caller
+from .open_inference_models import (
+    EMPTY_FINAL,
+    SAMPLING_PARAMETERS,
+    Output,
+    check_parameter_names,
+    count_output,
+    infer_response,
+    input_texts,
+    model_config,
+    model_metadata,
+    parameter,
+    probabilities_output,
+    requested_outputs,
+    sampling_params,
+    served,
+    text_output,
+)
+from .requests import check_classify
+from .sequences import SEQUENCE_PARAMETERS, Place, SequenceFlags, SequenceQueue, sequence_flags, sequence_session_id
+from .servicers import Api
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = ip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+EXTENSIONS = ["model_configuration", "sequence", "parameters"]
+MAX_STREAM_IN_FLIGHT = 32  # requests of one ModelStreamInfer call running at once
+STREAM_BUFFER = 64  # responses of one stream waiting for its client; past it, its requests pause
+GENERATION_PARAMETERS = (*SAMPLING_PARAMETERS, *SEQUENCE_PARAMETERS, EMPTY_FINAL)
+Context = grpc.aio.ServicerContext
+
+
+@dataclass
+class Job:
+    """One inference request, checked; a sequence's request holds its place in the sequence's queue."""
+
+    request: ip.ModelInferRequest
+    model: ServedModel
+    texts: list[str]
+    outputs: list[str]  # the outputs to send, in order
+    sampling: pb.SamplingParams | None = None
+    flags: SequenceFlags | None = None
+    session_id: str = ""  # the sequence's session; "" for a request that is a sequence of its own
+    place: Place | None = None
+    empty_final: bool = False  # the last response of a stream carries no text (triton_enable_empty_final_response)
+
+
+def stream_error(request: ip.ModelInferRequest, code: Status, message: str) -> ip.ModelStreamInferResponse:
+    """A stream's answer to a request that failed: the code's name and the message; nothing more follows for it."""
+    response = ip.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    response.parameters["triton_final_response"].bool_param = True
+    return ip.ModelStreamInferResponse(
+        error_message=f"{code.name}: {message}"[:MAX_MESSAGE_CHARS], infer_response=response
+    )
+
+
+class Outbox:
+    """A stream's responses on their way to the client: at most ``size`` wait; ``close`` ends the stream."""
+
+    def __init__(self, size: int) -> None:
+        self._queue: asyncio.Queue[ip.ModelStreamInferResponse | None] = asyncio.Queue()
+        self._room = asyncio.Semaphore(size)
+
+    async def put(self, response: ip.ModelStreamInferResponse) -> None:
+        await self._room.acquire()
+        self._queue.put_nowait(response)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def responses(self) -> AsyncIterator[ip.ModelStreamInferResponse]:
+        while (response := await self._queue.get()) is not None:
+            self._room.release()
+            yield response
+
+
+class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, api: Api, ready: Callable[[], bool]) -> None:
+        self.api = api
+        self.ready = ready  # the server's health is SERVING
+        self.queue = SequenceQueue()
+
+    # -- health and metadata ------------------------------------------------------------------------------------
+
+    async def ServerLive(self, request: ip.ServerLiveRequest, context: Context) -> ip.ServerLiveResponse:
+        return ip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: ip.ServerReadyRequest, context: Context) -> ip.ServerReadyResponse:
+        return ip.ServerReadyResponse(ready=self.ready())
+
+    async def ModelReady(self, request: ip.ModelReadyRequest, context: Context) -> ip.ModelReadyResponse:
+        """Ready if the server is and serves this model and version (false, not an error, for one it does not)."""
+        model = self.api.models.models.get(request.name)
+        ready = model is not None and request.version in ("", str(model.version)) and self.ready()
+        return ip.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: ip.ServerMetadataRequest, context: Context) -> ip.ServerMetadataResponse:
+        return ip.ServerMetadataResponse(name="lstm-server", version=version("lstm-server"), extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: ip.ModelMetadataRequest, context: Context) -> ip.ModelMetadataResponse:
+        return model_metadata(served(self.api.models, request.name, request.version))
+
+    async def ModelConfig(self, request: ip.ModelConfigRequest, context: Context) -> ip.ModelConfigResponse:
+        model = served(self.api.models, request.name, request.version)
+        return ip.ModelConfigResponse(config=model_config(model, self.api.config))
+
+    async def RepositoryIndex(self, request: ip.RepositoryIndexRequest, context: Context) -> ip.RepositoryIndexResponse:
+        """The served models (each its one served version), all READY: this server loads nothing at run time."""
+        index = ip.RepositoryIndexResponse.ModelIndex
+        return ip.RepositoryIndexResponse(
+            models=[index(name=m.name, version=str(m.version), state="READY") for m in self.api.models.all()]
+        )
+
+    # -- inference ----------------------------------------------------------------------------------------------
+
+    async def ModelInfer(self, request: ip.ModelInferRequest, context: Context) -> ip.ModelInferResponse:
+        tenant = caller()
+        job = self._prepare(request, tenant)
+        try:
+            (response,) = [response async for response in self._run(job, tenant, streaming=False)]
+        finally:
+            if job.place is not None:
+                job.place.leave()
+        return response
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[ip.ModelInferRequest], context: Context
+    ) -> AsyncIterator[ip.ModelStreamInferResponse]:
+        tenant = caller()
+        outbox = Outbox(STREAM_BUFFER)
+        reader = asyncio.get_running_loop().create_task(self._dispatch(request_iterator, tenant, outbox))
+        try:
+            async for response in outbox.responses():
+                yield response
+            await reader  # the request stream's own failure, if any, ends the call
+        finally:
+            reader.cancel()
+
+    async def _dispatch(self, requests: AsyncIterator[ip.ModelInferRequest], tenant: str, outbox: Outbox) -> None:
+        """Read the stream's requests in order; check each and give it its place in its sequence at once, then
+        run it in its own task. Closes the outbox once every request is answered."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
+        running: set[asyncio.Task] = set()
+
+        def finished(job: Job, task: asyncio.Task) -> None:
+            running.discard(task)
+            slots.release()
+            if job.place is not None:
+                job.place.leave()  # also for a task cancelled before it began
+
+        try:
+            async for request in requests:
+                await slots.acquire()
+                try:
+                    job = self._prepare(request, tenant)
+                except ServiceError as error:
+                    slots.release()
+                    await outbox.put(stream_error(request, error.code, error.message))
+                    continue
+                task = loop.create_task(self._stream_one(job, tenant, outbox))
+                running.add(task)
+                task.add_done_callback(functools.partial(finished, job))
+            await asyncio.gather(*running)
+        finally:
+            for task in running:
+                task.cancel()
+            outbox.close()
+
+    async def _stream_one(self, job: Job, tenant: str, outbox: Outbox) -> None:
+        request = job.request
+        try:
+            async for response in self._run(job, tenant, streaming=True):
+                await outbox.put(ip.ModelStreamInferResponse(infer_response=response))
+        except ServiceError as error:
+            await outbox.put(stream_error(request, error.code, error.message))
+        except Exception as error:  # a bug: this request fails, the stream goes on
+            log.exception("unexpected error in ModelStreamInfer")
+            await outbox.put(stream_error(request, Status.INTERNAL, f"internal error in ModelStreamInfer: {error}"))
+
+    def _prepare(self, request: ip.ModelInferRequest, tenant: str) -> Job:
+        """Check the request against its model; a sequence's request joins its sequence's queue (call in arrival
+        order)."""
+        model = served(self.api.models, request.model_name, request.model_version)
+        if model.task == "classification":
+            check_parameter_names(request.parameters, model, (EMPTY_FINAL,))
+            texts = input_texts(request, model)
+            check_classify(texts, self.api.config)
+            return Job(request, model, texts, requested_outputs(request, model))
+        check_parameter_names(request.parameters, model, GENERATION_PARAMETERS)
+        texts = input_texts(request, model)
+        outputs = requested_outputs(request, model)
+        sampling = sampling_params(request.parameters)
+        flags = sequence_flags(request.parameters)
+        empty_final = parameter(request.parameters, EMPTY_FINAL)
+        if empty_final is not None and not isinstance(empty_final, bool):
+            raise ServiceError(
+                Status.INVALID_ARGUMENT, f"parameter {EMPTY_FINAL} must be a bool (bool_param), got {empty_final!r}"
+            )
+        session_id = sequence_session_id(tenant, model.name, flags.id) if flags.id is not None else ""
+        place = self.queue.join(session_id) if session_id else None
+        return Job(request, model, texts, outputs, sampling, flags, session_id, place, bool(empty_final))
+
+    async def _run(self, job: Job, tenant: str, streaming: bool) -> AsyncIterator[ip.ModelInferResponse]:
+        """The request's responses: one, or in a stream a language model's pieces of text as they come."""
+        model, final = job.model, (True if streaming else None)
+        if model.task == "classification":
+            rows = await model.engine.classify(job.texts)
+            labels = [model.entry.labels[int(np.argmax(row))] for row in rows]
+            values = {"LABEL": text_output(labels), "PROBS": probabilities_output(rows)}
+            yield infer_response(job.request, model, values, job.outputs, final)
+            return
+        parts: list[str] = []
+        async for chunk in self._turn(job, tenant):
+            text = {"TEXT_OUT": text_output([chunk.text])}
+            if not chunk.last:
+                if streaming:
+                    yield infer_response(job.request, model, text, job.outputs, False)
+                else:
+                    parts.append(chunk.text)
+                continue
+            ending: dict[str, Output] = {
+                "TOKENS_SEEN": count_output(chunk.tokens_seen),
+                "FINISH_REASON": text_output([chunk.finish_reason or ""]),
+            }
+            if not streaming:
+                text = {"TEXT_OUT": text_output(["".join([*parts, chunk.text])])}
+            elif job.empty_final:
+                if chunk.text:
+                    yield infer_response(job.request, model, text, job.outputs, False)
+                text = {}
+            yield infer_response(job.request, model, {**text, **ending}, job.outputs, final)
+
+    # -- sequences ----------------------------------------------------------------------------------------------
+
+    async def _turn(self, job: Job, tenant: str) -> AsyncIterator[Chunk]:
+        """Run the request as a turn of its sequence's session, after every earlier request of the sequence. A
+        sequence's end (or a request without a sequence) closes the session before the last chunk goes out; a
+        start that cannot run its turn leaves no sequence behind."""
+        flags = job.flags
+        closing = flags.end or not job.session_id
+        session_id, turn = job.session_id, None
+        try:
+            if job.place is not None:
+                await job.place.wait()
+            session_id = await self._open(job, tenant)
+            try:
+                turn = await self._start(job, tenant, session_id)
+            except BaseException:
+                closing = closing or flags.start
+                raise
+            async for chunk in turn.chunks():
+                if chunk.last and closing:
+                    closing = False
+                    await self._close(session_id, tenant)
+                yield chunk
+        finally:
+            if turn is not None:
+                turn.cancel()
+            if closing and session_id:
+                await self._close(session_id, tenant)
+            if job.place is not None:
+                job.place.leave(after=turn.settled if turn is not None else None)  # once the session is free
+
+    async def _open(self, job: Job, tenant: str) -> str:
+        """The session the request runs on: a new one for a request without a sequence, a fresh one (the old
+        closed) on a sequence's start, else the sequence's."""
+        create = pb.CreateSessionRequest(model=job.model.name)
+        if not job.session_id:
+            return (await self.api.create(create, tenant, "")).id
+        if job.flags.start:
+            try:
+                await self.api.sessions.close(job.session_id, tenant)
+            except ServiceError as error:
+                if error.code != Status.NOT_FOUND:
+                    raise
+            await self.api.create(create, tenant, job.session_id)
+        return job.session_id
+
+    async def _start(self, job: Job, tenant: str, session_id: str) -> SessionTurn:
+        try:
+            return await self.api.start_turn(
+                session_id, tenant, job.texts[0], job.sampling, pb.UNKNOWN_CHARACTERS_REJECT
+            )
+        except ServiceError as error:
+            if error.code != Status.NOT_FOUND or job.flags.start or not job.session_id:
+                raise
+            raise ServiceError(
+                Status.NOT_FOUND,
+                f"{job.flags.shown()} of model {job.model.name!r} is not open: it was never started, it ended, or it "
+                f"was idle longer than {self.api.config.idle_timeout_s:g} s; send its first request with "
+                "sequence_start",
+            ) from None
+
+    async def _close(self, session_id: str, tenant: str) -> None:
+        with contextlib.suppress(ServiceError):  # closed already, or the store is down (it expires)
+            await asyncio.shield(self.api.sessions.close(session_id, tenant))  # even if the call is cancelled

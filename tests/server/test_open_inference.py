@@ -1,0 +1,414 @@
+"""The Open Inference Protocol (inference.GRPCInferenceService), driven by tritonclient's own client against the
+in-process server: readiness and metadata, both models, sequences over streams and unary calls, errors, tenants.
+Greedy text and labels must equal lstm.v1's for the same input, bitwise."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import struct
+import warnings
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2
+from lstm.v1 import lstm_pb2 as pb
+from tritonclient.grpc import service_pb2 as ip
+from tritonclient.grpc import service_pb2_grpc as ip_grpc
+from tritonclient.utils import InferenceServerException
+
+from lstm_server.api.sequences import Place, SequenceQueue
+
+from ..serving import Stubs
+
+PROMPTS = ["KING:\nthe ", "and ", "good "]
+TEXTS = ["a gorgeous film", "dull and lifeless", "", "the plot is thin but the actors shine"]
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture
+def client(server):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        made = tc.InferenceServerClient(server.address)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def raw(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield ip_grpc.GRPCInferenceServiceStub(channel)
+
+
+def text_input(*texts: str, name: str = "TEXT") -> tc.InferInput:
+    tensor = tc.InferInput(name, [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))
+    return tensor
+
+
+def texts_of(result: tc.InferResult, name: str) -> list[str]:
+    return [value.decode() for value in result.as_numpy(name).tolist()]
+
+
+def final(result: tc.InferResult) -> bool:
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+class Stream:
+    """A tritonclient stream whose responses and errors are collected in order."""
+
+    def __init__(self, client: tc.InferenceServerClient, **options) -> None:
+        self.client = client
+        self.results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: self.results.put((result, error)), **options)
+
+    def send(self, prompt: str, **options) -> None:
+        options.setdefault("parameters", GREEDY)
+        self.client.async_stream_infer("charlm", [text_input(prompt)], **options)
+
+    def until_final(self, count: int = 1) -> list[tuple]:
+        """Responses and errors until ``count`` requests have ended (a final response or an error each)."""
+        received = []
+        for _ in range(10_000):
+            if count == 0:
+                return received
+            result, error = self.results.get(timeout=30)
+            received.append((result, error))
+            count -= error is not None or final(result)
+        raise AssertionError("a stream never ended its requests")
+
+    def close(self) -> None:
+        self.client.stop_stream()
+
+
+def turn_text(responses: list[tuple]) -> str:
+    """The text of one request's responses (no errors among them)."""
+    assert all(error is None for _, error in responses), [str(e) for _, e in responses]
+    return "".join(
+        texts_of(result, "TEXT_OUT")[0] for result, _ in responses if result.as_numpy("TEXT_OUT") is not None
+    )
+
+
+def lstm_turns(stubs: Stubs, prompts: list[str], max_tokens: int = 12, metadata=()) -> list[str]:
+    """The text of each turn of one lstm.v1 session, greedy."""
+    session = stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm"), metadata=metadata)
+    sampling = pb.SamplingParams(temperature=0, max_tokens=max_tokens)
+    turns = []
+    for prompt in prompts:
+        request = pb.GenerateRequest(session_id=session.session_id, prompt=prompt, sampling=sampling)
+        turns.append("".join(r.text for r in stubs.generation.Generate(request, metadata=metadata)))
+    stubs.sessions.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), metadata=metadata)
+    return turns
+
+
+def refused(code: grpc.StatusCode, call, *args, **kwargs) -> str:
+    with pytest.raises(InferenceServerException) as error:
+        call(*args, **kwargs)
+    assert error.value.status() == str(code), error.value.message()
+    return error.value.message()
+
+
+# -- readiness and metadata -----------------------------------------------------------------------------------
+
+
+def test_readiness_metadata_and_configuration(client, server) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("charlm") and client.is_model_ready("sentiment", "1")
+    assert not client.is_model_ready("nonesuch") and not client.is_model_ready("charlm", "7")
+    metadata = client.get_server_metadata()
+    assert metadata.name == "lstm-server" and {"sequence", "parameters", "model_configuration"} <= set(
+        metadata.extensions
+    )
+
+    charlm = client.get_model_metadata("charlm")
+    assert (charlm.name, list(charlm.versions), charlm.platform) == ("charlm", ["1"], "onnxruntime_onnx")
+    assert [(t.name, t.datatype, list(t.shape)) for t in charlm.inputs] == [("TEXT", "BYTES", [1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in charlm.outputs] == [
+        ("TEXT_OUT", "BYTES", [1]),
+        ("TOKENS_SEEN", "UINT64", [1]),
+        ("FINISH_REASON", "BYTES", [1]),
+    ]
+    config = client.get_model_config("charlm", "1").config
+    assert config.max_batch_size == 0 and config.model_transaction_policy.decoupled
+    assert config.sequence_batching.max_sequence_idle_microseconds == int(server.config.idle_timeout_s * 1e6)
+
+    sentiment = client.get_model_metadata("sentiment")
+    labels = json.loads(client.get_model_config("sentiment").config.parameters["labels"].string_value)
+    assert [(t.name, t.datatype, list(t.shape)) for t in sentiment.outputs] == [
+        ("LABEL", "BYTES", [-1]),
+        ("PROBS", "FP32", [-1, len(labels)]),
+    ]
+    sentiment_config = client.get_model_config("sentiment").config
+    assert (
+        not sentiment_config.HasField("sequence_batching") and not sentiment_config.model_transaction_policy.decoupled
+    )
+    index = client.get_model_repository_index()
+    assert {(m.name, m.version, m.state) for m in index.models} == {
+        ("charlm", "1", "READY"),
+        ("sentiment", "1", "READY"),
+    }
+
+
+def test_unknown_models_and_versions_are_not_found(client) -> None:
+    message = refused(grpc.StatusCode.NOT_FOUND, client.get_model_metadata, "nonesuch")
+    assert "no model 'nonesuch'" in message and "charlm, sentiment" in message
+    message = refused(grpc.StatusCode.NOT_FOUND, client.get_model_config, "charlm", "2")
+    assert "version '2' is not served" in message and "serves version 1" in message
+    refused(grpc.StatusCode.NOT_FOUND, client.infer, "nonesuch", [text_input("x")])
+
+
+def test_readiness_follows_the_health_status(start_server) -> None:
+    running = start_server()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = tc.InferenceServerClient(running.address)
+    running.run(running.server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))  # as when draining
+    assert client.is_server_live()
+    assert not client.is_server_ready() and not client.is_model_ready("charlm")
+    client.close()
+
+
+# -- classification ---------------------------------------------------------------------------------------------
+
+
+def test_classification_equals_classify_bitwise(client, stubs, raw) -> None:
+    expected = stubs.classification.Classify(pb.ClassifyRequest(model="sentiment", texts=TEXTS)).results
+    labels = json.loads(client.get_model_config("sentiment").config.parameters["labels"].string_value)
+    result = client.infer("sentiment", [text_input(*TEXTS)], request_id="c-1")
+    assert result.get_response().id == "c-1"
+    assert texts_of(result, "LABEL") == [r.label for r in expected]
+    probabilities = result.as_numpy("PROBS")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (len(TEXTS), len(labels))
+    want = np.array([[r.probabilities[label] for label in labels] for r in expected], np.float32)
+    assert probabilities.tobytes() == want.tobytes()
+
+    # the same texts in contents.bytes_contents instead of raw_input_contents; only the outputs asked for
+    request = ip.ModelInferRequest(
+        model_name="sentiment",
+        inputs=[
+            ip.ModelInferRequest.InferInputTensor(
+                name="TEXT",
+                datatype="BYTES",
+                shape=[len(TEXTS)],
+                contents=ip.InferTensorContents(bytes_contents=[t.encode() for t in TEXTS]),
+            )
+        ],
+        outputs=[ip.ModelInferRequest.InferRequestedOutputTensor(name="PROBS")],
+    )
+    response = raw.ModelInfer(request)
+    assert [o.name for o in response.outputs] == ["PROBS"] and response.raw_output_contents[0] == want.tobytes()
+
+
+# -- generation ---------------------------------------------------------------------------------------------------
+
+
+def test_a_sequence_over_a_stream_equals_lstm_v1_turns(client, stubs) -> None:
+    expected = lstm_turns(stubs, PROMPTS)
+    stream = Stream(client)
+    for i, prompt in enumerate(PROMPTS):
+        flags = {"sequence_start": i == 0, "sequence_end": i == len(PROMPTS) - 1}
+        stream.send(prompt, sequence_id=41, request_id=f"turn-{i}", enable_empty_final_response=True, **flags)
+    turns = [stream.until_final() for _ in PROMPTS]
+    seen = 0
+    for i, (responses, prompt) in enumerate(zip(turns, PROMPTS, strict=True)):
+        assert {r.get_response().id for r, _ in responses} == {f"turn-{i}"}
+        *texts, last = responses
+        assert all(not final(r) and r.as_numpy("TOKENS_SEEN") is None for r, _ in texts)
+        assert final(last[0]) and last[0].as_numpy("TEXT_OUT") is None  # the empty final response
+        seen += len(prompt) + 12
+        assert last[0].as_numpy("TOKENS_SEEN").tolist() == [seen]
+        assert texts_of(last[0], "FINISH_REASON") == ["length"]
+    assert [turn_text(t) for t in turns] == expected
+
+    stream.send("more", sequence_id=41)  # it ended: no sequence 41 any more
+    ((_, error),) = stream.until_final()
+    assert "NOT_FOUND: sequence 41 of model 'charlm' is not open" in str(error) and "sequence_start" in str(error)
+    stream.send("again ", sequence_id=41, sequence_start=True, sequence_end=True)  # the stream is still open
+    assert turn_text(stream.until_final()) == lstm_turns(stubs, ["again "])[0]
+    stream.close()
+
+
+def test_without_empty_final_responses_the_last_text_comes_with_the_end(client, stubs) -> None:
+    stream = Stream(client)
+    stream.send(PROMPTS[0], request_id="one-off")  # no sequence: a sequence of its own
+    responses = stream.until_final()
+    stream.close()
+    last = responses[-1][0]
+    assert final(last) and last.as_numpy("TEXT_OUT") is not None
+    assert last.as_numpy("TOKENS_SEEN").tolist() == [len(PROMPTS[0]) + 12]
+    assert turn_text(responses) == lstm_turns(stubs, PROMPTS[:1])[0]
+
+
+def test_pipelined_sequences_on_one_stream_run_in_order_each_and_together(client, stubs) -> None:
+    expected = lstm_turns(stubs, PROMPTS)
+    stream = Stream(client)
+    for i, prompt in enumerate(PROMPTS):  # all sent before any answer: queued, not refused as busy
+        for sequence_id in (7, "seven"):
+            flags = {"sequence_start": i == 0, "sequence_end": i == len(PROMPTS) - 1}
+            stream.send(prompt, sequence_id=sequence_id, request_id=f"{sequence_id}/{i}", **flags)
+    responses = stream.until_final(2 * len(PROMPTS))
+    stream.close()
+    by_request: dict[str, list] = {}
+    for result, error in responses:
+        assert error is None, str(error)
+        by_request.setdefault(result.get_response().id, []).append((result, None))
+    for sequence_id in (7, "seven"):
+        assert [turn_text(by_request[f"{sequence_id}/{i}"]) for i in range(len(PROMPTS))] == expected
+
+
+def test_unary_calls_continue_a_sequence_and_answer_whole_turns(client, stubs) -> None:
+    expected = lstm_turns(stubs, PROMPTS)
+    texts = []
+    for i, prompt in enumerate(PROMPTS):
+        flags = {"sequence_start": i == 0, "sequence_end": i == len(PROMPTS) - 1}
+        result = client.infer(
+            "charlm", [text_input(prompt)], sequence_id="u-1", request_id=f"u{i}", parameters=GREEDY, **flags
+        )
+        assert result.get_response().id == f"u{i}"
+        assert texts_of(result, "FINISH_REASON") == ["length"]
+        texts.append(texts_of(result, "TEXT_OUT")[0])
+    assert texts == expected
+    message = refused(grpc.StatusCode.NOT_FOUND, client.infer, "charlm", [text_input("x")], sequence_id="u-1")
+    assert "send its first request with sequence_start" in message
+
+
+def test_sampling_parameters_mean_what_lstm_v1_sampling_means(client, stubs) -> None:
+    parameters = {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 11, "max_tokens": 30, "stop": '["e"]'}
+    result = client.infer("charlm", [text_input(PROMPTS[0])], parameters=parameters)
+    session = stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm"))
+    sampling = pb.SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=11, max_tokens=30, stop=["e"])
+    request = pb.GenerateRequest(session_id=session.session_id, prompt=PROMPTS[0], sampling=sampling)
+    responses = list(stubs.generation.Generate(request))
+    assert texts_of(result, "TEXT_OUT") == ["".join(r.text for r in responses)]
+    assert texts_of(result, "FINISH_REASON") == [pb.FinishReason.Name(responses[-1].finish_reason)[14:].lower()]
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+def raw_request(model: str = "charlm", datatype: str = "BYTES", shape=(1,), raw: bytes | None = None, **parameters):
+    request = ip.ModelInferRequest(
+        model_name=model,
+        id="bad-1",
+        inputs=[ip.ModelInferRequest.InferInputTensor(name="TEXT", datatype=datatype, shape=list(shape))],
+    )
+    request.raw_input_contents.append(struct.pack("<I", 2) + b"hi" if raw is None else raw)
+    for name, value in parameters.items():
+        setattr(request.parameters[name], value[0], value[1])
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (raw_request(datatype="FP32"), "input TEXT must have datatype BYTES, got 'FP32'"),
+        (raw_request(shape=(2,)), "input TEXT must have shape [1]"),
+        (raw_request(model="sentiment", shape=(2,)), "input TEXT has shape [2] but 1 elements: send 2"),
+        (raw_request(raw=b"\x09\x00\x00\x00hi"), "element 0 says 9 bytes but 2 remain"),
+        (raw_request(raw=struct.pack("<I", 2) + b"\xff\xfe"), "not UTF-8"),
+        (raw_request(temperature=("string_param", "hot")), "parameter temperature must be a number"),
+        (raw_request(top_k=("double_param", 2.5)), "parameter top_k must be an integer"),
+        (raw_request(max_tokens=("int64_param", 2**40)), "parameter max_tokens must fit a 32-bit integer"),
+        (raw_request(max_tokens=("int64_param", 10**6)), "max_tokens must be in [0, 4096]"),
+        (raw_request(stop=("string_param", "e")), "parameter stop must be a JSON list of strings"),
+        (
+            raw_request(sequence_start=("int64_param", 1), sequence_id=("int64_param", 3)),
+            "sequence_start must be a bool",
+        ),
+        (raw_request(max_token=("int64_param", 3)), "takes no parameter 'max_token'"),
+        (raw_request(model="sentiment", sequence_id=("int64_param", 3)), "takes no parameter 'sequence_id'"),
+    ],
+)
+def test_bad_requests_are_invalid_argument_saying_what_to_fix(raw, request_, needle) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        raw.ModelInfer(request_)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.value.details()
+
+
+def test_an_error_in_a_stream_names_its_request_and_leaves_the_stream_open(raw, stubs) -> None:
+    good = raw_request(**{k: ("int64_param", v) for k, v in GREEDY.items()})
+    good.id = "good-1"
+    responses = list(raw.ModelStreamInfer(iter([raw_request(model="nonesuch"), raw_request(datatype="FP32"), good])))
+    errors = [r for r in responses if r.error_message]
+    assert [(r.infer_response.id, r.error_message.split(":")[0]) for r in errors] == [
+        ("bad-1", "NOT_FOUND"),
+        ("bad-1", "INVALID_ARGUMENT"),
+    ]
+    texts = [r.infer_response for r in responses if not r.error_message]
+    assert {r.id for r in texts} == {"good-1"} and texts[-1].parameters["triton_final_response"].bool_param
+    assert "".join(ip_text(r) for r in texts) == lstm_turns(stubs, ["hi"])[0]
+
+
+def ip_text(response: ip.ModelInferResponse) -> str:
+    names = [o.name for o in response.outputs]
+    if "TEXT_OUT" not in names:
+        return ""
+    return response.raw_output_contents[names.index("TEXT_OUT")][4:].decode()
+
+
+# -- tenants ------------------------------------------------------------------------------------------------------
+
+
+def test_tokens_are_required_and_a_tenant_cannot_continue_anothers_sequence(start_server, tmp_path, stubs) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("".join(f"{tenant} {token}\n" for tenant, token in TOKENS.items()))
+    running = start_server(auth_tokens=str(tokens))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = tc.InferenceServerClient(running.address)
+    for call, args in ((client.is_server_ready, ()), (client.get_model_metadata, ("charlm",))):
+        assert "needs authentication" in refused(grpc.StatusCode.UNAUTHENTICATED, call, *args)
+    refused(grpc.StatusCode.UNAUTHENTICATED, client.infer, "charlm", [text_input("x")])
+    stream = Stream(client)
+    stream.send("x")
+    ((_, error),) = stream.until_final()
+    assert "needs authentication" in str(error)
+    stream.close()
+
+    alice = {"authorization": f"Bearer {TOKENS['alice']}"}
+    bob = {"authorization": f"Bearer {TOKENS['bob']}"}
+    first = client.infer(
+        "charlm", [text_input(PROMPTS[0])], sequence_id=5, sequence_start=True, parameters=GREEDY, headers=alice
+    )
+    message = refused(grpc.StatusCode.NOT_FOUND, client.infer, "charlm", [text_input("x")], sequence_id=5, headers=bob)
+    assert "sequence 5 of model 'charlm' is not open" in message
+    second = client.infer(
+        "charlm", [text_input(PROMPTS[1])], sequence_id=5, sequence_end=True, parameters=GREEDY, headers=alice
+    )
+    client.close()
+    assert [texts_of(first, "TEXT_OUT")[0], texts_of(second, "TEXT_OUT")[0]] == lstm_turns(stubs, PROMPTS[:2])
+
+
+# -- the sequence queue -----------------------------------------------------------------------------------------
+
+
+def test_the_sequence_queue_lets_requests_go_in_arrival_order_even_when_one_gives_up() -> None:
+    async def scenario() -> list[str]:
+        sequences, order = SequenceQueue(), []
+        first, second, third = (sequences.join("s") for _ in range(3))
+        other = sequences.join("t")
+
+        async def run(name: str, place: Place) -> None:
+            await place.wait()
+            order.append(name)
+
+        waiting = [asyncio.ensure_future(run("third", third)), asyncio.ensure_future(run("second", second))]
+        await run("other", other)  # another sequence does not wait
+        other.leave()
+        waiting[1].cancel()  # the second gives up while it waits; the third still waits for the first
+        second.leave()
+        await asyncio.gather(waiting[1], return_exceptions=True)
+        await run("first", first)
+        assert not waiting[0].done() and order == ["other", "first"]
+        first.leave()
+        await waiting[0]
+        third.leave()
+        assert not sequences._last  # nothing kept once every place has left
+        return order
+
+    assert asyncio.run(scenario()) == ["other", "first", "third"]
