@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,7 @@ def mtls_server(pki, tmp_path_factory):
     cluster.stop(running)
 
 
-class Recorder(rpc.ClassificationServicer, rpc.SessionsServicer, rpc.GenerationServicer):
+class Recorder(rpc.ClassificationServicer, rpc.SessionsServicer, rpc.GenerationServicer, rpc.ModelsServicer):
     """A fake server that records each call's ``authorization`` metadata and the client certificate's CN, and
     serves ``ListSessions`` from ``sessions`` in pages (``repeat_token``: a broken server that loops)."""
 
@@ -194,6 +195,10 @@ class Recorder(rpc.ClassificationServicer, rpc.SessionsServicer, rpc.GenerationS
     def Classify(self, request, context):
         self._record("Classify", context)
         return pb.ClassifyResponse(results=[pb.ClassifyResult(label="positive", probabilities={"positive": 1.0})])
+
+    def DescribeModel(self, request, context):
+        self._record("DescribeModel", context)
+        return pb.ModelInfo(name=request.model, labels=["negative", "positive"])
 
     def CreateSession(self, request, context):
         self._record("CreateSession", context)
@@ -220,17 +225,56 @@ class Recorder(rpc.ClassificationServicer, rpc.SessionsServicer, rpc.GenerationS
         return pb.ListSessionsResponse(sessions=self.sessions[start:end], next_page_token=following)
 
 
+class Deadlines(rpc.ClassificationServicer, rpc.GenerationServicer):
+    """A fake server that records the deadline each call (and each Chat message) arrives with, as
+    ``time_remaining()`` in ``remaining[method]``, and holds a call whose text is "hang" until the call ends."""
+
+    def __init__(self) -> None:
+        self.remaining: dict[str, list[float | None]] = {}
+
+    def _arrive(self, method: str, context, text: str) -> None:
+        self.remaining.setdefault(method, []).append(context.time_remaining())
+        if text == "hang":
+            ended = threading.Event()
+            context.add_callback(ended.set)
+            assert ended.wait(60), "the call was not ended by its deadline"
+
+    def Classify(self, request, context):
+        self._arrive("Classify", context, request.texts[0])
+        return pb.ClassifyResponse(results=[pb.ClassifyResult(label="positive", probabilities={"positive": 1.0})])
+
+    def Generate(self, request, context):
+        yield pb.GenerateResponse(text="a", tokens_seen=1)
+        self._arrive("Generate", context, request.prompt)
+        yield pb.GenerateResponse(text="b", tokens_seen=2, finish_reason=pb.FINISH_REASON_LENGTH)
+
+    def Chat(self, request_iterator, context):
+        for message in request_iterator:
+            self._arrive("Chat", context, message.text)
+            done = {"finish_reason": pb.FINISH_REASON_LENGTH} if message.text else {}
+            yield pb.ChatResponse(session_id="c" * 32, text=message.text.upper(), end_of_turn=True, **done)
+
+
+SERVICES = {
+    rpc.ClassificationServicer: rpc.add_ClassificationServicer_to_server,
+    rpc.SessionsServicer: rpc.add_SessionsServicer_to_server,
+    rpc.GenerationServicer: rpc.add_GenerationServicer_to_server,
+    rpc.ModelsServicer: rpc.add_ModelsServicer_to_server,
+}
+
+
 @pytest.fixture
 def fake_server():
-    """``start(recorder, credentials=None)`` serves a Recorder on loopback (TLS when server credentials are
-    given) and returns its address; every server is stopped at the end of the test."""
+    """``start(servicer, credentials=None)`` serves ``servicer`` (for each lstm.v1 service it implements) on
+    loopback, TLS when server credentials are given, and returns its address; every server is stopped at the end
+    of the test."""
     started: list[grpc.Server] = []
 
-    def start(recorder: Recorder, credentials: grpc.ServerCredentials | None = None) -> str:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        rpc.add_ClassificationServicer_to_server(recorder, server)
-        rpc.add_SessionsServicer_to_server(recorder, server)
-        rpc.add_GenerationServicer_to_server(recorder, server)
+    def start(servicer: object, credentials: grpc.ServerCredentials | None = None) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        for service, add in SERVICES.items():
+            if isinstance(servicer, service):
+                add(servicer, server)
         if credentials is None:
             port = server.add_insecure_port("127.0.0.1:0")
         else:
