@@ -267,9 +267,9 @@ class AsyncChat:
             yield chunk
 
     async def _answer(self) -> AsyncIterator[Chunk]:
-        finished = False
+        call, finished = self._call, False
         try:
-            while (response := await self._call.read()) is not grpc.aio.EOF:
+            while (response := await call.read()) is not grpc.aio.EOF:
                 finished = response.end_of_turn
                 yield self._state.read(response)
                 if finished:
@@ -278,7 +278,7 @@ class AsyncChat:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
-            if not finished:
+            if not finished and self._call is call:  # not a later stream, when an abandoned answer is collected
                 self.cancel()
 
     def cancel(self) -> None:

@@ -115,9 +115,9 @@ class Chat:
         yield from self._answer()
 
     def _answer(self) -> Iterator[Chunk]:
-        finished = False
+        call, finished = self._call, False
         try:
-            for response in self._call:
+            for response in call:
                 finished = response.end_of_turn
                 yield self._state.read(response)
                 if finished:
@@ -126,7 +126,7 @@ class Chat:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
-            if not finished:
+            if not finished and self._call is call:  # not a later stream, when an abandoned answer is collected
                 self.cancel()
 
     def cancel(self) -> None:
