@@ -20,7 +20,8 @@ from tritonclient.grpc import service_pb2 as ip
 from tritonclient.grpc import service_pb2_grpc as ip_grpc
 from tritonclient.utils import InferenceServerException
 
-from lstm_server.api.sequences import Place, SequenceQueue
+from lstm_server.api.sequences import Place, SequenceQueue, sequence_session_id
+from lstm_server.config import ANONYMOUS
 
 from ..serving import Stubs
 
@@ -261,6 +262,31 @@ def test_pipelined_sequences_on_one_stream_run_in_order_each_and_together(client
         assert [turn_text(by_request[f"{sequence_id}/{i}"]) for i in range(len(PROMPTS))] == expected
 
 
+def test_a_sequence_that_waits_does_not_hold_up_another_on_the_same_stream(server, client, stubs) -> None:
+    queue_ = server.server.inference.queue
+
+    async def hold() -> Place:  # a request of sequence 99 that has not ended yet
+        return queue_.join(sequence_session_id(ANONYMOUS, "charlm", 99))
+
+    held = server.run(hold())
+    stream = Stream(client)
+    for sequence_id in (99, 100):
+        stream.send(
+            PROMPTS[0], sequence_id=sequence_id, sequence_start=True, sequence_end=True, request_id=str(sequence_id)
+        )
+    first = stream.until_final()
+    assert {result.get_response().id for result, _ in first} == {"100"}
+
+    async def release() -> None:
+        held.leave()
+
+    server.run(release())
+    second = stream.until_final()
+    stream.close()
+    assert {result.get_response().id for result, _ in second} == {"99"}
+    assert turn_text(first) == turn_text(second) == lstm_turns(stubs, PROMPTS[:1])[0]
+
+
 def test_unary_calls_continue_a_sequence_and_answer_whole_turns(client, stubs) -> None:
     expected = lstm_turns(stubs, PROMPTS)
     texts = []
@@ -278,7 +304,8 @@ def test_unary_calls_continue_a_sequence_and_answer_whole_turns(client, stubs) -
 
 
 def test_sampling_parameters_mean_what_lstm_v1_sampling_means(client, stubs) -> None:
-    parameters = {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "seed": 11, "max_tokens": 30, "stop": '["e"]'}
+    # as perf_analyzer sends them: a number may be a string
+    parameters = {"temperature": "0.8", "top_k": 5, "top_p": 0.9, "seed": "11", "max_tokens": 30, "stop": '["e"]'}
     result = client.infer("charlm", [text_input(PROMPTS[0])], parameters=parameters)
     session = stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm"))
     sampling = pb.SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=11, max_tokens=30, stop=["e"])
@@ -312,6 +339,7 @@ def raw_request(model: str = "charlm", datatype: str = "BYTES", shape=(1,), raw:
         (raw_request(raw=b"\x09\x00\x00\x00hi"), "element 0 says 9 bytes but 2 remain"),
         (raw_request(raw=struct.pack("<I", 2) + b"\xff\xfe"), "not UTF-8"),
         (raw_request(temperature=("string_param", "hot")), "parameter temperature must be a number"),
+        (raw_request(seed=("bool_param", True)), "parameter seed must be an integer"),
         (raw_request(top_k=("double_param", 2.5)), "parameter top_k must be an integer"),
         (raw_request(max_tokens=("int64_param", 2**40)), "parameter max_tokens must fit a 32-bit integer"),
         (raw_request(max_tokens=("int64_param", 10**6)), "max_tokens must be in [0, 4096]"),

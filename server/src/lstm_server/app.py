@@ -142,9 +142,8 @@ class LstmServer:
         rpc.add_ClassificationServicer_to_server(ClassificationService(api), self.server)
         rpc.add_ModelsServicer_to_server(ModelsService(api), self.server)
         self.serving = False  # the health status is SERVING (the inference protocol's readiness)
-        inference_rpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(api, lambda: self.serving), self.server
-        )
+        self.inference = InferenceService(api, lambda: self.serving)
+        inference_rpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)

@@ -207,18 +207,20 @@ def check_parameter_names(parameters: Iterable[str], model: ServedModel, accepte
 
 def sampling_params(parameters: Mapping[str, ip.InferParameter]) -> pb.SamplingParams:
     """The request's sampling parameters as the lstm.v1 SamplingParams they mean (so the same checks, and the same
-    float32 rounding, apply); ``stop`` is a JSON list of strings."""
+    float32 rounding, apply). A number may also come as a string (perf_analyzer sends no doubles); ``stop`` is a
+    JSON list of strings."""
     params = pb.SamplingParams()
     for name in SAMPLING_FIELDS:
         value = parameter(parameters, name)
         if value is None:
             continue
         integer = name in INTEGER_PARAMETERS
-        if isinstance(value, bool) or not isinstance(value, int | float) or (integer and isinstance(value, float)):
+        number = _number(value, integer)
+        if number is None:
             want = "an integer (int64_param)" if integer else "a number (double_param or int64_param)"
-            raise invalid(f"parameter {name} must be {want}, got {value!r}")
+            raise invalid(f"parameter {name} must be {want}, or a string of one; got {value!r}")
         try:
-            setattr(params, name, value)
+            setattr(params, name, number)
         except (ValueError, TypeError):
             width = "an unsigned 64-bit" if name == "seed" else "a 32-bit"
             raise invalid(f"parameter {name} must fit {width} integer, got {value}") from None
@@ -226,6 +228,18 @@ def sampling_params(parameters: Mapping[str, ip.InferParameter]) -> pb.SamplingP
     if stop is not None:
         params.stop.extend(_stop_strings(stop))
     return params
+
+
+def _number(value: Any, integer: bool) -> int | float | None:
+    """The number a parameter holds (an integer if ``integer``), or None if it holds none."""
+    if isinstance(value, str):
+        try:
+            return int(value) if integer else float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or (integer and not isinstance(value, int)):
+        return None
+    return value
 
 
 def _stop_strings(value: Any) -> list[str]:
