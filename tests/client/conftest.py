@@ -225,7 +225,7 @@ class Recorder(rpc.ClassificationServicer, rpc.SessionsServicer, rpc.GenerationS
         return pb.ListSessionsResponse(sessions=self.sessions[start:end], next_page_token=following)
 
 
-class Deadlines(rpc.ClassificationServicer, rpc.GenerationServicer):
+class Deadlines(rpc.ClassificationServicer, rpc.GenerationServicer, rpc.ModelsServicer):
     """A fake server that records the deadline each call (and each Chat message) arrives with, as
     ``time_remaining()`` in ``remaining[method]``, and holds a call whose text is "hang" until the call ends."""
 
@@ -242,6 +242,10 @@ class Deadlines(rpc.ClassificationServicer, rpc.GenerationServicer):
     def Classify(self, request, context):
         self._arrive("Classify", context, request.texts[0])
         return pb.ClassifyResponse(results=[pb.ClassifyResult(label="positive", probabilities={"positive": 1.0})])
+
+    def DescribeModel(self, request, context):
+        self._arrive("DescribeModel", context, request.model)
+        return pb.ModelInfo(name=request.model, labels=["negative", "positive"])
 
     def Generate(self, request, context):
         yield pb.GenerateResponse(text="a", tokens_seen=1)

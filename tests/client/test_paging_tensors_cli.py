@@ -136,6 +136,7 @@ def test_cli_tls_flags_and_the_token_from_the_environment(fake_server, pki, monk
     assert capsys.readouterr().out.count("charlm/0") == 3
     assert recorder.calls == [
         ("Classify", "Bearer from-env", "alice"),
+        ("DescribeModel", "Bearer from-env", "alice"),  # the labels' order
         ("ListSessions", "Bearer from-flag", "alice"),
         ("ListSessions", "Bearer from-flag", "alice"),
     ]
@@ -144,7 +145,7 @@ def test_cli_tls_flags_and_the_token_from_the_environment(fake_server, pki, monk
     monkeypatch.setenv("LSTM_CLIENT_CERT", str(cert))
     monkeypatch.setenv("LSTM_CLIENT_KEY", str(key))
     assert cli_main(["classify", "fine"]) == 0  # everything from the environment
-    assert recorder.calls[-1] == ("Classify", "Bearer from-env", "alice")
+    assert recorder.calls[-2] == ("Classify", "Bearer from-env", "alice")
 
 
 def test_cli_errors_are_one_line(fake_server, pki, capsys, tmp_path) -> None:

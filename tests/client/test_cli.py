@@ -1,0 +1,213 @@
+"""``lstm-client``: classify's labels in the model's order, ``--json`` for every command, ``-`` for standard input,
+``--version``, ``--timeout``, help on everything, and chat's Ctrl-C (stops an answer, keeps the session; at the
+prompt, quits with 130) and line history, through a pseudo-terminal. Against the real server (one that allows
+very long answers) and fake ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import cluster
+import pexpect
+import pytest
+from lstm.v1 import lstm_pb2 as pb
+from lstm.v1 import lstm_pb2_grpc as rpc
+
+from lstm_client import Client
+from lstm_client.cli import build_parser
+from lstm_client.cli import main as cli_main
+
+from .conftest import Deadlines, Recorder, serve
+
+CLI = str(Path(sys.executable).with_name("lstm-client"))
+LABELS = ["zeta", "alpha", "mu", "beta", "kappa", "omega", "delta", "gamma"]  # neither sorted nor hash order
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A real server that allows answers far longer than a test waits for (to stop them with Ctrl-C)."""
+    running = serve(tmp_path_factory.mktemp("long-server"), "--max-tokens-limit", "10000000")
+    yield running
+    cluster.stop(running)
+
+
+def run_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], input=stdin, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+
+
+def json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines()]
+
+
+class Labelled(rpc.ClassificationServicer, rpc.ModelsServicer):
+    """A classifier whose labels come in a fixed order that is neither sorted nor the order they were set in."""
+
+    def Classify(self, request, context):
+        probabilities = {label: (i + 1) / 100 for i, label in enumerate(sorted(LABELS))}
+        return pb.ClassifyResponse(
+            results=[pb.ClassifyResult(label="alpha", probabilities=probabilities) for _ in request.texts]
+        )
+
+    def DescribeModel(self, request, context):
+        return pb.ModelInfo(name=request.model, task="classification", labels=LABELS)
+
+
+def test_classify_prints_the_labels_in_the_models_order(fake_server, capsys) -> None:
+    address = fake_server(Labelled())
+    assert cli_main(["--server", address, "classify", "one", "two"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("\tone")
+    assert [part.split()[0] for part in lines[0].split("\t")[1].split("  ")] == LABELS
+    assert cli_main(["--server", address, "--json", "classify", "one"]) == 0
+    (record,) = json_lines(capsys.readouterr().out)
+    assert record["text"] == "one" and record["label"] == "alpha" and list(record["probabilities"]) == LABELS
+
+
+def test_classify_reads_stdin_and_prints_json(long_server) -> None:
+    done = run_cli(
+        "--server",
+        long_server.address,
+        "--json",
+        "classify",
+        "first",
+        "-",
+        stdin="a gorgeous film\n\ndull and lifeless\n",
+    )
+    assert done.returncode == 0, done.stderr
+    records = json_lines(done.stdout)
+    assert [r["text"] for r in records] == ["first", "a gorgeous film", "dull and lifeless"]
+    with Client(long_server.address) as client:
+        expected = client.classify([r["text"] for r in records])
+        labels = list(client.describe("sentiment").labels)
+    for record, result in zip(records, expected, strict=True):
+        assert record["label"] == result.label and list(record["probabilities"]) == labels
+        assert record["probabilities"] == pytest.approx(result.probabilities)
+
+
+def test_generate_reads_prompts_from_stdin(long_server) -> None:
+    options = ["generate", "-", "--max-tokens", "7", "--seed", "4", "--temperature", "0"]
+    done = run_cli("--server", long_server.address, "--json", *options, stdin="KING:\nQUEEN:\n")
+    assert done.returncode == 0, done.stderr
+    records = json_lines(done.stdout)
+    assert [(r["prompt"], len(r["text"]), r["finish_reason"]) for r in records] == [
+        ("KING:", 7, "length"),
+        ("QUEEN:", 7, "length"),
+    ]
+    assert [r["tokens_seen"] for r in records] == [len("KING:") + 7, len("QUEEN:") + 7]
+    plain = run_cli("--server", long_server.address, *options, stdin="KING:\nQUEEN:\n")
+    assert plain.stdout == "".join(r["text"] + "\n" for r in records)  # greedy: the same text again
+    with Client(long_server.address) as client:
+        assert not {r["session_id"] for r in records} & {s.session_id for s in client.list_sessions(page_size=1000)}
+
+
+def test_sessions_as_json(fake_server, capsys) -> None:
+    recorder = Recorder(sessions=3)
+    assert cli_main(["--server", fake_server(recorder), "--json", "sessions"]) == 0
+    records = json_lines(capsys.readouterr().out)
+    assert [r["session_id"] for r in records] == [s.session_id for s in recorder.sessions]
+    assert set(records[0]) == {
+        "session_id",
+        "model",
+        "model_version",
+        "tokens_seen",
+        "busy",
+        "created_at",
+        "last_used_at",
+    }
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout == f"lstm-client {version('lstm-client')}\n"
+
+
+def test_every_option_and_command_has_help() -> None:
+    def parsers(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, choice.dest
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
+
+
+def test_timeout_is_each_calls_deadline(fake_server, capsys) -> None:
+    servicer = Deadlines()
+    address = fake_server(servicer)
+    assert cli_main(["--server", address, "--timeout", "4", "classify", "x"]) == 0
+    assert 3 < servicer.remaining["Classify"][-1] < 4.1
+    assert cli_main(["--server", address, "classify", "x"]) == 0  # the default
+    assert 29 < servicer.remaining["Classify"][-1] < 30.1
+    done = run_cli("--server", address, "classify", "hang", env={"LSTM_CLIENT_TIMEOUT": "0.2"})
+    assert done.returncode == 1 and done.stderr.startswith("lstm-client: DEADLINE_EXCEEDED")
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SystemExit) as raised:
+            cli_main(["--server", address, "--timeout", bad, "classify", "x"])
+        assert raised.value.code == 2 and "--timeout: a number of seconds above 0" in capsys.readouterr().err
+
+
+def test_chat_reads_a_pipe_and_prints_json(long_server) -> None:
+    options = ["chat", "--max-tokens", "5", "--seed", "2", "--no-history"]
+    done = run_cli("--server", long_server.address, "--json", *options, stdin="KING:\nthe good\n")
+    assert done.returncode == 0, done.stderr
+    first, second = json_lines(done.stdout)
+    assert first["session_id"] == second["session_id"] and first["prompt"] == "KING:\n"
+    assert [len(first["text"]), first["finish_reason"], first["tokens_seen"]] == [5, "length", len("KING:\n") + 5]
+    assert second["tokens_seen"] == first["tokens_seen"] + len("the good\n") + 5
+    with Client(long_server.address) as client:
+        assert first["session_id"] not in {s.session_id for s in client.list_sessions(page_size=1000)}
+
+
+def new_session(client: Client, before: set[str]) -> pb.Session:
+    (session,) = [s for s in client.list_sessions(page_size=1000) if s.session_id not in before]
+    return session
+
+
+def test_chat_ctrl_c_stops_the_answer_keeps_the_session_and_quits_at_the_prompt(long_server, tmp_path) -> None:
+    history = tmp_path / "state" / "history"
+    options = ["chat", "--max-tokens", "5000000", "--stop", "@@", "--history", str(history)]
+    with Client(long_server.address) as client:
+        before = {s.session_id for s in client.list_sessions(page_size=1000)}
+        chat = pexpect.spawn(
+            CLI,
+            ["--server", long_server.address, *options],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            encoding="utf-8",
+            timeout=30,
+        )
+        try:
+            chat.expect_exact("you> ")
+            seen = []
+            for line in ("KING:", "the good"):
+                chat.sendline(line)
+                chat.expect_exact("charlm> ")
+                chat.expect(r"(?s).{200}")  # the answer is streaming
+                chat.sendintr()  # Ctrl-C during the answer: stops it
+                chat.expect_exact("you> ")  # and the chat goes on
+                session = new_session(client, before)
+                assert not session.busy
+                seen.append((session.session_id, session.tokens_seen))
+            chat.sendintr()  # Ctrl-C at the prompt: quits
+            chat.expect(pexpect.EOF)
+        finally:
+            chat.close(force=True)
+        assert chat.exitstatus == 130
+        (first_id, first), (second_id, second) = seen
+        assert first_id == second_id  # one session across the stopped answers
+        assert first > len("KING:\n") + 100 and second > first + len("the good\n") + 100
+        assert first_id not in {s.session_id for s in client.list_sessions(page_size=1000)}  # closed on the way out
+    assert history.read_text().splitlines()[-2:] == ["KING:", "the good"]
+    assert history.stat().st_mode & 0o777 == 0o600
