@@ -118,8 +118,10 @@ def test_booleans_and_the_environment() -> None:
 
 
 def test_a_config_built_in_code_reads_no_environment(monkeypatch) -> None:
+    for name in [name for name in os.environ if name.startswith("LSTM_SERVER_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("LSTM_SERVER_PORT", "7000")
-    assert ServerConfig().port == 50051 and load_config([]).port == 7000
+    assert ServerConfig().port == 50051 and load_config([]).port == 7000  # load_config reads os.environ by default
     assert ServerConfig(replica_name="").replica_name == os.uname().nodename  # empty: the host name
     with pytest.raises(ValidationError, match="max_batch"):  # the same rules hold in code
         ServerConfig(max_batch=0)

@@ -50,7 +50,7 @@ Backend = Literal["onnxruntime", "torchscript"]
 LogLevel = Literal["CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET"]
 
 # --help groups the options: each group starts at the field named here and runs to the next one
-SECTIONS = {
+_SECTIONS = {
     "models": "server and models",
     "max_sessions": "sessions",
     "max_prompt_chars": "generation limits",
@@ -386,7 +386,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (lstm-server --help lists the options)")
 
 
-def parser() -> argparse.ArgumentParser:
+def _build_parser() -> argparse.ArgumentParser:
     """``lstm-server``'s flags: ``--config FILE`` and one per option, each with its description, type or choices,
     bounds, default and environment variable."""
     made = _Parser(
@@ -399,7 +399,7 @@ def parser() -> argparse.ArgumentParser:
         f"file that name no option are an error; {ENV_PREFIX}* variables that name no option are ignored.",
     )
     made.add_argument("--config", type=Path, metavar="FILE", help="TOML file with any of the options below")
-    groups = {name: made.add_argument_group(title) for name, title in SECTIONS.items()}
+    groups = {name: made.add_argument_group(title) for name, title in _SECTIONS.items()}
     group = groups["models"]
     for name, field in ServerConfig.model_fields.items():
         group = groups.get(name, group)
@@ -432,7 +432,7 @@ def load_config(argv: list[str] | None = None, environ: Mapping[str, str] | None
     """Merge defaults, ``--config FILE`` (TOML), the environment (``os.environ`` unless given) and ``argv`` (the
     process's arguments unless given), each over the one before. ``--help`` prints the options and exits."""
     environ = os.environ if environ is None else environ
-    args = parser().parse_args(argv)
+    args = _build_parser().parse_args(argv)
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if args.config:
