@@ -34,6 +34,7 @@ _provider: TracerProvider | None = None
 _tracer: trace.Tracer | None = None
 _propagator = TraceContextTextMapPropagator()
 _OFF = contextlib.nullcontext()
+_PERF_TO_EPOCH_NS = time.time_ns() - time.perf_counter_ns()
 
 
 def setup_tracing(config: ServerConfig, exporter: SpanExporter | None = None) -> None:
@@ -91,8 +92,12 @@ def record(name: str, start: float, end: float, attributes: Mapping[str, Any], e
     ``error``: it ended in this error."""
     if _tracer is None:
         return
-    now_ns, now = time.time_ns(), time.perf_counter()
-    child = _tracer.start_span(name, attributes=attributes, start_time=now_ns - int((now - start) * 1e9))
+    child = _tracer.start_span(name, attributes=attributes, start_time=_epoch_ns(start))
     if error is not None:
         child.set_status(StatusCode.ERROR, error)
-    child.end(end_time=now_ns - int((now - end) * 1e9))
+    child.end(end_time=_epoch_ns(end))
+
+
+def _epoch_ns(perf_counter: float) -> int:
+    """A ``time.perf_counter()`` time as nanoseconds since the epoch (one fixed offset: equal times stay equal)."""
+    return round(perf_counter * 1e9) + _PERF_TO_EPOCH_NS
