@@ -56,7 +56,7 @@ _SECTIONS = {
     "max_prompt_chars": "generation limits",
     "max_classify_texts": "classification limits",
     "max_message_bytes": "transport and logs",
-    "tracing": "observability (docs/observability.md)",
+    "tracing": "observability",
     "auth_tokens": "security (docs/security.md)",
     "tenant_max_sessions": "tenants (the per-tenant limits apply with authentication only) and listing",
 }
