@@ -3,28 +3,36 @@
 One server process on loopback (``--models``, its defaults unless ``--server-arg``), serving ``charlm`` and
 ``sentiment`` on one port, both its own ``lstm.v1`` API and the KServe v2 / Triton ``inference.GRPCInferenceService``.
 perf_analyzer (``make perf-analyzer`` installs it in ``.perf-analyzer/``) drives the KServe service with ``-i grpc``;
-for every concurrency, round after round (``--rounds``), it and the Python load generator the other benchmarks use
-take turns against the same server, so that the machine's noise hits both alike:
+for every concurrency, round after round (``--rounds``), it and Python load generators take turns against the same
+server, so that the machine's noise hits every side alike:
 
 - generation (``charlm``, decoupled, a sequence model): perf_analyzer with ``--streaming``, sequences of
   ``--sequence-length`` turns (``--serial-sequences``: one turn in flight per sequence; ``--sequence-id-range``),
   the turns' TEXT from ``bench/perf_analyzer_data/charlm.json`` (one data stream per sequence: a speaker's cue per
-  turn), ``max_tokens`` and ``seed`` as request parameters (``--request-parameter NAME:VALUE:int``; perf_analyzer
-  2.60 sends only int, bool and string parameters: a ``:double`` one is dropped without a word, so the temperature
-  is the server's default unless ``--pa-arg`` passes it as a string the server accepts), at each ``--gen-concurrency``
-  (default 1 and 64). Against it, ``bench/serve_generation.py``'s ``served()``: N sessions of the ``lstm.v1`` API
-  (``lstm_client.AsyncClient``, in this process), each streaming one turn of the same ``--max-tokens`` characters,
-  repeated until as many seconds have been streamed as perf_analyzer measured;
+  turn), ``max_tokens`` and ``seed`` as request parameters (``--request-parameter NAME:VALUE:int``) and the
+  temperature (0.8, as ``serve_generation.py``) as a string (``temperature:0.8:string``: perf_analyzer 2.60 sends
+  only int, bool and string parameters, a ``:double`` one is dropped without a word; the server reads a number from
+  a string), at each ``--gen-concurrency`` (default 1 and 64). Against it, ``bench/serve_generation.py``'s
+  ``served()``: N sessions of the ``lstm.v1`` API (``lstm_client.AsyncClient``, in this process), each streaming
+  one turn of the same ``--max-tokens`` characters, repeated until as many seconds have been streamed as
+  perf_analyzer measured (its sessions are opened before its clock starts, perf_analyzer's inside its windows);
+  and perf_analyzer's own workload from Python on the same KServe service: tritonclient's asyncio client, N
+  sequences of the same turns on one ``ModelStreamInfer`` stream (temperature as a double), so that the load
+  generator (C++ against Python) and the protocol (KServe against lstm.v1) can be told apart;
 - classification (``sentiment``): perf_analyzer with one sentence per request (``bench/perf_analyzer_data/
   sentiment.json``) at each ``--cls-concurrency`` (default 1, 16, 64), against ``bench/serve_classify.py``'s
-  ``served()`` (N ``Classify`` callers, one sentence each) for the same seconds.
+  ``served()`` (N ``Classify`` callers, one sentence each) for the same seconds, and the same loop on KServe's
+  ``ModelInfer`` through tritonclient's asyncio client.
+
+``--skip-python`` runs perf_analyzer alone; ``--address`` (and ``--server-pid``) points it at a server already
+running instead of starting one.
 
 perf_analyzer measures ``--windows`` windows of ``--window-ms`` (after ``--warmup-requests`` per concurrency
 slot), and stability is not asked for (``-s 1000``): the rounds and the medians are this script's. Its profile
 export (every request with its response timestamps and TEXT_OUT) gives the figures: requests per second (a
 request is a turn, complete at its final response), characters per second (the TEXT_OUT characters received in
-the windows), time to first token (the request to its first response: perf_analyzer's own latency for a decoupled
-model), the whole turn's latency, and the inter-token latency as seen (as in ``serve_generation.py``: the first
+the windows), time to first token (the request to its first response), the whole turn's latency (to its final
+response), and the inter-token latency as seen (as in ``serve_generation.py``: the first
 character of a message counts the gap since the previous message, the others 0). The CPU time of the load generator
 (perf_analyzer's process, every thread; or this process, ``time.process_time()``) and of the server
 (``/proc/<pid>/stat``) are taken over the same span: for perf_analyzer, sampled every 20 ms and interpolated to its
@@ -58,10 +66,21 @@ from pathlib import Path
 import numpy as np
 from serve_classify import served as classify_served
 from serve_classify import stop_server
-from serve_generation import percentile, process_cpu_s, start_server
+from serve_generation import TEMPERATURE, percentile, process_cpu_s, start_server
 from serve_generation import served as generation_served
 
+from lstm_client.aio import Opening
+
+# serve_generation.served() opens its sessions with ``client.session(...).open()``, the AsyncClient API before
+# commit 21478a3, which made ``session()`` return an awaitable ``Opening``; until served() awaits it, give Opening
+# the old spelling so that the Python side is still serve_generation.py's own load generator.
+if not hasattr(Opening, "open"):
+    Opening.open = lambda self: self._open()
+
 REPO = Path(__file__).resolve().parent.parent
+PA = "perf_analyzer (KServe, C++)"
+SERVED = "serve_generation.py served() (lstm.v1, Python)"
+KSERVE = "tritonclient asyncio (KServe, Python)"
 DATA = REPO / "bench" / "perf_analyzer_data"
 DEFAULT_BINARY = REPO / ".perf-analyzer" / "bin" / "perf_analyzer"
 
@@ -126,13 +145,15 @@ def generation_figures(experiment: dict, samples: Samples, output_key: str = "TE
     """Characters, turns, latencies and CPU of one perf_analyzer run, over its measurement windows."""
     start, end = windows(experiment)
     seconds = (end - start) / 1e9
-    chars = turns = 0
+    chars = turns = messages = 0
     ttft, turn_latency, seen = [], [], []
     for request in experiment["requests"]:
         stamps = request.get("response_timestamps", [])
         outputs = request.get("response_outputs", [])
         texts = [str(o.get(output_key, "")) for o in outputs]
-        chars += sum(len(text) for text, t in zip(texts, stamps, strict=False) if start <= t <= end)
+        in_window = [text for text, t in zip(texts, stamps, strict=False) if start <= t <= end]
+        chars += sum(len(text) for text in in_window)
+        messages += sum(1 for text in in_window if text)
         if not stamps:
             continue
         if start <= stamps[-1] <= end:
@@ -155,6 +176,7 @@ def generation_figures(experiment: dict, samples: Samples, output_key: str = "TE
         "chars": chars,
         "seconds": seconds,
         "turns": turns,
+        "messages": messages,
         "ttft": ttft,
         "turn": turn_latency,
         "seen": seen,
@@ -218,6 +240,8 @@ def pa_generation(args: argparse.Namespace, address: str, server_pid: int, concu
         f"max_tokens:{args.max_tokens}:int",
         "--request-parameter",
         f"seed:{args.seed}:int",
+        "--request-parameter",  # perf_analyzer sends no doubles: a number as a string, which the server accepts
+        f"temperature:{args.temperature}:string",
         *args.pa_arg,
     ]
     experiment, output, samples = run_perf_analyzer(args.perf_analyzer, pa_args, server_pid, args.pa_timeout_s)
@@ -253,17 +277,163 @@ def python_generation(address: str, server_pid: int, concurrency: int, tokens: i
     return total
 
 
+async def kserve_generation(
+    address: str,
+    server_pid: int,
+    concurrency: int,
+    tokens: int,
+    seconds: float,
+    streams: list[list[str]],
+    sequence_length: int,
+    seed: int,
+    temperature: float,
+    warmup_s: float = 1.0,
+) -> dict:
+    """perf_analyzer's workload from Python: tritonclient's asyncio client on one ModelStreamInfer stream,
+    ``concurrency`` slots each running sequences of ``sequence_length`` turns (the turns' texts from ``streams``,
+    round-robin), one turn in flight per sequence, for ``warmup_s`` and then ``seconds`` measured: the
+    characters received in those seconds, the turns that ended in them, and the CPU of this process and the
+    server over them."""
+    from tritonclient.grpc import InferInput
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    client = InferenceServerClient(address)
+    outbox: asyncio.Queue = asyncio.Queue()
+    waiting: dict[str, asyncio.Queue] = {}
+    window = {"open": False}
+    figures = {"chars": 0, "turns": 0, "ttft": [], "seen": []}
+
+    async def requests():
+        while (item := await outbox.get()) is not None:
+            yield item
+
+    async def slot(index: int) -> None:
+        sequence = index
+        while True:
+            texts = streams[sequence % len(streams)]
+            sequence_id = 1_000_000 + sequence  # apart from perf_analyzer's ids, in case a sequence outlives a run
+            sequence += concurrency
+            for turn in range(sequence_length):
+                text = InferInput("TEXT", [1], "BYTES")
+                text.set_data_from_numpy(np.array([texts[turn % len(texts)].encode()], dtype=np.object_))
+                request_id = f"{sequence_id}-{turn}"
+                inbox = waiting[request_id] = asyncio.Queue()
+                started = last = time.perf_counter()
+                first = True
+                await outbox.put(
+                    {
+                        "model_name": "charlm",
+                        "inputs": [text],
+                        "request_id": request_id,
+                        "sequence_id": sequence_id,
+                        "sequence_start": turn == 0,
+                        "sequence_end": turn == sequence_length - 1,
+                        "parameters": {"max_tokens": tokens, "seed": seed, "temperature": float(temperature)},
+                    }
+                )
+                while True:
+                    result, final = await inbox.get()
+                    now = time.perf_counter()
+                    out = result.as_numpy("TEXT_OUT")
+                    chunk = out[0].decode() if out is not None and len(out) else ""
+                    if chunk and window["open"]:
+                        figures["chars"] += len(chunk)
+                        if first:
+                            figures["ttft"].append(now - started)
+                        else:
+                            figures["seen"].append(now - last)
+                        figures["seen"].extend([0.0] * (len(chunk) - 1))
+                    if chunk:
+                        first, last = False, now
+                    if final:
+                        break
+                del waiting[request_id]
+                if window["open"]:
+                    figures["turns"] += 1
+
+    async def route() -> None:
+        async for result, error in client.stream_infer(inputs_iterator=requests()):
+            if error is not None:
+                raise RuntimeError(f"stream error: {error}")
+            response = result.get_response()
+            final = response.parameters["triton_final_response"].bool_param
+            await waiting[response.id].put((result, final))
+
+    tasks = [asyncio.create_task(route())] + [asyncio.create_task(slot(i)) for i in range(concurrency)]
+    try:
+        await asyncio.sleep(warmup_s)
+        for task in tasks:
+            if task.done():
+                task.result()
+        server_cpu, cpu, started = process_cpu_s(server_pid), time.process_time(), time.perf_counter()
+        window["open"] = True
+        await asyncio.sleep(seconds)
+        window["open"] = False
+        elapsed = time.perf_counter() - started
+        figures.update(
+            seconds=elapsed,
+            client_cpu_s=time.process_time() - cpu,
+            server_cpu_s=process_cpu_s(server_pid) - server_cpu,
+        )
+        for task in tasks:
+            if task.done():
+                task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await outbox.put(None)
+        await client.close()
+    return figures
+
+
 def python_classify(address: str, server_pid: int, sentences: list[str], clients: int, seconds: float) -> dict:
     server_cpu = process_cpu_s(server_pid)
     cpu = time.process_time()
     rate, latencies = asyncio.run(classify_served(address, sentences, clients, seconds))
     return {
-        "rate": rate,
         "sentences": len(latencies),
+        "seconds": len(latencies) / rate if rate else float("nan"),
         "latency": latencies,
-        "client_cpu_s": time.process_time() - cpu,
+        "load_cpu_s": time.process_time() - cpu,
         "server_cpu_s": process_cpu_s(server_pid) - server_cpu,
     }
+
+
+async def kserve_classify(address: str, server_pid: int, sentences: list[str], clients: int, seconds: float) -> dict:
+    """``serve_classify.served()``'s loop on the KServe service: ``clients`` callers of ModelInfer (tritonclient's
+    asyncio client, one channel), one sentence each, for ``seconds``."""
+    from tritonclient.grpc import InferInput
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    latencies: list[float] = []
+    client = InferenceServerClient(address)
+    try:
+        stop = time.perf_counter() + seconds
+
+        async def worker(offset: int) -> int:
+            done = 0
+            while time.perf_counter() < stop:
+                text = InferInput("TEXT", [1], "BYTES")
+                sentence = sentences[(offset + done * clients) % len(sentences)]
+                text.set_data_from_numpy(np.array([sentence.encode()], dtype=np.object_))
+                started = time.perf_counter()
+                await client.infer("sentiment", [text])
+                latencies.append(time.perf_counter() - started)
+                done += 1
+            return done
+
+        server_cpu, cpu, started = process_cpu_s(server_pid), time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        return {
+            "sentences": len(latencies),
+            "seconds": time.perf_counter() - started,
+            "latency": latencies,
+            "load_cpu_s": time.process_time() - cpu,
+            "server_cpu_s": process_cpu_s(server_pid) - server_cpu,
+        }
+    finally:
+        await client.close()
 
 
 def check_kserve(address: str) -> None:
@@ -301,64 +471,84 @@ def pooled(runs: list[dict], key: str) -> list[float]:
     return [x for r in runs for x in r[key]]
 
 
+def generation_row(n: int, label: str, runs: list[dict]) -> str:
+    """One line of the generation table: rates are the median over the rounds, latencies pool every round's
+    samples, CPU is the total over the rounds."""
+    seconds, chars = total(runs, "seconds"), total(runs, "chars")
+    rate = statistics.median(r["chars"] / r["seconds"] for r in runs)
+    turns = statistics.median(r["turns"] / r["seconds"] for r in runs)
+    turn = pooled(runs, "turn")
+    return (
+        f"| {n} | {label} | {rate:,.0f} | {turns:,.1f} | {chars / max(total(runs, 'messages'), 1):.1f} "
+        f"| {ms(pooled(runs, 'ttft'), 50)} / {ms(pooled(runs, 'ttft'), 99)} "
+        f"| {f'{ms(turn, 50)} / {ms(turn, 99)}' if turn else 'n/a'} | {ms(pooled(runs, 'seen'), 99)} "
+        f"| {cores(total(runs, 'load_cpu_s'), seconds)} | {cores(total(runs, 'server_cpu_s'), seconds)} "
+        f"| {us_per(total(runs, 'load_cpu_s'), chars)} | {us_per(total(runs, 'server_cpu_s'), chars)} |"
+    )
+
+
+def messages(run: dict) -> int:
+    """Messages with text, from a Python side's samples: the first of each turn (a TTFT) and every later one
+    (an inter-token gap above 0)."""
+    return len(run["ttft"]) + sum(1 for gap in run["seen"] if gap > 0)
+
+
 def generation_table(args: argparse.Namespace, address: str, server_pid: int) -> None:
+    streams = [[step["TEXT"][0] for step in stream] for stream in json.loads(args.gen_data.read_text())["data"]]
     print(
-        f"\n## charlm: {args.max_tokens} characters per turn, perf_analyzer sequences of {args.sequence_length} "
-        f"turns, {args.windows} windows of {args.window_ms} ms, {args.rounds} round(s)\n"
+        f"\n## charlm: {args.max_tokens} characters per turn, sequences of {args.sequence_length} turns "
+        f"(perf_analyzer, tritonclient), {args.windows} windows of {args.window_ms} ms, {args.rounds} round(s)\n"
     )
     print(
-        "| sessions | load generator | chars/s (median) | turns/s | TTFT p50/p99 ms | turn p50/p99 ms "
-        "| ITL p99 ms (as seen) | load generator cores | server cores | load generator CPU us/char "
-        "| server CPU us/char |"
+        "| sessions | load generator | chars/s (median) | turns/s | chars / message | TTFT p50/p99 ms "
+        "| turn p50/p99 ms | ITL p99 ms (as seen) | load generator cores | server cores "
+        "| load generator CPU us/char | server CPU us/char |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     notes = []
     for n in args.gen_concurrency:
-        pa_runs, py_runs = [], []
+        sides: dict[str, list[dict]] = {PA: [], SERVED: [], KSERVE: []}
         for round_ in range(args.rounds):
             pa = pa_generation(args, address, server_pid, n)
-            pa_runs.append(pa)
-            print(
-                f"  ({n} sessions, round {round_ + 1}: perf_analyzer {pa['chars'] / pa['seconds']:,.0f} chars/s", end=""
-            )
+            sides[PA].append(pa)
+            line = f"  ({n} sessions, round {round_ + 1}: perf_analyzer {pa['chars'] / pa['seconds']:,.0f} chars/s"
             if not args.skip_python:
                 py = python_generation(address, server_pid, n, args.max_tokens, pa["seconds"])
-                py_runs.append(py)
-                print(f", Python {py['chars'] / py['seconds']:,.0f} chars/s", end="")
-            print(")", flush=True)
-        pa_rate = statistics.median(r["chars"] / r["seconds"] for r in pa_runs)
-        pa_s, pa_chars = total(pa_runs, "seconds"), total(pa_runs, "chars")
-        print(
-            f"| {n} | perf_analyzer (KServe, C++) | {pa_rate:,.0f} "
-            f"| {statistics.median(r['turns'] / r['seconds'] for r in pa_runs):,.1f} "
-            f"| {ms(pooled(pa_runs, 'ttft'), 50)} / {ms(pooled(pa_runs, 'ttft'), 99)} "
-            f"| {ms(pooled(pa_runs, 'turn'), 50)} / {ms(pooled(pa_runs, 'turn'), 99)} "
-            f"| {ms(pooled(pa_runs, 'seen'), 99)} "
-            f"| {cores(total(pa_runs, 'load_cpu_s'), pa_s)} | {cores(total(pa_runs, 'server_cpu_s'), pa_s)} "
-            f"| {us_per(total(pa_runs, 'load_cpu_s'), pa_chars)} | {us_per(total(pa_runs, 'server_cpu_s'), pa_chars)} |"
-        )
-        notes.append(
-            f"- {n} session{'s' if n > 1 else ''}: perf_analyzer's summary of the last round: "
-            f"{summary_line(pa_runs[-1]['output'])}"
-        )
-        if not py_runs:
-            continue
-        py_rate = statistics.median(r["chars"] / r["seconds"] for r in py_runs)
-        py_s, py_chars = total(py_runs, "seconds"), total(py_runs, "chars")
-        py_turns = [r["chars"] / args.max_tokens / r["seconds"] for r in py_runs]
-        print(
-            f"| {n} | serve_generation.py (lstm.v1, Python) | {py_rate:,.0f} | {statistics.median(py_turns):,.1f} "
-            f"| {ms(pooled(py_runs, 'ttft'), 50)} / {ms(pooled(py_runs, 'ttft'), 99)} | | "
-            f"{ms(pooled(py_runs, 'seen'), 99)} "
-            f"| {cores(total(py_runs, 'client_cpu_s'), py_s)} | {cores(total(py_runs, 'server_cpu_s'), py_s)} "
-            f"| {us_per(total(py_runs, 'client_cpu_s'), py_chars)} "
-            f"| {us_per(total(py_runs, 'server_cpu_s'), py_chars)} |",
-            flush=True,
-        )
-        ratios = [
-            a["chars"] / a["seconds"] / (b["chars"] / b["seconds"]) for a, b in zip(pa_runs, py_runs, strict=True)
-        ]
-        notes[-1] += "; perf_analyzer / Python chars/s per round: " + ", ".join(f"{r:.2f}" for r in ratios)
+                py.update(load_cpu_s=py["client_cpu_s"], turns=py["chars"] / args.max_tokens, messages=messages(py))
+                py["turn"] = []
+                sides[SERVED].append(py)
+                kserve = asyncio.run(
+                    kserve_generation(
+                        address,
+                        server_pid,
+                        n,
+                        args.max_tokens,
+                        pa["seconds"],
+                        streams,
+                        args.sequence_length,
+                        args.seed,
+                        float(args.temperature),
+                    )
+                )
+                kserve.update(load_cpu_s=kserve["client_cpu_s"], messages=messages(kserve), turn=[])
+                sides[KSERVE].append(kserve)
+                line += f", lstm.v1 Python {py['chars'] / py['seconds']:,.0f}, KServe Python "
+                line += f"{kserve['chars'] / kserve['seconds']:,.0f}"
+            print(line + ")", flush=True)
+        for label, runs in sides.items():
+            if runs:
+                print(generation_row(n, label, runs), flush=True)
+        note = f"- {n} session{'s' if n > 1 else ''}: perf_analyzer's summary of the last round: "
+        note += summary_line(sides[PA][-1]["output"])
+        for label in (SERVED, KSERVE):
+            if sides[label]:
+                ratios = [
+                    a["chars"] / a["seconds"] / (b["chars"] / b["seconds"])
+                    for a, b in zip(sides[PA], sides[label], strict=True)
+                ]
+                note += f"; perf_analyzer / {label.split(' (')[0]} chars/s per round: "
+                note += ", ".join(f"{r:.2f}" for r in ratios)
+        notes.append(note)
     print("\n" + "\n".join(notes))
 
 
@@ -374,34 +564,30 @@ def classify_table(args: argparse.Namespace, address: str, server_pid: int) -> N
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     notes = []
+    labels = (PA, "serve_classify.py served() (lstm.v1, Python)", KSERVE)
     for n in args.cls_concurrency:
-        pa_runs, py_runs = [], []
+        sides: dict[str, list[dict]] = {label: [] for label in labels}
         for _ in range(args.rounds):
-            pa_runs.append(pa_classify(args, address, server_pid, n))
+            pa = pa_classify(args, address, server_pid, n)
+            sides[PA].append(pa)
             if not args.skip_python:
-                py_runs.append(python_classify(address, server_pid, sentences, n, pa_runs[-1]["seconds"]))
-        pa_s, pa_n = total(pa_runs, "seconds"), total(pa_runs, "sentences")
-        pa_rate = statistics.median(r["sentences"] / r["seconds"] for r in pa_runs)
-        print(
-            f"| {n} | perf_analyzer (KServe, C++) | {pa_rate:,.0f} "
-            f"| {ms(pooled(pa_runs, 'latency'), 50)} / {ms(pooled(pa_runs, 'latency'), 99)} "
-            f"| {cores(total(pa_runs, 'load_cpu_s'), pa_s)} | {cores(total(pa_runs, 'server_cpu_s'), pa_s)} "
-            f"| {us_per(total(pa_runs, 'load_cpu_s'), pa_n)} | {us_per(total(pa_runs, 'server_cpu_s'), pa_n)} |"
-        )
+                sides[labels[1]].append(python_classify(address, server_pid, sentences, n, pa["seconds"]))
+                sides[KSERVE].append(asyncio.run(kserve_classify(address, server_pid, sentences, n, pa["seconds"])))
+        for label, runs in sides.items():
+            if not runs:
+                continue
+            seconds, count = total(runs, "seconds"), total(runs, "sentences")
+            latency = pooled(runs, "latency")
+            print(
+                f"| {n} | {label} | {statistics.median(r['sentences'] / r['seconds'] for r in runs):,.0f} "
+                f"| {ms(latency, 50)} / {ms(latency, 99)} "
+                f"| {cores(total(runs, 'load_cpu_s'), seconds)} | {cores(total(runs, 'server_cpu_s'), seconds)} "
+                f"| {us_per(total(runs, 'load_cpu_s'), count)} | {us_per(total(runs, 'server_cpu_s'), count)} |",
+                flush=True,
+            )
         notes.append(
             f"- {n} caller{'s' if n > 1 else ''}: perf_analyzer's summary of the last round: "
-            f"{summary_line(pa_runs[-1]['output'])}"
-        )
-        if not py_runs:
-            continue
-        py_s = sum(r["sentences"] / r["rate"] for r in py_runs if r["rate"])
-        py_n = total(py_runs, "sentences")
-        print(
-            f"| {n} | serve_classify.py (lstm.v1, Python) | {statistics.median(r['rate'] for r in py_runs):,.0f} "
-            f"| {ms(pooled(py_runs, 'latency'), 50)} / {ms(pooled(py_runs, 'latency'), 99)} "
-            f"| {cores(total(py_runs, 'client_cpu_s'), py_s)} | {cores(total(py_runs, 'server_cpu_s'), py_s)} "
-            f"| {us_per(total(py_runs, 'client_cpu_s'), py_n)} | {us_per(total(py_runs, 'server_cpu_s'), py_n)} |",
-            flush=True,
+            f"{summary_line(sides[PA][-1]['output'])}"
         )
     print("\n" + "\n".join(notes))
 
@@ -422,6 +608,7 @@ def main() -> None:
     parser.add_argument("--skip-classify", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=64, help="characters per turn (the max_tokens parameter)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--temperature", default=TEMPERATURE, help="sent as a string parameter (no doubles in PA)")
     parser.add_argument("--sequence-length", type=int, default=4, help="turns per perf_analyzer sequence")
     parser.add_argument("--sequence-id-range", default="1:100000", help="perf_analyzer's START:END")
     parser.add_argument("--gen-data", type=Path, default=DATA / "charlm.json")
