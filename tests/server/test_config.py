@@ -56,6 +56,7 @@ def test_unknown_file_option_and_bad_value_are_refused(tmp_path) -> None:
         (["--model-versions", "charlm=latest"], {}, "--model-versions: charlm='latest': give each model a whole"),
         (["--max-batch"], {}, "argument --max-batch: expected one argument (lstm-server --help lists the options)"),
         (["--max-bacth", "4"], {}, "unrecognized arguments: --max-bacth 4 (lstm-server --help lists the options)"),
+        (["--max-bat", "4"], {}, "unrecognized arguments: --max-bat 4"),  # no abbreviations
     ],
 )
 def test_a_bad_option_ends_the_server_with_one_line_naming_it(argv, env, message, monkeypatch, capsys) -> None:

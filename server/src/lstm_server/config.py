@@ -391,6 +391,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bounds, default and environment variable."""
     made = _Parser(
         prog="lstm-server",
+        allow_abbrev=False,  # --max-b is no option: a new option would change what it means
         usage="%(prog)s [--config FILE] [--OPTION VALUE ...]",
         description="gRPC server for the LSTM models (docs/server.md).",
         epilog=f"Each option comes from its default, then the --config file (TOML, by the underscored name: "
@@ -417,6 +418,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    """The options in the TOML file at ``path``; a ConfigError if it cannot be read or names an unknown option."""
     try:
         with path.open("rb") as handle:
             values = tomllib.load(handle)
