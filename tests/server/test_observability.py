@@ -91,7 +91,9 @@ def test_log_lines_carry_the_request_id_tenant_session_and_model(stubs, log_line
                 metadata=sent("failing-turn"),
             )
         )
+    stubs.models.ListModels(pb.ListModelsRequest(), metadata=sent("next-call"))
     by_id = {line.get("request_id"): line for line in log_lines() if line["message"] == "rpc"}
+    assert "session" not in by_id["next-call"] and "model" not in by_id["next-call"]  # each call has its own
     failed = by_id["failing-call"]
     assert (failed["method"], failed["code"], failed["tenant"], failed["session"]) == (
         "GetSession",
