@@ -130,13 +130,13 @@ def check_timeout(timeout: float | None) -> float | None:
 def retry_options(retries: int, backoff: float) -> list[tuple[str, Any]]:
     """Channel options that make gRPC itself retry the ``IDEMPOTENT`` calls on UNAVAILABLE (a service config
     ``retryPolicy``): up to ``retries`` more attempts, the n-th after a random wait of up to
-    ``backoff * 2**(n-1)`` seconds. No retries at 0."""
+    ``backoff * 2**(n-1)`` seconds. At 0, no policy (gRPC only resends calls that never reached the server)."""
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries must be an integer from 0 to {MAX_RETRIES} (gRPC's limit), got {retries!r}")
     if not (0 < backoff < math.inf):
         raise ValueError(f"backoff must be a finite number of seconds above 0, got {backoff!r}")
     if retries == 0:
-        return [("grpc.enable_retries", 0)]
+        return []
     policy = {
         "maxAttempts": retries + 1,
         "initialBackoff": f"{backoff:.9f}s",
