@@ -230,13 +230,19 @@ def test_details_that_do_not_parse_are_ignored() -> None:
     assert rich_details([("other-bin", b"x")]) == {} and rich_details(None) == {}
 
 
-def test_typed_errors_carry_the_status_code(server) -> None:
+def test_typed_errors_carry_the_status_code_and_the_servers_details(server) -> None:
+    """The reasons and fields of docs/observability.md's error model, from the real server."""
     with Client(server.address) as client:
         with pytest.raises(NotFound) as raised:
             client.attach("0" * 32)
         assert raised.value.code == grpc.StatusCode.NOT_FOUND and isinstance(raised.value, LstmError)
+        assert raised.value.reason == "SESSION_NOT_FOUND"
         with pytest.raises(InvalidArgument, match="not in the model's vocabulary"):
             client.session(model="charlm", prompt="§")
+        with client.session(model="charlm", prompt="KING:") as session, pytest.raises(InvalidArgument) as raised:
+            list(session.generate(max_tokens=-1))
+        assert raised.value.reason == "INVALID_SAMPLING"
+        assert [v.field for v in raised.value.field_violations] == ["sampling.max_tokens"]
 
 
 # -- the example, and the asyncio twin -----------------------------------------------------------------------------
