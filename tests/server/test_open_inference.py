@@ -8,7 +8,6 @@ import asyncio
 import json
 import queue
 import struct
-import warnings
 
 import grpc
 import numpy as np
@@ -24,6 +23,7 @@ from lstm_server.api.sequences import Place, SequenceQueue, sequence_session_id
 from lstm_server.config import ANONYMOUS
 
 from ..serving import Stubs
+from .test_session_store import store_settings
 
 PROMPTS = ["KING:\nthe ", "and ", "good "]
 TEXTS = ["a gorgeous film", "dull and lifeless", "", "the plot is thin but the actors shine"]
@@ -33,9 +33,7 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 @pytest.fixture
 def client(server):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        made = tc.InferenceServerClient(server.address)
+    made = tc.InferenceServerClient(server.address)
     yield made
     made.close()
 
@@ -165,9 +163,7 @@ def test_unknown_models_and_versions_are_not_found(client) -> None:
 
 def test_readiness_follows_the_health_status(start_server) -> None:
     running = start_server()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        client = tc.InferenceServerClient(running.address)
+    client = tc.InferenceServerClient(running.address)
     running.run(running.server._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))  # as when draining
     assert client.is_server_live()
     assert not client.is_server_ready() and not client.is_model_ready("charlm")
@@ -386,14 +382,11 @@ def test_tokens_are_required_and_a_tenant_cannot_continue_anothers_sequence(star
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("".join(f"{tenant} {token}\n" for tenant, token in TOKENS.items()))
     running = start_server(auth_tokens=str(tokens))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        client = tc.InferenceServerClient(running.address)
+    client = tc.InferenceServerClient(running.address)
     for call, args in ((client.is_server_ready, ()), (client.get_model_metadata, ("charlm",))):
         assert "needs authentication" in refused(grpc.StatusCode.UNAUTHENTICATED, call, *args)
     refused(grpc.StatusCode.UNAUTHENTICATED, client.infer, "charlm", [text_input("x")])
-    stream = Stream(client)
-    stream.send("x")
+    stream = Stream(client)  # refused as it opens, before any request
     ((_, error),) = stream.until_final()
     assert "needs authentication" in str(error)
     stream.close()
@@ -410,6 +403,20 @@ def test_tokens_are_required_and_a_tenant_cannot_continue_anothers_sequence(star
     )
     client.close()
     assert [texts_of(first, "TEXT_OUT")[0], texts_of(second, "TEXT_OUT")[0]] == lstm_turns(stubs, PROMPTS[:2])
+
+
+def test_another_replica_continues_a_sequence_from_the_redis_store(start_redis, start_server, stubs) -> None:
+    redis_ = start_redis()
+    replicas = [tc.InferenceServerClient(start_server(**store_settings(redis_)).address) for _ in range(2)]
+    texts = []
+    for i, prompt in enumerate(PROMPTS):  # on replica 0, 1, then 0 again, whose copy is stale by then
+        flags = {"sequence_start": i == 0, "sequence_end": i == len(PROMPTS) - 1}
+        result = replicas[i % 2].infer("charlm", [text_input(prompt)], sequence_id=3, parameters=GREEDY, **flags)
+        texts.append(texts_of(result, "TEXT_OUT")[0])
+    assert texts == lstm_turns(stubs, PROMPTS)
+    refused(grpc.StatusCode.NOT_FOUND, replicas[1].infer, "charlm", [text_input("x")], sequence_id=3)
+    for replica in replicas:
+        replica.close()
 
 
 # -- the sequence queue -----------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ..sessions.turn import SessionTurn
 from .interceptors import MAX_MESSAGE_CHARS, caller
 from .open_inference_models import (
     EMPTY_FINAL,
+    FINAL,
     SAMPLING_PARAMETERS,
     Output,
     check_parameter_names,
@@ -82,7 +83,7 @@ class Job:
 def stream_error(request: ip.ModelInferRequest, code: Status, message: str) -> ip.ModelStreamInferResponse:
     """A stream's answer to a request that failed: the code's name and the message; nothing more follows for it."""
     response = ip.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
-    response.parameters["triton_final_response"].bool_param = True
+    response.parameters[FINAL].bool_param = True
     return ip.ModelStreamInferResponse(
         error_message=f"{code.name}: {message}"[:MAX_MESSAGE_CHARS], infer_response=response
     )
