@@ -80,6 +80,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
+from prometheus_client import Histogram
 
 from ..errors import ServiceError, Status
 from ..logs import call_fields
@@ -177,7 +178,7 @@ class Turn:
         self.admitted_at: float | None = None  # the model thread took it: its queueing ends, its prefill starts
         self.first_at: float | None = None  # its prompt read and first character drawn
         self.ended_at: float | None = None  # its last character fed, or it failed
-        self.model_calls = 0  # the decode calls it took part in
+        self.model_calls = 0  # the decode calls its row ran in
         self.completion: asyncio.Future[TurnEnd] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()  # set on the event loop when there is news for the reader
         self._tokens_seen = position
@@ -490,7 +491,7 @@ class GenerationEngine:
             self._notify_scheduled = True
             self._loop.call_soon_threadsafe(self._flush_notifications)
 
-    def _checked_run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, timer: Any):
+    def _checked_run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, timer: Histogram):
         """(last logits [1, vocab], h, c) after one sequence ``tokens``, the call timed by ``timer``; raises
         ``NonFinite`` on NaN or infinity."""
         started = time.perf_counter()
@@ -725,11 +726,10 @@ class GenerationEngine:
         for i, error in failures.items():
             log.error("%s", error.message, exc_info=error.__cause__, extra=batch[i].log_fields)
         delivered = 0
-        for turn in batch:
-            turn.model_calls += 1
         with self.lock:
             for j, i in enumerate(rows.tolist()):
                 turn = batch[i]
+                turn.model_calls += 1
                 if i in failures:
                     continue
                 if i in sends:
