@@ -214,12 +214,13 @@ def test_a_sequence_over_a_stream_equals_lstm_v1_turns(client, stubs) -> None:
     seen = 0
     for i, (responses, prompt) in enumerate(zip(turns, PROMPTS, strict=True)):
         assert {r.get_response().id for r, _ in responses} == {f"turn-{i}"}
-        *texts, last = responses
-        assert all(not final(r) and r.as_numpy("TOKENS_SEEN") is None for r, _ in texts)
-        assert final(last[0]) and last[0].as_numpy("TEXT_OUT") is None  # the empty final response
+        *texts, end, (empty, _) = responses
+        assert not any(final(r) for r, _ in [*texts, end])
+        assert all(r.as_numpy("TOKENS_SEEN") is None for r, _ in texts)
+        assert final(empty) and not empty.get_response().outputs  # the empty final response
         seen += len(prompt) + 12
-        assert last[0].as_numpy("TOKENS_SEEN").tolist() == [seen]
-        assert texts_of(last[0], "FINISH_REASON") == ["length"]
+        assert end[0].as_numpy("TOKENS_SEEN").tolist() == [seen]
+        assert texts_of(end[0], "FINISH_REASON") == ["length"]
     assert [turn_text(t) for t in turns] == expected
 
     stream.send("more", sequence_id=41)  # it ended: no sequence 41 any more

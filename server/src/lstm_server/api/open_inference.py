@@ -6,8 +6,9 @@ served beside lstm.v1 on the same port, on tritonclient's generated stubs.
   ``ServiceError`` as its status.
 - A classifier answers a batch of texts in one response. A language model is a decoupled sequence model: a
   request is one turn of its sequence's session (``sequences.py``); in a stream each piece of text goes out as
-  it is made, and the last response of a request says so (``triton_final_response``). ModelInfer answers the
-  whole turn in one response.
+  it is made, and the last response of a request says so (``triton_final_response``; with
+  ``triton_enable_empty_final_response`` that last response is empty, after the text and the turn's end).
+  ModelInfer answers the whole turn in one response.
 - In a stream every request runs in its own task (at most ``MAX_STREAM_IN_FLIGHT`` at once; more wait to be
   read), so different sequences run concurrently; a request that fails answers ``error_message`` (its status
   code's name, then the message) and the stream goes on.
@@ -38,7 +39,6 @@ from .open_inference_models import (
     EMPTY_FINAL,
     FINAL,
     SAMPLING_PARAMETERS,
-    Output,
     check_parameter_names,
     count_output,
     infer_response,
@@ -77,7 +77,7 @@ class Job:
     flags: SequenceFlags | None = None
     session_id: str = ""  # the sequence's session; "" for a request that is a sequence of its own
     place: Place | None = None
-    empty_final: bool = False  # the last response of a stream carries no text (triton_enable_empty_final_response)
+    empty_final: bool = False  # a stream ends the request with an empty response (triton_enable_empty_final_response)
 
 
 def stream_error(request: ip.ModelInferRequest, code: Status, message: str) -> ip.ModelStreamInferResponse:
@@ -245,26 +245,25 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             values = {"LABEL": text_output(labels), "PROBS": probabilities_output(rows)}
             yield infer_response(job.request, model, values, job.outputs, final)
             return
-        parts: list[str] = []
+        parts: list[str] = []  # a unary call's text so far
         async for chunk in self._turn(job, tenant):
-            text = {"TEXT_OUT": text_output([chunk.text])}
+            if not streaming:
+                parts.append(chunk.text)
             if not chunk.last:
                 if streaming:
+                    text = {"TEXT_OUT": text_output([chunk.text])}
                     yield infer_response(job.request, model, text, job.outputs, False)
-                else:
-                    parts.append(chunk.text)
                 continue
-            ending: dict[str, Output] = {
+            values = {
+                "TEXT_OUT": text_output([chunk.text if streaming else "".join(parts)]),
                 "TOKENS_SEEN": count_output(chunk.tokens_seen),
                 "FINISH_REASON": text_output([chunk.finish_reason or ""]),
             }
-            if not streaming:
-                text = {"TEXT_OUT": text_output(["".join([*parts, chunk.text])])}
-            elif job.empty_final:
-                if chunk.text:
-                    yield infer_response(job.request, model, text, job.outputs, False)
-                text = {}
-            yield infer_response(job.request, model, {**text, **ending}, job.outputs, final)
+            if streaming and job.empty_final:  # the end goes with the last text, then a response with nothing
+                yield infer_response(job.request, model, values, job.outputs, False)
+                yield infer_response(job.request, model, {}, job.outputs, True)
+            else:
+                yield infer_response(job.request, model, values, job.outputs, final)
 
     # -- sequences ----------------------------------------------------------------------------------------------
 
