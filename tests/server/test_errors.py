@@ -370,13 +370,17 @@ def test_idle_sessions_expire_and_any_call_keeps_them_alive(start_server) -> Non
     expect(grpc.StatusCode.NOT_FOUND, "expired after 0.4 s idle", stubs.sessions.GetSession, gone)
 
 
-def test_a_busy_session_and_a_tenant_turn_limit_ask_for_a_retry(start_server, tmp_path) -> None:
+def test_a_busy_session_and_a_tenant_turn_limit_ask_for_a_retry_and_a_stranger_to_authenticate(
+    start_server, tmp_path
+) -> None:
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("alice alice-token-0123456789\n")
     running = start_server(auth_tokens=str(tokens), tenant_max_turns=1)
     stubs = Stubs(running.address)
     alice = (("authorization", "Bearer alice-token-0123456789"),)
     create = pb.CreateSessionRequest(model="charlm", prompt=PROMPT)
+    error = expect(grpc.StatusCode.UNAUTHENTICATED, "needs authentication", stubs.sessions.CreateSession, create)
+    assert details_of(error) == lstm_error("UNAUTHENTICATED")
     busy, other = (stubs.sessions.CreateSession(create, metadata=alice).session_id for _ in range(2))
     with running.server.models.get("charlm").engine.paused() as paused:
         stream = stubs.generation.Generate(pb.GenerateRequest(session_id=busy), metadata=alice)
