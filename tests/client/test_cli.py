@@ -176,18 +176,21 @@ def new_session(client: Client, before: set[str]) -> pb.Session:
     return session
 
 
+def spawn_chat(server, *options: str) -> pexpect.spawn:
+    return pexpect.spawn(
+        CLI,
+        ["--server", server.address, "chat", "--max-tokens", "5000000", "--stop", "@@", *options],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        encoding="utf-8",
+        timeout=30,
+    )
+
+
 def test_chat_ctrl_c_stops_the_answer_keeps_the_session_and_quits_at_the_prompt(long_server, tmp_path) -> None:
     history = tmp_path / "state" / "history"
-    options = ["chat", "--max-tokens", "5000000", "--stop", "@@", "--history", str(history)]
     with Client(long_server.address) as client:
         before = {s.session_id for s in client.list_sessions(page_size=1000)}
-        chat = pexpect.spawn(
-            CLI,
-            ["--server", long_server.address, *options],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            encoding="utf-8",
-            timeout=30,
-        )
+        chat = spawn_chat(long_server, "--history", str(history))
         try:
             chat.expect_exact("you> ")
             seen = []

@@ -101,7 +101,9 @@ def test_async_client_retries_too(fake_server) -> None:
     assert asyncio.run(run())[0].label == "positive" and servicer.calls["Classify"] == 2
 
 
-@pytest.mark.parametrize(("retries", "backoff"), [(5, 0.1), (-1, 0.1), (True, 0.1), (1.5, 0.1), (2, 0), (2, -1)])
+@pytest.mark.parametrize(
+    ("retries", "backoff"), [(5, 0.1), (-1, 0.1), (True, 0.1), (1.5, 0.1), (2, 0), (2, 1e-6), (2, math.inf)]
+)
 def test_retry_settings_are_checked(retries, backoff) -> None:
     with pytest.raises(ValueError, match=r"retries|backoff"):
         Client("127.0.0.1:1", retries=retries, backoff=backoff)

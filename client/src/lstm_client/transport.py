@@ -133,8 +133,8 @@ def retry_options(retries: int, backoff: float) -> list[tuple[str, Any]]:
     ``backoff * 2**(n-1)`` seconds. At 0, no policy (gRPC only resends calls that never reached the server)."""
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries must be an integer from 0 to {MAX_RETRIES} (gRPC's limit), got {retries!r}")
-    if not (0 < backoff < math.inf):
-        raise ValueError(f"backoff must be a finite number of seconds above 0, got {backoff!r}")
+    if not (0.001 <= backoff < math.inf):
+        raise ValueError(f"backoff must be a finite number of seconds, at least 0.001, got {backoff!r}")
     if retries == 0:
         return []
     policy = {
