@@ -152,7 +152,7 @@ class AsyncClient(Connection):
     ) -> Opening[AsyncChat]:
         """See ``Client.chat``: ``await`` it, or ``async with`` it to close the stream at the end."""
         opening = chat_opening(model, prompt, unknown_characters, defaults, keep_session)
-        return Opening(lambda: AsyncChat(self, opening, timeout).open())
+        return Opening(AsyncChat(self, opening, timeout).open)
 
 
 class AsyncSession:
@@ -196,7 +196,7 @@ class AsyncSession:
 
     def chat(self, *, timeout: float | None = None) -> Opening[AsyncChat]:
         """See ``Session.chat``."""
-        return Opening(lambda: AsyncChat(self.client, pb.ChatRequest(session_id=self.id), timeout).open())
+        return Opening(AsyncChat(self.client, pb.ChatRequest(session_id=self.id), timeout).open)
 
     async def refresh(self) -> pb.Session:
         self.info = await self._unary(self.client.sessions.GetSession, pb.GetSessionRequest(session_id=self.id))
