@@ -299,6 +299,8 @@ def test_the_async_client_steps_describes_attaches_forks_exports_imports_and_lis
                 assert await aclient.describe("charlm") == described
                 attached = await aclient.attach(original.id)
                 assert attached.info.tokens_seen == len("KING:")
+                opened = await aclient.session(model="charlm").open()  # the spelling before session() was awaitable
+                await opened.close()
                 fork = await attached.fork()
                 imported = await aclient.import_session(await fork.export())
                 listed = {s.session_id for s in await aclient.list_sessions("charlm")}

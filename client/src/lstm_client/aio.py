@@ -32,15 +32,18 @@ Closable = TypeVar("Closable", "AsyncSession", "AsyncChat")
 
 
 class Opening(Generic[Closable]):
-    """What ``AsyncClient.session`` and ``chat`` return: ``await`` it for the object, or ``async with`` it to
-    have it closed at the end of the block."""
+    """What ``AsyncClient.session`` and ``chat`` return: ``await`` it (or ``await opening.open()``) for the
+    object, or ``async with`` it to have it closed at the end of the block."""
 
     def __init__(self, open_: Callable[[], Awaitable[Closable]]) -> None:
         self._open = open_
         self._opened: Closable | None = None
 
+    async def open(self) -> Closable:
+        return await self._open()
+
     def __await__(self) -> Generator[Any, None, Closable]:
-        return self._open().__await__()
+        return self.open().__await__()
 
     async def __aenter__(self) -> Closable:
         self._opened = await self._open()
