@@ -69,14 +69,6 @@ from serve_classify import stop_server
 from serve_generation import TEMPERATURE, percentile, process_cpu_s, start_server
 from serve_generation import served as generation_served
 
-from lstm_client.aio import Opening
-
-# serve_generation.served() opens its sessions with ``client.session(...).open()``, the AsyncClient API before
-# commit 21478a3, which made ``session()`` return an awaitable ``Opening``; until served() awaits it, give Opening
-# the old spelling so that the Python side is still serve_generation.py's own load generator.
-if not hasattr(Opening, "open"):
-    Opening.open = lambda self: self._open()
-
 REPO = Path(__file__).resolve().parent.parent
 PA = "perf_analyzer (KServe, C++)"
 SERVED = "serve_generation.py served() (lstm.v1, Python)"
