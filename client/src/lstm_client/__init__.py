@@ -1,4 +1,4 @@
-"""Python client for the LSTM serving API (grpcio and protobuf only).
+"""Python client for the LSTM serving API (grpcio and protobuf messages only).
 
 from lstm_client import Client, TlsConfig
 with Client("gateway.example:443", token="...", tls=TlsConfig(ca="ca.pem")) as client:
@@ -7,7 +7,7 @@ with Client("gateway.example:443", token="...", tls=TlsConfig(ca="ca.pem")) as c
         for chunk in session.generate("ROMEO:", max_tokens=200, temperature=0.8, seed=7):
             print(chunk.text, end="", flush=True)
     with client.chat(model="charlm", prompt="ROMEO:") as chat:  # the Chat stream, turn after turn
-        print("".join(chunk.text for chunk in chat.send("\nWhat light", max_tokens=100)))
+        print("".join(chunk.text for chunk in chat.send(" What light", max_tokens=100)))
 
 ``AsyncClient`` is the asyncio twin; docs/client.md says it all (deadlines, retries, errors, the CLI).
 """
