@@ -260,10 +260,10 @@ def test_pipelined_sequences_on_one_stream_run_in_order_each_and_together(client
 
 
 def test_a_sequence_that_waits_does_not_hold_up_another_on_the_same_stream(server, client, stubs) -> None:
-    queue_ = server.server.inference.queue
+    service = server.server.inference
 
     async def hold() -> Place:  # a request of sequence 99 that has not ended yet
-        return queue_.join(sequence_session_id(ANONYMOUS, "charlm", 99))
+        return service.queue.join(sequence_session_id(service.sequence_key, ANONYMOUS, "charlm", 99))
 
     held = server.run(hold())
     stream = Stream(client)

@@ -114,6 +114,8 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         self.api = api
         self.ready = ready  # the server's health is SERVING
         self.queue = SequenceQueue()
+        signer = api.states.signer
+        self.sequence_key = signer.keys[signer.signing_id]  # replicas share it: they derive the same sessions
 
     # -- health and metadata ------------------------------------------------------------------------------------
 
@@ -232,7 +234,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             raise ServiceError(
                 Status.INVALID_ARGUMENT, f"parameter {EMPTY_FINAL} must be a bool (bool_param), got {empty_final!r}"
             )
-        session_id = sequence_session_id(tenant, model.name, flags.id) if flags.id is not None else ""
+        session_id = "" if flags.id is None else sequence_session_id(self.sequence_key, tenant, model.name, flags.id)
         place = self.queue.join(session_id) if session_id else None
         return Job(request, model, texts, outputs, sampling, flags, session_id, place, bool(empty_final))
 

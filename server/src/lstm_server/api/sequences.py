@@ -1,23 +1,25 @@
 """Sequences of the Open Inference Protocol as sessions: the sequence parameters of a request, the session a
 sequence is, and the order its requests run in.
 
-A sequence is a session of the caller's tenant whose id is derived from (tenant, model, sequence id): the same
-on every replica, so with the Redis store another replica finds it, and different for every tenant, so one
-tenant's sequence id never reaches another's session. Requests of one sequence run one after another, in the
-order they arrived (``SequenceQueue``), not refused as busy: clients pipeline them.
+A sequence is a session of the caller's tenant whose id is derived from (tenant, model, sequence id) with the
+server's state-signing key: the same on every replica, so with the Redis store another replica finds it, and
+different for every tenant, so one tenant's sequence id never reaches another's session. Requests of one
+sequence run one after another, in the order they arrived (``SequenceQueue``), not refused as busy: clients
+pipeline them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tritonclient.grpc import service_pb2 as ip
 
-from ..errors import invalid
+from ..errors import invalid, shown
 from .open_inference_models import parameter
 
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
@@ -32,7 +34,7 @@ class SequenceFlags:
     end: bool
 
     def shown(self) -> str:
-        return f"sequence {self.id!r}"
+        return f"sequence {shown(self.id) if isinstance(self.id, str) else self.id}"
 
 
 def sequence_flags(parameters: Mapping[str, ip.InferParameter]) -> SequenceFlags:
@@ -50,10 +52,12 @@ def sequence_flags(parameters: Mapping[str, ip.InferParameter]) -> SequenceFlags
     return SequenceFlags(sequence_id if sequence_id not in (None, 0, "") else None, *flags)
 
 
-def sequence_session_id(tenant: str, model: str, sequence_id: int | str) -> str:
-    """The session a sequence is: 32 hex digits of SHA-256 over (tenant, model, sequence id); an integer id and
-    its decimal string are different sequences."""
-    return hashlib.sha256(json.dumps([tenant, model, sequence_id]).encode()).hexdigest()[:32]
+def sequence_session_id(key: bytes, tenant: str, model: str, sequence_id: int | str) -> str:
+    """The session a sequence is: 32 hex digits of HMAC-SHA256, with the server's state-signing key, over
+    (tenant, model, sequence id). Replicas share the key, so they derive the same id; nobody without it can
+    derive another tenant's, to take or probe it through lstm.v1. An integer id and its decimal string are
+    different sequences."""
+    return hmac.new(key, json.dumps([tenant, model, sequence_id]).encode(), hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass(eq=False)
