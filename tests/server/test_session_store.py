@@ -205,16 +205,14 @@ def test_proposed_session_ids_are_checked(stored):
     with Client(a.address) as on_a, Client(b.address) as on_b:
         for bad in ("not-hex", "AB" * 16, "ab" * 17):
             with pytest.raises(LstmError) as refused:
-                on_a.call(on_a.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", bad)])
+                on_a.call(on_a.sessions.CreateSession, request, metadata=[("x-session-id", bad)])
             assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert "propose 32 lowercase hex digits" in refused.value.details
-        made = on_a.call(on_a.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", proposed)])
+        made = on_a.call(on_a.sessions.CreateSession, request, metadata=[("x-session-id", proposed)])
         assert made.session_id == proposed
         for client in (on_a, on_b):  # held by a; only in the store for b
             with pytest.raises(LstmError) as taken:
-                client.call(
-                    client.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", proposed)]
-                )
+                client.call(client.sessions.CreateSession, request, metadata=[("x-session-id", proposed)])
             assert taken.value.code == grpc.StatusCode.ALREADY_EXISTS
 
 
@@ -287,7 +285,7 @@ def test_a_session_closed_while_it_is_created_stays_closed(stored):
         sessions.store.save = close_then_save
         with pytest.raises(LstmError) as aborted:
             request = pb.CreateSessionRequest(model="charlm", prompt=PROMPT)
-            client.call(client.sessions.CreateSession, request, idempotent=False, metadata=[("x-session-id", proposed)])
+            client.call(client.sessions.CreateSession, request, metadata=[("x-session-id", proposed)])
         sessions.store.save = save
         assert aborted.value.code == grpc.StatusCode.ABORTED
         assert "was closed while it was being made" in aborted.value.details
