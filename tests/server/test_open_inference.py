@@ -315,21 +315,39 @@ def test_sampling_parameters_mean_what_lstm_v1_sampling_means(client, stubs) -> 
 # -- errors -------------------------------------------------------------------------------------------------------
 
 
-def raw_request(model: str = "charlm", datatype: str = "BYTES", shape=(1,), raw: bytes | None = None, **parameters):
+def raw_request(
+    model: str = "charlm", datatype: str = "BYTES", shape=(1,), raw: bytes | None = None, name="TEXT", **parameters
+) -> ip.ModelInferRequest:
+    """A request of one input, "hi" unless ``raw`` says otherwise; parameters as NAME=(FIELD, VALUE)."""
     request = ip.ModelInferRequest(
         model_name=model,
         id="bad-1",
-        inputs=[ip.ModelInferRequest.InferInputTensor(name="TEXT", datatype=datatype, shape=list(shape))],
+        inputs=[ip.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(shape))],
     )
     request.raw_input_contents.append(struct.pack("<I", 2) + b"hi" if raw is None else raw)
-    for name, value in parameters.items():
-        setattr(request.parameters[name], value[0], value[1])
+    for key, value in parameters.items():
+        setattr(request.parameters[key], value[0], value[1])
+    return request
+
+
+def changed(request: ip.ModelInferRequest, change) -> ip.ModelInferRequest:
+    change(request)
     return request
 
 
 @pytest.mark.parametrize(
     ("request_", "needle"),
     [
+        (raw_request(name="PROMPT"), "takes one input, TEXT (BYTES, shape [1]); got inputs ['PROMPT']"),
+        (changed(raw_request(), lambda r: r.raw_input_contents.append(b"")), "2 raw_input_contents for 1 input"),
+        (changed(raw_request(), lambda r: r.outputs.add(name="LOGITS")), "has no output 'LOGITS'; its outputs are"),
+        (
+            changed(
+                raw_request(),
+                lambda r: r.inputs[0].parameters["shared_memory_region"].MergeFrom(ip.InferParameter(string_param="r")),
+            ),
+            "shared memory",
+        ),
         (raw_request(datatype="FP32"), "input TEXT must have datatype BYTES, got 'FP32'"),
         (raw_request(shape=(2,)), "input TEXT must have shape [1]"),
         (raw_request(model="sentiment", shape=(2,)), "input TEXT has shape [2] but 1 elements: send 2"),
