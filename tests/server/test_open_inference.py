@@ -284,6 +284,17 @@ def test_a_sequence_that_waits_does_not_hold_up_another_on_the_same_stream(serve
     assert turn_text(first) == turn_text(second) == lstm_turns(stubs, PROMPTS[:1])[0]
 
 
+def test_a_cancelled_stream_frees_its_sequence_for_the_next_request(client) -> None:
+    stream = Stream(client)
+    stream.send(PROMPTS[0], sequence_id=8, sequence_start=True, parameters={"max_tokens": 4000})
+    first, error = stream.results.get(timeout=30)
+    assert error is None and not final(first)
+    client.stop_stream(cancel_requests=True)  # mid-turn
+    result = client.infer("charlm", [text_input("")], sequence_id=8, sequence_end=True, parameters=GREEDY)
+    assert texts_of(result, "FINISH_REASON") == ["length"]
+    assert result.as_numpy("TOKENS_SEEN")[0] > len(PROMPTS[0]) + 12  # and what the cancelled turn generated
+
+
 def test_unary_calls_continue_a_sequence_and_answer_whole_turns(client, stubs) -> None:
     expected = lstm_turns(stubs, PROMPTS)
     texts = []
