@@ -39,7 +39,7 @@ character of a message counts the gap since the previous message, the others 0).
 measurement windows; reported as cores (CPU seconds per second) and microseconds per character (or per sentence).
 
 Every run is bounded: a perf_analyzer run by ``--pa-timeout-s`` (killed after it), a Python run by the same
-seconds; the defaults take about four minutes on two cores. The server and every perf_analyzer started are stopped
+seconds; the defaults took six minutes on two busy cores. The server and every perf_analyzer started are stopped
 at the end, also on an error or Ctrl-C.
 
     make perf-analyzer && .venv/bin/python bench/perf_analyzer.py
