@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import struct
 
@@ -19,6 +20,7 @@ from tritonclient.grpc import service_pb2 as ip
 from tritonclient.grpc import service_pb2_grpc as ip_grpc
 from tritonclient.utils import InferenceServerException
 
+from lstm_server.api.open_inference_models import model_config
 from lstm_server.api.sequences import Place, SequenceQueue, sequence_session_id
 from lstm_server.config import ANONYMOUS
 
@@ -28,6 +30,7 @@ from .test_session_store import store_settings
 PROMPTS = ["KING:\nthe ", "and ", "good "]
 TEXTS = ["a gorgeous film", "dull and lifeless", "", "the plot is thin but the actors shine"]
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
+INF = math.inf
 GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
@@ -135,6 +138,8 @@ def test_readiness_metadata_and_configuration(client, server) -> None:
     config = client.get_model_config("charlm", "1").config
     assert config.max_batch_size == 0 and config.model_transaction_policy.decoupled
     assert config.sequence_batching.max_sequence_idle_microseconds == int(server.config.idle_timeout_s * 1e6)
+    forever = model_config(server.server.models.get("charlm"), server.config.model_copy(update={"idle_timeout_s": INF}))
+    assert forever.sequence_batching.max_sequence_idle_microseconds == 2**64 - 1  # sessions that never expire
 
     sentiment = client.get_model_metadata("sentiment")
     labels = json.loads(client.get_model_config("sentiment").config.parameters["labels"].string_value)

@@ -29,6 +29,7 @@ BYTES, FP32, UINT64 = "BYTES", "FP32", "UINT64"
 CONFIG_TYPES = {BYTES: mc.TYPE_STRING, FP32: mc.TYPE_FP32, UINT64: mc.TYPE_UINT64}
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnxruntime"), "torchscript": ("pytorch_libtorch", "pytorch")}
 LENGTH_PREFIX = struct.Struct("<I")
+MAX_UINT64 = 2**64 - 1
 SAMPLING_PARAMETERS = (*SAMPLING_FIELDS, "stop")
 INTEGER_PARAMETERS = ("top_k", "seed", "max_tokens")
 FINAL = "triton_final_response"
@@ -107,8 +108,10 @@ def model_config(model: ServedModel, config: ServerConfig) -> mc.ModelConfig:
         parameters={key: mc.ModelParameter(string_value=value) for key, value in parameters.items()},
     )
     if model.task == "generation":
-        idle_us = min(round(config.idle_timeout_s * 1e6), 2**64 - 1)
-        result.sequence_batching.max_sequence_idle_microseconds = idle_us
+        idle_us = config.idle_timeout_s * 1e6  # may be infinite
+        result.sequence_batching.max_sequence_idle_microseconds = (
+            MAX_UINT64 if idle_us >= MAX_UINT64 else round(idle_us)
+        )
         result.model_transaction_policy.decoupled = True
     return result
 
