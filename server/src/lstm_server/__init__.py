@@ -5,6 +5,7 @@
 - ``engine/``: the scheduler over state slots, the classifier's batcher, sampling (numpy in, numpy out)
 - ``runtime/``: the model repository, the backends, the registry of loaded models
 
-Beside them, imported by any layer and importing none: ``config``, ``errors``, ``metrics``, ``logs``. At the top,
-``app`` (which assembles the layers) and ``cli``; ``healthcheck`` is a client for container health checks.
+Beside them, imported by any layer: ``config``, ``errors``, ``metrics``, ``logs`` (which import none of the
+layers) and ``tracing`` (which imports only ``config`` and ``metrics``). At the top, ``app`` (which assembles the
+layers) and ``cli``; ``healthcheck`` is a client for container health checks.
 """

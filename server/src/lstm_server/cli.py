@@ -13,6 +13,7 @@ from .app import StartupError, serve
 from .config import ConfigError, load_config
 from .logs import configure_logging
 from .runtime.model_repository import ModelRepositoryError
+from .tracing import setup_tracing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
         configure_logging(config.log_level, config.replica_name)
+        setup_tracing(config)  # once per process, like the logs
         # the model thread needs the GIL back after every model call, while the event loop holds it for gRPC: with
         # Python's 5 ms it could wait that long each time (measured: bench/RESULTS.md)
         sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
