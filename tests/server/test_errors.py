@@ -231,7 +231,7 @@ def test_step_errors(stubs) -> None:
         stubs.generation.Step,
         pb.StepRequest(model="charlm"),
     )
-    assert details_of(error) == lstm_error("INVALID_ARGUMENT")  # a ServiceError without a reason: its code's name
+    assert details_of(error) == bad_request("EMPTY_INPUT", "input")
     error = expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         "token ids out of range",
@@ -248,12 +248,13 @@ def test_step_errors(stubs) -> None:
         ),
     )
     assert details_of(error) == bad_request("INVALID_TENSOR", "h")
-    expect(
+    error = expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         "give both h and c",
         stubs.generation.Step,
         pb.StepRequest(model="charlm", text="the", h=pb.Tensor(shape=[2, 1, 12], data=bytes(96))),
     )
+    assert details_of(error) == bad_request("PARTIAL_STATE", "c")  # the one missing
 
 
 def test_import_refuses_altered_or_foreign_state(server, stubs) -> None:
@@ -309,19 +310,28 @@ def test_import_refuses_altered_or_foreign_state(server, stubs) -> None:
 
 
 def test_chat_protocol_errors(stubs) -> None:
-    expect(
+    error = expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         "the first Chat message must name a session",
         stubs.generation.Chat,
         iter([pb.ChatRequest(text="hi")]),
     )
+    assert details_of(error) == bad_request("CHAT_WITHOUT_SESSION", "session")
     session_id = new_session(stubs)
-    expect(
+    error = expect(
         grpc.StatusCode.INVALID_ARGUMENT,
         "only the first Chat message may name",
         stubs.generation.Chat,
         iter([pb.ChatRequest(session_id=session_id), pb.ChatRequest(session_id=session_id, text="the ")]),
     )
+    assert details_of(error) == bad_request("CHAT_SESSION_RENAMED", "session")
+    error = expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "only the first Chat message may name",
+        stubs.generation.Chat,
+        iter([pb.ChatRequest(session_id=session_id), pb.ChatRequest(keep_session=True, text="the ")]),
+    )
+    assert details_of(error) == bad_request("CHAT_SESSION_RENAMED", "keep_session")
 
 
 def test_session_limit(start_server) -> None:
@@ -415,4 +425,4 @@ def test_malformed_requests_and_protocol_errors_have_reasons(stubs, server) -> N
         stubs.generation.Chat,
         iter([pb.ChatRequest(text="hi")]),
     )
-    assert details_of(error) == lstm_error("INVALID_ARGUMENT")  # on a stream too
+    assert details_of(error) == bad_request("CHAT_WITHOUT_SESSION", "session")  # on a stream too

@@ -145,12 +145,20 @@ class GenerationService(rpc.GenerationServicer):
                     elif which == "session_id":
                         session = await self.api.sessions.resolve(message.session_id, tenant)
                     else:
-                        raise invalid("the first Chat message must name a session (session_id) or create one (create)")
+                        raise invalid(
+                            "the first Chat message must name a session (session_id) or create one (create)",
+                            reason="CHAT_WITHOUT_SESSION",
+                            field="session",
+                        )
                     if not message.text:
                         yield pb.ChatResponse(session_id=session.id, end_of_turn=True, tokens_seen=session.tokens_seen)
                         continue
                 elif which is not None or message.keep_session:
-                    raise invalid("only the first Chat message may name or create the session, or keep it")
+                    raise invalid(
+                        "only the first Chat message may name or create the session, or keep it",
+                        reason="CHAT_SESSION_RENAMED",
+                        field="session" if which is not None else "keep_session",
+                    )
                 turn = await self.api.start_turn(
                     session.id, tenant, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT
                 )
@@ -184,10 +192,14 @@ class GenerationService(rpc.GenerationServicer):
         else:
             tokens = np.zeros(0, np.int64)
         if not len(tokens):
-            raise invalid("Step needs a non-empty text or token list")
+            raise invalid("Step needs a non-empty text or token list", reason="EMPTY_INPUT", field="input")
         shape = engine.state_shape
         if request.HasField("h") != request.HasField("c"):
-            raise invalid("give both h and c, or neither (a fresh sequence)")
+            raise invalid(
+                "give both h and c, or neither (a fresh sequence)",
+                reason="PARTIAL_STATE",
+                field="h" if request.HasField("c") else "c",
+            )
         if request.HasField("h"):
             h, c = from_tensor(request.h, shape, "h"), from_tensor(request.c, shape, "c")
         else:
