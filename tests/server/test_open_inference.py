@@ -14,7 +14,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from grpc_health.v1 import health_pb2
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from lstm.v1 import lstm_pb2 as pb
 from tritonclient.grpc import service_pb2 as ip
 from tritonclient.grpc import service_pb2_grpc as ip_grpc
@@ -156,6 +158,17 @@ def test_readiness_metadata_and_configuration(client, server) -> None:
         ("charlm", "1", "READY"),
         ("sentiment", "1", "READY"),
     }
+
+
+def test_the_service_is_in_health_and_reflection(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        check = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        assert health_pb2_grpc.HealthStub(channel).Check(check).status == health_pb2.HealthCheckResponse.SERVING
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in set(database.get_services())
+        service = descriptor_pool.DescriptorPool(database).FindServiceByName("inference.GRPCInferenceService")
+        method = service.methods_by_name["ModelInfer"]
+        assert method.output_type.full_name == "inference.ModelInferResponse"
 
 
 def test_unknown_models_and_versions_are_not_found(client) -> None:
