@@ -116,7 +116,7 @@ def _check_parsed(request, method: str):
         raise ServiceError(
             Status.INVALID_ARGUMENT,
             f"the {method} request is not a valid message of its type ({request.error[:200]}): check that the "
-            "client uses this server's lstm.v1 protocol",
+            f"client's stubs match this server's {method.rsplit('/', 1)[0].lstrip('/')} service",
             reason="MALFORMED_REQUEST",
         )
     return request
