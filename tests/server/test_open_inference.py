@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2 as ip
 from tritonclient.grpc import service_pb2_grpc as ip_grpc
 from tritonclient.utils import InferenceServerException
 
+from lstm_server.api.open_inference import Outbox
 from lstm_server.api.open_inference_models import model_config
 from lstm_server.api.sequences import Place, SequenceQueue, sequence_session_id
 from lstm_server.config import ANONYMOUS
@@ -495,3 +496,50 @@ def test_the_sequence_queue_lets_requests_go_in_arrival_order_even_when_one_give
         return order
 
     assert asyncio.run(scenario()) == ["other", "first", "third"]
+
+
+def test_a_request_cancelled_while_its_response_waits_for_room_frees_its_sequence_once_its_turn_ends(server) -> None:
+    service = server.server.inference
+    start = raw_request(sequence_id=("int64_param", 12), sequence_start=("bool_param", True))
+    start.parameters["max_tokens"].int64_param = 4000
+    after = raw_request(sequence_id=("int64_param", 12), sequence_end=("bool_param", True))
+
+    async def scenario() -> ip.ModelInferResponse:
+        outbox = Outbox(1)  # its client reads nothing: the second response waits for room
+        job = service._prepare(start, ANONYMOUS)
+        task = asyncio.ensure_future(service._stream_one(job, ANONYMOUS, outbox))
+        while outbox._queue.empty():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()  # as the stream's end cancels it, mid-turn
+        await asyncio.gather(task, return_exceptions=True)
+        job.place.leave()  # as the stream's done callback does
+        (response,) = [r async for r in service._run(service._prepare(after, ANONYMOUS), ANONYMOUS, False)]
+        return response
+
+    response = server.run(scenario())
+    names = [output.name for output in response.outputs]
+    (seen,) = np.frombuffer(response.raw_output_contents[names.index("TOKENS_SEEN")], "<u8")
+    assert seen > len("hi") + 1  # the next request ran after the cancelled turn, on what it generated
+
+
+def test_an_end_cancelled_before_its_turn_leaves_the_sequence_to_the_requests_before_it(server) -> None:
+    service = server.server.inference
+    flags = {"sequence_id": ("int64_param", 13)}
+    start, end = (raw_request(**flags, **{name: ("bool_param", True)}) for name in ("sequence_start", "sequence_end"))
+
+    async def answer(request: ip.ModelInferRequest) -> ip.ModelInferResponse:
+        (response,) = [r async for r in service._run(service._prepare(request, ANONYMOUS), ANONYMOUS, False)]
+        return response
+
+    async def scenario() -> ip.ModelInferResponse:
+        await answer(start)
+        held = service.queue.join(sequence_session_id(service.sequence_key, ANONYMOUS, "charlm", 13))
+        ending = asyncio.ensure_future(answer(end))
+        await asyncio.sleep(0.05)
+        ending.cancel()  # while it waits behind the held request
+        await asyncio.gather(ending, return_exceptions=True)
+        held.leave()
+        return await answer(end)  # the sequence is still there
+
+    assert server.run(scenario()).id == "bad-1"

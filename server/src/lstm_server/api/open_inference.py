@@ -206,9 +206,10 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, job: Job, tenant: str, outbox: Outbox) -> None:
         request = job.request
-        try:
-            async for response in self._run(job, tenant, streaming=True):
-                await outbox.put(ip.ModelStreamInferResponse(infer_response=response))
+        try:  # closed here, cancelled or not: the turn ends before the request's place in its sequence is left
+            async with contextlib.aclosing(self._run(job, tenant, streaming=True)) as responses:
+                async for response in responses:
+                    await outbox.put(ip.ModelStreamInferResponse(infer_response=response))
         except ServiceError as error:
             await outbox.put(stream_error(request, error.code, error.message))
         except Exception as error:  # a bug: this request fails, the stream goes on
@@ -248,37 +249,39 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             yield infer_response(job.request, model, values, job.outputs, final)
             return
         parts: list[str] = []  # a unary call's text so far
-        async for chunk in self._turn(job, tenant):
-            if not streaming:
-                parts.append(chunk.text)
-            if not chunk.last:
-                if streaming:
-                    text = {"TEXT_OUT": text_output([chunk.text])}
-                    yield infer_response(job.request, model, text, job.outputs, False)
-                continue
-            values = {
-                "TEXT_OUT": text_output([chunk.text if streaming else "".join(parts)]),
-                "TOKENS_SEEN": count_output(chunk.tokens_seen),
-                "FINISH_REASON": text_output([chunk.finish_reason or ""]),
-            }
-            if streaming and job.empty_final:  # the end goes with the last text, then a response with nothing
-                yield infer_response(job.request, model, values, job.outputs, False)
-                yield infer_response(job.request, model, {}, job.outputs, True)
-            else:
-                yield infer_response(job.request, model, values, job.outputs, final)
+        async with contextlib.aclosing(self._turn(job, tenant)) as chunks:
+            async for chunk in chunks:
+                if not streaming:
+                    parts.append(chunk.text)
+                if not chunk.last:
+                    if streaming:
+                        text = {"TEXT_OUT": text_output([chunk.text])}
+                        yield infer_response(job.request, model, text, job.outputs, False)
+                    continue
+                values = {
+                    "TEXT_OUT": text_output([chunk.text if streaming else "".join(parts)]),
+                    "TOKENS_SEEN": count_output(chunk.tokens_seen),
+                    "FINISH_REASON": text_output([chunk.finish_reason or ""]),
+                }
+                if streaming and job.empty_final:  # the end goes with the last text, then a response with nothing
+                    yield infer_response(job.request, model, values, job.outputs, False)
+                    yield infer_response(job.request, model, {}, job.outputs, True)
+                else:
+                    yield infer_response(job.request, model, values, job.outputs, final)
 
     # -- sequences ----------------------------------------------------------------------------------------------
 
     async def _turn(self, job: Job, tenant: str) -> AsyncIterator[Chunk]:
         """Run the request as a turn of its sequence's session, after every earlier request of the sequence. A
         sequence's end (or a request without a sequence) closes the session before the last chunk goes out; a
-        start that cannot run its turn leaves no sequence behind."""
+        start that cannot run its turn leaves no sequence behind; a request cancelled before its turn changes
+        nothing."""
         flags = job.flags
-        closing = flags.end or not job.session_id
-        session_id, turn = job.session_id, None
+        closing, session_id, turn = False, "", None
         try:
             if job.place is not None:
                 await job.place.wait()
+            closing = flags.end or not job.session_id
             session_id = await self._open(job, tenant)
             try:
                 turn = await self._start(job, tenant, session_id)
