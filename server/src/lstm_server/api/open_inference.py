@@ -39,13 +39,13 @@ from .open_inference_models import (
     EMPTY_FINAL,
     FINAL,
     SAMPLING_PARAMETERS,
+    bool_parameter,
     check_parameter_names,
     count_output,
     infer_response,
     input_texts,
     model_config,
     model_metadata,
-    parameter,
     probabilities_output,
     requested_outputs,
     sampling_params,
@@ -230,14 +230,10 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         outputs = requested_outputs(request, model)
         sampling = sampling_params(request.parameters)
         flags = sequence_flags(request.parameters)
-        empty_final = parameter(request.parameters, EMPTY_FINAL)
-        if empty_final is not None and not isinstance(empty_final, bool):
-            raise ServiceError(
-                Status.INVALID_ARGUMENT, f"parameter {EMPTY_FINAL} must be a bool (bool_param), got {empty_final!r}"
-            )
+        empty_final = bool_parameter(request.parameters, EMPTY_FINAL)
         session_id = "" if flags.id is None else sequence_session_id(self.sequence_key, tenant, model.name, flags.id)
         place = self.queue.join(session_id) if session_id else None
-        return Job(request, model, texts, outputs, sampling, flags, session_id, place, bool(empty_final))
+        return Job(request, model, texts, outputs, sampling, flags, session_id, place, empty_final)
 
     async def _run(self, job: Job, tenant: str, streaming: bool) -> AsyncIterator[ip.ModelInferResponse]:
         """The request's responses: one, or in a stream a language model's pieces of text as they come."""

@@ -200,6 +200,14 @@ def parameter(parameters: Mapping[str, ip.InferParameter], name: str) -> bool | 
     return getattr(parameters[name], kind)
 
 
+def bool_parameter(parameters: Mapping[str, ip.InferParameter], name: str) -> bool:
+    """A bool parameter's value (False if absent)."""
+    value = parameter(parameters, name)
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"parameter {name} must be a bool (bool_param), got {value!r}")
+    return bool(value)
+
+
 def check_parameter_names(parameters: Iterable[str], model: ServedModel, accepted: Iterable[str]) -> None:
     accepted = sorted(accepted)
     unknown = sorted(set(parameters) - set(accepted))

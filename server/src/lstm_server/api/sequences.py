@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from tritonclient.grpc import service_pb2 as ip
 
 from ..errors import invalid, shown
-from .open_inference_models import parameter
+from .open_inference_models import bool_parameter, parameter
 
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
@@ -43,13 +43,11 @@ def sequence_flags(parameters: Mapping[str, ip.InferParameter]) -> SequenceFlags
     sequence_id = parameter(parameters, "sequence_id")
     if sequence_id is not None and (isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str)):
         raise invalid(f"parameter sequence_id must be an integer or a string, got {sequence_id!r}")
-    flags = []
-    for name in ("sequence_start", "sequence_end"):
-        value = parameter(parameters, name)
-        if value is not None and not isinstance(value, bool):
-            raise invalid(f"parameter {name} must be a bool (bool_param), got {value!r}")
-        flags.append(bool(value))
-    return SequenceFlags(sequence_id if sequence_id not in (None, 0, "") else None, *flags)
+    return SequenceFlags(
+        sequence_id if sequence_id not in (None, 0, "") else None,
+        bool_parameter(parameters, "sequence_start"),
+        bool_parameter(parameters, "sequence_end"),
+    )
 
 
 def sequence_session_id(key: bytes, tenant: str, model: str, sequence_id: int | str) -> str:
