@@ -22,7 +22,6 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 
 import grpc
 import numpy as np
@@ -33,6 +32,7 @@ from tritonclient.grpc import service_pb2_grpc as ip_grpc
 from ..engine.generation import Chunk
 from ..engine.models import ServedModel
 from ..errors import ServiceError, Status
+from ..metrics import build_versions
 from ..sessions.turn import SessionTurn
 from .interceptors import MAX_MESSAGE_CHARS, caller
 from .open_inference_models import (
@@ -132,7 +132,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         return ip.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: ip.ServerMetadataRequest, context: Context) -> ip.ServerMetadataResponse:
-        return ip.ServerMetadataResponse(name="lstm-server", version=version("lstm-server"), extensions=EXTENSIONS)
+        return ip.ServerMetadataResponse(name="lstm-server", version=build_versions()["version"], extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: ip.ModelMetadataRequest, context: Context) -> ip.ModelMetadataResponse:
         return model_metadata(served(self.api.models, request.name, request.version))
