@@ -380,8 +380,7 @@ class SessionManager:
         count what the state read, save it (a turn that failed on its own row kept a consistent state: it is saved
         too), free the session, and only then settle the turn's last message."""
         end = await running.turn.completion
-        record_turn(running.turn, end, session.tokens_seen, prompt)
-        error = end.error
+        read, error = session.tokens_seen, end.error
         session.has_logits = session.has_logits or end.tokens_seen > session.tokens_seen
         session.tokens_seen = end.tokens_seen
         try:
@@ -404,6 +403,7 @@ class SessionManager:
                     Status.ABORTED, f"session {session.id} was closed during the turn", reason="SESSION_CLOSED"
                 )
             running.settle(TurnOutcome(end.finish_reason or LENGTH, error))
+            record_turn(running.turn, end, read, prompt)  # after the settle: a tracing bug cannot hold the session
 
     async def _save_turn(self, session: Session, error: ServiceError | None) -> None:
         """Save the state a turn left; after a failure that did not keep a consistent state, drop this copy if
