@@ -287,13 +287,13 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             async for chunk in turn.chunks():
                 if chunk.last and closing:
                     closing = False
-                    await self._close(session_id, tenant)
+                    await self.api.close_quietly(session_id, tenant)
                 yield chunk
         finally:
             if turn is not None:
                 turn.cancel()
             if closing and session_id:
-                await self._close(session_id, tenant)
+                await self.api.close_quietly(session_id, tenant)
             if job.place is not None:
                 job.place.leave(after=turn.settled if turn is not None else None)  # once the session is free
 
@@ -326,7 +326,3 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 f"was idle longer than {self.api.config.idle_timeout_s:g} s; send its first request with "
                 "sequence_start",
             ) from None
-
-    async def _close(self, session_id: str, tenant: str) -> None:
-        with contextlib.suppress(ServiceError):  # closed already, or the store is down (it expires)
-            await asyncio.shield(self.api.sessions.close(session_id, tenant))  # even if the call is cancelled

@@ -70,6 +70,12 @@ class Api:
         tokens = engine.codec.encode(prompt, unknown_policy(policy))
         return self.sessions.start_turn(session, tokens, sampling_dict(sampling))
 
+    async def close_quietly(self, session_id: str, tenant: str) -> None:
+        """Close a session a stream or request owned, even if the call is cancelled; one closed already, or a
+        store that is down (the session expires there), is no error."""
+        with contextlib.suppress(ServiceError):
+            await asyncio.shield(self.sessions.close(session_id, tenant))
+
 
 class SessionsService(rpc.SessionsServicer):
     def __init__(self, api: Api) -> None:
@@ -176,8 +182,7 @@ class GenerationService(rpc.GenerationServicer):
                     turn.cancel()
         finally:
             if owned:
-                with contextlib.suppress(ServiceError):  # closed already, or the store is down (it expires)
-                    await asyncio.shield(self.api.sessions.close(session.id, tenant))  # even if the call is cancelled
+                await self.api.close_quietly(session.id, tenant)
 
     async def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         model = self.api.models.of_task(request.model, "generation")
