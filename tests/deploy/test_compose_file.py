@@ -74,7 +74,7 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {key: str(value) for key, value in env.items()}
+    return {key: str(value) for key, value in env.items() if value is not None}  # no value: the shell's, if set
 
 
 def test_the_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
@@ -153,6 +153,22 @@ def test_two_replicas_share_sessions_through_redis(
         assert "./models:/models:ro" in service["volumes"], f"{name} must mount the model repository read-only"
         assert service.get("restart") in ("always", "unless-stopped", "on-failure")
         assert "ports" not in service, f"{name}: replicas are reached through the gateway only"
+
+
+def test_the_replicas_environment_is_a_configuration_the_server_accepts(compose: dict[str, Any]) -> None:
+    """With no variable set, as Docker compose and podman-compose 1.0 both read it: podman-compose leaves a
+    ``${VAR:-}`` with an empty default unexpanded (its pattern wants one character), and the server then refuses
+    the literal text, so every default is non-empty or the variable is passed through with no value."""
+    from lstm_server.config import load_config
+
+    for name, service in replicas(compose["services"]).items():
+        for key, value in (service.get("environment") or {}).items():
+            for match in VARIABLE.finditer(str(value or "")):
+                assert match.group(2) not in (":-", "-") or match.group(3), (
+                    f"{name}: {key}: {match.group(0)} has an empty default (podman-compose leaves it unexpanded): "
+                    "give a default, or no value at all to pass the shell's through"
+                )
+        load_config([], environ=environment(interpolate(service)))  # raises ConfigError naming the variable
 
 
 def test_the_gateway_routes_sessions_to_the_replicas(services: dict[str, dict[str, Any]]) -> None:
