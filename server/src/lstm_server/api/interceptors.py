@@ -32,8 +32,9 @@ MAX_MESSAGE_CHARS = 2000  # status details travel in trailers, which a peer may 
 MAX_DESCRIPTION_CHARS = 500  # a field violation's description: the message says the rest
 REQUEST_ID = "x-request-id"
 REQUEST_ID_FORM = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces; anything else gets a new id
-# request fields put on the call's log lines (lstm.v1, and the Open Inference Protocol's model_name)
-LOGGED_FIELDS = {"model": "model", "model_name": "model", "session_id": "session"}
+# request fields put on the call's log lines (lstm.v1; the Open Inference Protocol's model_name, and name in its
+# metadata, config and readiness requests)
+LOGGED_FIELDS = {"model": "model", "model_name": "model", "name": "model", "session_id": "session"}
 # codes that are the server's fault: the server span is marked as an error (OpenTelemetry's gRPC conventions)
 SERVER_FAULTS = {
     grpc.StatusCode.UNKNOWN,
