@@ -30,6 +30,7 @@ breaks, 2 on an error.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import os
 import platform
@@ -266,7 +267,7 @@ def check_classifier(backend: OnnxBackend, entry: ModelEntry, batches: list[int]
         words = sorted(w for w in tokenizer.get_vocab() if w.isalpha())
         texts = ["a gorgeous film", "dull and lifeless", "it is not the worst movie of the year , but close"]
         subjects = [engine.encode(text) for text in texts]
-        alone = [{"probabilities": engine._run([ids])[0]} for ids in subjects]
+        alone = [{"probabilities": engine.classify_encoded([ids])[0]} for ids in subjects]
         longest = max(map(len, subjects))
         held, details = True, []
         for batch in batches:
@@ -277,12 +278,12 @@ def check_classifier(backend: OnnxBackend, entry: ModelEntry, batches: list[int]
             places = rng.choice(batch, len(subjects), replace=False)
             for ids, place in zip(subjects, places, strict=True):
                 encoded[place] = ids
-            results = engine._run(encoded)
+            results = engine.classify_encoded(encoded)
             ok, detail = compare(alone, [{"probabilities": results[int(p)]} for p in places])
             held &= ok
             details += [] if ok else [f"batch {batch}: {detail}"]
     finally:
-        engine._executor.shutdown()
+        asyncio.run(engine.stop())  # its model thread
     return Check(entry_id(entry), "classify, padded among longer texts", sizes(batches), held, "; ".join(details))
 
 

@@ -165,8 +165,10 @@ class ClassifierEngine:
         self._call_seconds.observe(time.perf_counter() - started)
         return logits
 
-    def _run(self, batch: list[list[int]]) -> list[np.ndarray | ServiceError]:
-        """Per text, its label probabilities or the error of the model on that text alone."""
+    def classify_encoded(self, batch: list[list[int]]) -> list[np.ndarray | ServiceError]:
+        """Per text (token ids, as ``encode`` gives them), its label probabilities or the error of the model on
+        that text alone: one batch as given, run in the calling thread (the batcher runs it on the model thread;
+        tools call it to choose a batch themselves)."""
         parts, raised = contain(len(batch), lambda rows: self._logits([batch[i] for i in rows]), "classifier call")
         results: list[np.ndarray | ServiceError] = [None] * len(batch)  # type: ignore[list-item]
         for i, error in raised.items():
@@ -218,7 +220,9 @@ class ClassifierEngine:
                 for end in split_by_length([len(ids) for ids, _, _ in chunk]):
                     part, begin = chunk[begin:end], end
                     self._batch_size.observe(len(part))
-                    calls.append((part, loop.run_in_executor(self._executor, self._run, [ids for ids, _, _ in part])))
+                    calls.append(
+                        (part, loop.run_in_executor(self._executor, self.classify_encoded, [ids for ids, _, _ in part]))
+                    )
                 try:
                     for part, call in calls:
                         try:
