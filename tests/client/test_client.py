@@ -244,7 +244,9 @@ def test_typed_errors_carry_the_status_code_and_the_servers_details(server) -> N
         with client.session(model="charlm", prompt="KING:") as session, pytest.raises(InvalidArgument) as raised:
             list(session.generate(max_tokens=-1))
         assert raised.value.reason == "INVALID_SAMPLING"
-        assert [v.field for v in raised.value.field_violations] == ["sampling.max_tokens"]
+        assert [(v.field, v.reason) for v in raised.value.field_violations] == [
+            ("sampling.max_tokens", "INVALID_SAMPLING")
+        ]
 
 
 # -- the example, and the asyncio twin -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ class FieldViolation:
 
     field: str
     description: str
+    reason: str = ""  # the violation's own stable reason, where the server gives one (this server: the error's)
 
 
 class LstmError(Exception):
@@ -118,7 +119,9 @@ def rich_details(trailing_metadata: Iterable[tuple[str, Any]] | None) -> dict[st
             if detail.Unpack(info):
                 found["reason"] = info.reason
             elif detail.Unpack(bad):
-                found["field_violations"] = tuple(FieldViolation(v.field, v.description) for v in bad.field_violations)
+                found["field_violations"] = tuple(
+                    FieldViolation(v.field, v.description, v.reason) for v in bad.field_violations
+                )
             elif detail.Unpack(retry):
                 found["retry_delay"] = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
     return found
