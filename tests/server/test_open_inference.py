@@ -432,7 +432,8 @@ def test_tokens_are_required_and_a_tenant_cannot_continue_anothers_sequence(star
     tokens.write_text("".join(f"{tenant} {token}\n" for tenant, token in TOKENS.items()))
     running = start_server(auth_tokens=str(tokens))
     client = tc.InferenceServerClient(running.address)
-    for call, args in ((client.is_server_ready, ()), (client.get_model_metadata, ("charlm",))):
+    assert client.is_server_live() and client.is_server_ready()  # probes, like grpc.health.v1, need no token
+    for call, args in ((client.is_model_ready, ("charlm",)), (client.get_model_metadata, ("charlm",))):
         assert "needs authentication" in refused(grpc.StatusCode.UNAUTHENTICATED, call, *args)
     refused(grpc.StatusCode.UNAUTHENTICATED, client.infer, "charlm", [text_input("x")])
     stream = Stream(client)  # refused as it opens, before any request

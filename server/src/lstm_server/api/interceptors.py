@@ -27,7 +27,14 @@ from ..metrics import Metrics
 from .auth import Authenticator
 
 log = logging.getLogger("lstm_server.rpc")
-PASS_THROUGH = ("/grpc.health.", "/grpc.reflection.")
+# open to anyone, untouched: health and reflection, and the Open Inference Protocol's liveness and readiness (which,
+# like health, say nothing of models or sessions: probes need no token; ModelReady names models, so it is checked)
+PASS_THROUGH = (
+    "/grpc.health.",
+    "/grpc.reflection.",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 MAX_MESSAGE_CHARS = 2000  # status details travel in trailers, which a peer may cap at 8 KiB
 MAX_DESCRIPTION_CHARS = 500  # a field violation's description: the message says the rest
 REQUEST_ID = "x-request-id"
