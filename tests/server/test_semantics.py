@@ -14,6 +14,7 @@ from lstm_client import AsyncClient, Client, SessionBusy
 from ..serving import array_of
 
 PROMPT = "KING:\nthe good "
+FREED_WITHIN_S = 30  # a cancelled turn frees its session at the next model call: at once, unless the machine is swamped
 
 
 def collect(session, prompt: str = "", **sampling) -> str:
@@ -119,7 +120,7 @@ def test_cancellation_mid_stream_leaves_a_defined_state(server, reference) -> No
             if len(received) >= 20:
                 break
         stream.close()  # cancels the call
-        deadline = time.time() + 5
+        deadline = time.time() + FREED_WITHIN_S
         while session.refresh().busy and time.time() < deadline:
             time.sleep(0.01)
         info = session.refresh()
@@ -142,7 +143,7 @@ def test_deadline_frees_the_session_and_others_keep_being_served(server) -> None
         assert raised.value.code.name == "DEADLINE_EXCEEDED"
         with client.session(model="charlm", prompt=PROMPT) as other:
             assert len(collect(other, max_tokens=10)) == 10
-        deadline = time.time() + 5
+        deadline = time.time() + FREED_WITHIN_S
         while slow.refresh().busy and time.time() < deadline:
             time.sleep(0.01)
         assert not slow.refresh().busy
