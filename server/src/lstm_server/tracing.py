@@ -34,6 +34,7 @@ _provider: TracerProvider | None = None
 _tracer: trace.Tracer | None = None
 _propagator = TraceContextTextMapPropagator()
 _OFF = contextlib.nullcontext()
+_PERF_TO_EPOCH_NS = time.time_ns() - time.perf_counter_ns()
 
 
 def setup_tracing(config: ServerConfig, exporter: SpanExporter | None = None) -> None:
@@ -91,10 +92,12 @@ def record(name: str, start: float, end: float, attributes: Mapping[str, Any], e
     ``error``: it ended in this error."""
     if _tracer is None:
         return
-    # the clock's offset now, not at start: the wall clock may have been adjusted since (NTP), the span's parent
-    # is timed with it, and one offset keeps this span's own times in order
-    offset = time.time_ns() - time.perf_counter_ns()
-    child = _tracer.start_span(name, attributes=attributes, start_time=round(start * 1e9) + offset)
+    child = _tracer.start_span(name, attributes=attributes, start_time=_epoch_ns(start))
     if error is not None:
         child.set_status(StatusCode.ERROR, error)
-    child.end(end_time=round(end * 1e9) + offset)
+    child.end(end_time=_epoch_ns(end))
+
+
+def _epoch_ns(perf_counter: float) -> int:
+    """A ``time.perf_counter()`` time as nanoseconds since the epoch (one fixed offset: equal times stay equal)."""
+    return round(perf_counter * 1e9) + _PERF_TO_EPOCH_NS
