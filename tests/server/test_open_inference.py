@@ -9,6 +9,7 @@ import json
 import math
 import queue
 import struct
+import time
 
 import grpc
 import numpy as np
@@ -424,6 +425,53 @@ def ip_text(response: ip.ModelInferResponse) -> str:
     return response.raw_output_contents[names.index("TEXT_OUT")][4:].decode()
 
 
+# -- statistics ---------------------------------------------------------------------------------------------------
+
+
+def test_model_statistics_count_this_protocols_requests_per_model(start_server) -> None:
+    client = tc.InferenceServerClient(start_server().address)
+    assert "statistics" in client.get_server_metadata().extensions
+    before = client.get_inference_statistics().model_stats
+    assert {(s.name, s.version, s.last_inference, s.execution_count) for s in before} == {
+        ("charlm", "1", 0, 0),
+        ("sentiment", "1", 0, 0),
+    }
+    client.infer("sentiment", [text_input(*TEXTS)])
+    client.infer("sentiment", [text_input(TEXTS[0])])
+    client.infer("charlm", [text_input(PROMPTS[0])], parameters=GREEDY)
+    stream = Stream(client)
+    for i, prompt in enumerate(PROMPTS[:2]):  # the second waits for the first: its queue time
+        stream.send(prompt, sequence_id=6, sequence_start=i == 0, sequence_end=i == 1)
+    stream.send("x", parameters={"max_tokens": 10**6})  # out of range: fails at its turn
+    responses = stream.until_final(3)
+    stream.close()
+    assert sum(error is not None for _, error in responses) == 1
+    refused(grpc.StatusCode.INVALID_ARGUMENT, client.infer, "charlm", [text_input("x")], parameters={"max_token": 3})
+    refused(grpc.StatusCode.NOT_FOUND, client.infer, "nonesuch", [text_input("x")])  # counted nowhere
+
+    stats = {s.name: s for s in client.get_inference_statistics().model_stats}
+    sentiment, charlm = stats["sentiment"], stats["charlm"]
+    assert (sentiment.inference_count, sentiment.execution_count) == (len(TEXTS) + 1, 2)  # texts; requests
+    assert (charlm.inference_count, charlm.execution_count) == (3, 3)
+    for model, succeeded, failed in ((sentiment, 2, 0), (charlm, 3, 2)):
+        counts = model.inference_stats
+        assert (counts.success.count, counts.fail.count) == (succeeded, failed)
+        assert counts.success.ns > 0 and (counts.fail.ns > 0) == (failed > 0)
+        assert counts.compute_infer.count == succeeded and 0 < counts.compute_infer.ns < counts.success.ns
+        assert counts.compute_input.count == counts.compute_output.count == counts.cache_miss.count == 0
+        assert abs(model.last_inference - time.time() * 1000) < 60_000
+    assert sentiment.inference_stats.queue.count == 0 and charlm.inference_stats.queue.count == 3
+
+    (only,) = client.get_inference_statistics("charlm", "1").model_stats
+    assert only == charlm
+    assert {s.name for s in client.get_inference_statistics("", "1").model_stats} == {"charlm", "sentiment"}
+    assert not client.get_inference_statistics("", "2").model_stats
+    assert "no model 'nonesuch'" in refused(grpc.StatusCode.NOT_FOUND, client.get_inference_statistics, "nonesuch")
+    message = refused(grpc.StatusCode.NOT_FOUND, client.get_inference_statistics, "charlm", "2")
+    assert "version '2' is not served" in message
+    client.close()
+
+
 # -- tenants ------------------------------------------------------------------------------------------------------
 
 
@@ -433,7 +481,8 @@ def test_tokens_are_required_and_a_tenant_cannot_continue_anothers_sequence(star
     running = start_server(auth_tokens=str(tokens))
     client = tc.InferenceServerClient(running.address)
     assert client.is_server_live() and client.is_server_ready()  # probes, like grpc.health.v1, need no token
-    for call, args in ((client.is_model_ready, ("charlm",)), (client.get_model_metadata, ("charlm",))):
+    calls = ((client.is_model_ready, ("charlm",)), (client.get_model_metadata, ("charlm",)))
+    for call, args in (*calls, (client.get_inference_statistics, ())):
         assert "needs authentication" in refused(grpc.StatusCode.UNAUTHENTICATED, call, *args)
     refused(grpc.StatusCode.UNAUTHENTICATED, client.infer, "charlm", [text_input("x")])
     stream = Stream(client)  # refused as it opens, before any request

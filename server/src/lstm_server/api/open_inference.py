@@ -12,6 +12,7 @@ served beside lstm.v1 on the same port, on tritonclient's generated stubs.
 - In a stream every request runs in its own task (at most ``MAX_STREAM_IN_FLIGHT`` at once; more wait to be
   read), so different sequences run concurrently; a request that fails answers ``error_message`` (its status
   code's name, then the message) and the stream goes on.
+- ModelStatistics counts this protocol's requests per model (``inference_statistics.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -34,6 +36,7 @@ from ..engine.models import ServedModel
 from ..errors import ServiceError, Status
 from ..metrics import build_versions
 from ..sessions.turn import SessionTurn
+from .inference_statistics import Arrival, InferenceStatistics
 from .interceptors import MAX_MESSAGE_CHARS, caller
 from .open_inference_models import (
     EMPTY_FINAL,
@@ -58,7 +61,7 @@ from .servicers import Api
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = ip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ["model_configuration", "sequence", "parameters"]
+EXTENSIONS = ["model_configuration", "sequence", "parameters", "statistics"]
 MAX_STREAM_IN_FLIGHT = 32  # requests of one ModelStreamInfer call running at once
 STREAM_BUFFER = 64  # responses of one stream waiting for its client; past it, its requests pause
 GENERATION_PARAMETERS = (*SAMPLING_PARAMETERS, *SEQUENCE_PARAMETERS, EMPTY_FINAL)
@@ -78,6 +81,9 @@ class Job:
     session_id: str = ""  # the sequence's session; "" for a request that is a sequence of its own
     place: Place | None = None
     empty_final: bool = False  # a stream ends the request with an empty response (triton_enable_empty_final_response)
+    arrival: Arrival = field(default_factory=Arrival)
+    queue_ns: int | None = None  # a generation request's wait for its sequence's earlier requests (0: none)
+    compute_ns: int | None = None  # the classification, or the turn to its last chunk
 
 
 def stream_error(request: ip.ModelInferRequest, code: Status, message: str) -> ip.ModelStreamInferResponse:
@@ -114,6 +120,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         self.api = api
         self.ready = ready  # the server's health is SERVING
         self.queue = SequenceQueue()
+        self.statistics = InferenceStatistics()
         signer = api.states.signer
         self.sequence_key = signer.keys[signer.signing_id]  # replicas share it: they derive the same sessions
 
@@ -148,16 +155,39 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             models=[index(name=m.name, version=str(m.version), state="READY") for m in self.api.models.all()]
         )
 
+    async def ModelStatistics(self, request: ip.ModelStatisticsRequest, context: Context) -> ip.ModelStatisticsResponse:
+        """The named model's statistics (NOT_FOUND like ModelMetadata), or with name "" every served model's
+        whose served version is ``version`` ("": every one)."""
+        if request.name:
+            models = [served(self.api.models, request.name, request.version)]
+        else:
+            models = [m for m in self.api.models.all() if request.version in ("", str(m.version))]
+        return ip.ModelStatisticsResponse(model_stats=[self.statistics.message(model) for model in models])
+
+    def _succeeded(self, job: Job) -> None:
+        self.statistics.succeeded(job.model, job.arrival, len(job.texts), job.queue_ns, job.compute_ns)
+
+    def _failed(self, request: ip.ModelInferRequest, arrival: Arrival) -> None:
+        """Count a failed request against its model, if it names one that is served."""
+        with contextlib.suppress(ServiceError):
+            self.statistics.failed(served(self.api.models, request.model_name, request.model_version), arrival)
+
     # -- inference ----------------------------------------------------------------------------------------------
 
     async def ModelInfer(self, request: ip.ModelInferRequest, context: Context) -> ip.ModelInferResponse:
         tenant = caller()
-        job = self._prepare(request, tenant)
+        arrival = Arrival()
         try:
-            (response,) = [response async for response in self._run(job, tenant, streaming=False)]
-        finally:
-            if job.place is not None:
-                job.place.leave()
+            job = self._prepare(request, tenant, arrival)
+            try:
+                (response,) = [response async for response in self._run(job, tenant, streaming=False)]
+            finally:
+                if job.place is not None:
+                    job.place.leave()
+        except Exception:
+            self._failed(request, arrival)
+            raise
+        self._succeeded(job)
         return response
 
     async def ModelStreamInfer(
@@ -188,11 +218,13 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
 
         try:
             async for request in requests:
+                arrival = Arrival()
                 await slots.acquire()
                 try:
-                    job = self._prepare(request, tenant)
+                    job = self._prepare(request, tenant, arrival)
                 except ServiceError as error:
                     slots.release()
+                    self._failed(request, arrival)
                     await outbox.put(stream_error(request, error.code, error.message))
                     continue
                 task = loop.create_task(self._stream_one(job, tenant, outbox))
@@ -210,21 +242,25 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             async with contextlib.aclosing(self._run(job, tenant, streaming=True)) as responses:
                 async for response in responses:
                     await outbox.put(ip.ModelStreamInferResponse(infer_response=response))
+            self._succeeded(job)
         except ServiceError as error:
+            self.statistics.failed(job.model, job.arrival)
             await outbox.put(stream_error(request, error.code, error.message))
         except Exception as error:  # a bug: this request fails, the stream goes on
             log.exception("unexpected error in ModelStreamInfer")
+            self.statistics.failed(job.model, job.arrival)
             await outbox.put(stream_error(request, Status.INTERNAL, f"internal error in ModelStreamInfer: {error}"))
 
-    def _prepare(self, request: ip.ModelInferRequest, tenant: str) -> Job:
+    def _prepare(self, request: ip.ModelInferRequest, tenant: str, arrival: Arrival | None = None) -> Job:
         """Check the request against its model; a sequence's request joins its sequence's queue (call in arrival
         order)."""
+        arrival = arrival or Arrival()
         model = served(self.api.models, request.model_name, request.model_version)
         if model.task == "classification":
             check_parameter_names(request.parameters, model, (EMPTY_FINAL,))
             texts = input_texts(request, model)
             check_classify(texts, self.api.config)
-            return Job(request, model, texts, requested_outputs(request, model))
+            return Job(request, model, texts, requested_outputs(request, model), arrival=arrival)
         check_parameter_names(request.parameters, model, GENERATION_PARAMETERS)
         texts = input_texts(request, model)
         outputs = requested_outputs(request, model)
@@ -233,13 +269,15 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         empty_final = bool_parameter(request.parameters, EMPTY_FINAL)
         session_id = "" if flags.id is None else sequence_session_id(self.sequence_key, tenant, model.name, flags.id)
         place = self.queue.join(session_id) if session_id else None
-        return Job(request, model, texts, outputs, sampling, flags, session_id, place, empty_final)
+        return Job(request, model, texts, outputs, sampling, flags, session_id, place, empty_final, arrival)
 
     async def _run(self, job: Job, tenant: str, streaming: bool) -> AsyncIterator[ip.ModelInferResponse]:
         """The request's responses: one, or in a stream a language model's pieces of text as they come."""
         model, final = job.model, (True if streaming else None)
         if model.task == "classification":
+            started = time.monotonic_ns()
             rows = await model.engine.classify(job.texts)
+            job.compute_ns = time.monotonic_ns() - started
             labels = [model.entry.labels[int(np.argmax(row))] for row in rows]
             values = {"LABEL": text_output(labels), "PROBS": probabilities_output(rows)}
             yield infer_response(job.request, model, values, job.outputs, final)
@@ -275,8 +313,11 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         flags = job.flags
         closing, session_id, turn = False, "", None
         try:
+            waited = time.monotonic_ns()
             if job.place is not None:
                 await job.place.wait()
+            started = time.monotonic_ns()
+            job.queue_ns = started - waited if job.place is not None else 0
             closing = flags.end or not job.session_id
             session_id = await self._open(job, tenant)
             try:
@@ -285,6 +326,8 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 closing = closing or flags.start
                 raise
             async for chunk in turn.chunks():
+                if chunk.last:
+                    job.compute_ns = time.monotonic_ns() - started
                 if chunk.last and closing:
                     closing = False
                     await self.api.close_quietly(session_id, tenant)
