@@ -500,6 +500,11 @@ def test_tokens_are_required_and_a_tenant_cannot_continue_anothers_sequence(star
     second = client.infer(
         "charlm", [text_input(PROMPTS[1])], sequence_id=5, sequence_end=True, parameters=GREEDY, headers=alice
     )
+    # statistics are the caller's own: bob's refused request is his, alice's two turns hers
+    (mine,) = client.get_inference_statistics("charlm", headers=alice).model_stats
+    (his,) = client.get_inference_statistics("charlm", headers=bob).model_stats
+    assert (mine.execution_count, mine.inference_stats.fail.count) == (2, 0)
+    assert (his.execution_count, his.inference_stats.fail.count) == (0, 1)
     client.close()
     assert [texts_of(first, "TEXT_OUT")[0], texts_of(second, "TEXT_OUT")[0]] == lstm_turns(stubs, PROMPTS[:2])
 

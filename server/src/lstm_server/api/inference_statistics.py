@@ -1,5 +1,6 @@
-"""ModelStatistics of the Open Inference Protocol: per served model and version, the inference requests served
-through this protocol (ModelInfer, and each request of ModelStreamInfer); lstm.v1's calls are not counted.
+"""ModelStatistics of the Open Inference Protocol: per tenant, served model and version, the inference requests
+served through this protocol (ModelInfer, and each request of ModelStreamInfer); lstm.v1's calls are not counted.
+A tenant sees its own requests only: counts of the others' would tell it how busy they are.
 
 A request counts once its model and version are known to be served; one refused before (unknown model) counts
 nowhere. Its duration runs from its arrival to its last response (or its error); a request cancelled by its
@@ -53,18 +54,25 @@ class InferenceStatistics:
     call is made from a coroutine or callback of that loop), so it needs no locks."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str], ModelCounts] = {}
+        self._models: dict[tuple[str, str, str], ModelCounts] = {}  # (tenant, model, version)
 
-    def _counts(self, model: ServedModel, arrival: Arrival) -> ModelCounts:
-        counts = self._models.setdefault((model.name, str(model.version)), ModelCounts())
+    def _counts(self, tenant: str, model: ServedModel, arrival: Arrival) -> ModelCounts:
+        counts = self._models.setdefault((tenant, model.name, str(model.version)), ModelCounts())
         counts.last_inference = max(counts.last_inference, arrival.epoch_ms)
         return counts
 
     def succeeded(
-        self, model: ServedModel, arrival: Arrival, items: int, queue_ns: int | None, compute_ns: int | None
+        self,
+        tenant: str,
+        model: ServedModel,
+        arrival: Arrival,
+        items: int,
+        queue_ns: int | None,
+        compute_ns: int | None,
     ) -> None:
-        """A request whose last response went out now; ``queue_ns`` and ``compute_ns`` where measured."""
-        counts = self._counts(model, arrival)
+        """A request of ``tenant`` whose last response went out now; ``queue_ns`` and ``compute_ns`` where
+        measured."""
+        counts = self._counts(tenant, model, arrival)
         counts.inference_count += items
         counts.execution_count += 1
         counts.success.add(time.monotonic_ns() - arrival.ns)
@@ -73,13 +81,13 @@ class InferenceStatistics:
         if compute_ns is not None:
             counts.compute_infer.add(compute_ns)
 
-    def failed(self, model: ServedModel, arrival: Arrival) -> None:
-        """A request of a served model whose error went out now."""
-        self._counts(model, arrival).fail.add(time.monotonic_ns() - arrival.ns)
+    def failed(self, tenant: str, model: ServedModel, arrival: Arrival) -> None:
+        """A request of ``tenant`` to a served model whose error went out now."""
+        self._counts(tenant, model, arrival).fail.add(time.monotonic_ns() - arrival.ns)
 
-    def message(self, model: ServedModel) -> ip.ModelStatistics:
-        """The model's statistics; the fields not measured here stay zero."""
-        counts = self._models.get((model.name, str(model.version)), ModelCounts())
+    def message(self, tenant: str, model: ServedModel) -> ip.ModelStatistics:
+        """The model's statistics of ``tenant``'s requests; the fields not measured here stay zero."""
+        counts = self._models.get((tenant, model.name, str(model.version)), ModelCounts())
         return ip.ModelStatistics(
             name=model.name,
             version=str(model.version),

@@ -12,7 +12,8 @@ served beside lstm.v1 on the same port, on tritonclient's generated stubs.
 - In a stream every request runs in its own task (at most ``MAX_STREAM_IN_FLIGHT`` at once; more wait to be
   read), so different sequences run concurrently; a request that fails answers ``error_message`` (its status
   code's name, then the message) and the stream goes on.
-- ModelStatistics counts this protocol's requests per model (``inference_statistics.py``).
+- ModelStatistics counts this protocol's requests per tenant and model: a caller sees its own
+  (``inference_statistics.py``).
 """
 
 from __future__ import annotations
@@ -162,15 +163,16 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             models = [served(self.api.models, request.name, request.version)]
         else:
             models = [m for m in self.api.models.all() if request.version in ("", str(m.version))]
-        return ip.ModelStatisticsResponse(model_stats=[self.statistics.message(model) for model in models])
+        tenant = caller()
+        return ip.ModelStatisticsResponse(model_stats=[self.statistics.message(tenant, model) for model in models])
 
-    def _succeeded(self, job: Job) -> None:
-        self.statistics.succeeded(job.model, job.arrival, len(job.texts), job.queue_ns, job.compute_ns)
+    def _succeeded(self, job: Job, tenant: str) -> None:
+        self.statistics.succeeded(tenant, job.model, job.arrival, len(job.texts), job.queue_ns, job.compute_ns)
 
-    def _failed(self, request: ip.ModelInferRequest, arrival: Arrival) -> None:
+    def _failed(self, request: ip.ModelInferRequest, tenant: str, arrival: Arrival) -> None:
         """Count a failed request against its model, if it names one that is served."""
         with contextlib.suppress(ServiceError):
-            self.statistics.failed(served(self.api.models, request.model_name, request.model_version), arrival)
+            self.statistics.failed(tenant, served(self.api.models, request.model_name, request.model_version), arrival)
 
     # -- inference ----------------------------------------------------------------------------------------------
 
@@ -185,9 +187,9 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 if job.place is not None:
                     job.place.leave()
         except Exception:
-            self._failed(request, arrival)
+            self._failed(request, tenant, arrival)
             raise
-        self._succeeded(job)
+        self._succeeded(job, tenant)
         return response
 
     async def ModelStreamInfer(
@@ -224,7 +226,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                     job = self._prepare(request, tenant, arrival)
                 except ServiceError as error:
                     slots.release()
-                    self._failed(request, arrival)
+                    self._failed(request, tenant, arrival)
                     await outbox.put(stream_error(request, error.code, error.message))
                     continue
                 task = loop.create_task(self._stream_one(job, tenant, outbox))
@@ -242,13 +244,13 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             async with contextlib.aclosing(self._run(job, tenant, streaming=True)) as responses:
                 async for response in responses:
                     await outbox.put(ip.ModelStreamInferResponse(infer_response=response))
-            self._succeeded(job)
+            self._succeeded(job, tenant)
         except ServiceError as error:
-            self.statistics.failed(job.model, job.arrival)
+            self.statistics.failed(tenant, job.model, job.arrival)
             await outbox.put(stream_error(request, error.code, error.message))
         except Exception as error:  # a bug: this request fails, the stream goes on
             log.exception("unexpected error in ModelStreamInfer")
-            self.statistics.failed(job.model, job.arrival)
+            self.statistics.failed(tenant, job.model, job.arrival)
             await outbox.put(stream_error(request, Status.INTERNAL, f"internal error in ModelStreamInfer: {error}"))
 
     def _prepare(self, request: ip.ModelInferRequest, tenant: str, arrival: Arrival | None = None) -> Job:
