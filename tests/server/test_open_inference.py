@@ -430,7 +430,8 @@ def ip_text(response: ip.ModelInferResponse) -> str:
 
 def test_model_statistics_count_this_protocols_requests_per_model(start_server) -> None:
     client = tc.InferenceServerClient(start_server().address)
-    assert "statistics" in client.get_server_metadata().extensions
+    # served, but not listed: perf_analyzer 2.60 asks for statistics when it is, and then fails without -x
+    assert "statistics" not in client.get_server_metadata().extensions
     before = client.get_inference_statistics().model_stats
     assert {(s.name, s.version, s.last_inference, s.execution_count) for s in before} == {
         ("charlm", "1", 0, 0),
@@ -458,7 +459,8 @@ def test_model_statistics_count_this_protocols_requests_per_model(start_server) 
         assert (counts.success.count, counts.fail.count) == (succeeded, failed)
         assert counts.success.ns > 0 and (counts.fail.ns > 0) == (failed > 0)
         assert counts.compute_infer.count == succeeded and 0 < counts.compute_infer.ns < counts.success.ns
-        assert counts.compute_input.count == counts.compute_output.count == counts.cache_miss.count == 0
+        assert counts.compute_input.count == counts.compute_output.count == succeeded  # with no time (not timed)
+        assert counts.compute_input.ns == counts.compute_output.ns == counts.cache_miss.count == 0
         assert abs(model.last_inference - time.time() * 1000) < 60_000
     assert sentiment.inference_stats.queue.count == 0 and charlm.inference_stats.queue.count == 3
 

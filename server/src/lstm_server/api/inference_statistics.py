@@ -99,5 +99,9 @@ class InferenceStatistics:
                 fail=counts.fail.message(),
                 queue=counts.queue.message(),
                 compute_infer=counts.compute_infer.message(),
+                # not timed apart from compute_infer: counted with no time, since clients (perf_analyzer) need the
+                # three compute counts to agree
+                compute_input=ip.StatisticDuration(count=counts.compute_infer.count),
+                compute_output=ip.StatisticDuration(count=counts.compute_infer.count),
             ),
         )

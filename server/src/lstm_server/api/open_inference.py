@@ -62,7 +62,9 @@ from .servicers import Api
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = ip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ["model_configuration", "sequence", "parameters", "statistics"]
+# ModelStatistics is served but "statistics" not listed: perf_analyzer 2.60 then asks for it and, without -x, fails
+# ("failed to find the requested model version"); unlisted, it runs without server-side statistics
+EXTENSIONS = ["model_configuration", "sequence", "parameters"]
 MAX_STREAM_IN_FLIGHT = 32  # requests of one ModelStreamInfer call running at once
 STREAM_BUFFER = 64  # responses of one stream waiting for its client; past it, its requests pause
 GENERATION_PARAMETERS = (*SAMPLING_PARAMETERS, *SEQUENCE_PARAMETERS, EMPTY_FINAL)
