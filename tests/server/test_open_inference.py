@@ -304,6 +304,32 @@ def test_a_sequence_that_waits_does_not_hold_up_another_on_the_same_stream(serve
     assert turn_text(first) == turn_text(second) == lstm_turns(stubs, PROMPTS[:1])[0]
 
 
+def test_inference_stream_requests_bounds_the_requests_of_a_stream_running_at_once(start_server, stubs) -> None:
+    running = start_server(inference_stream_requests=1)
+    service, client = running.server.inference, tc.InferenceServerClient(running.address)
+
+    async def hold() -> Place:  # sequence 99 waits for an earlier request, holding the stream's one place
+        return service.queue.join(sequence_session_id(service.sequence_key, ANONYMOUS, "charlm", 99))
+
+    held = running.run(hold())
+    stream = Stream(client)
+    for sequence_id in (99, 100):
+        stream.send(
+            PROMPTS[0], sequence_id=sequence_id, sequence_start=True, sequence_end=True, request_id=str(sequence_id)
+        )
+
+    async def release() -> None:
+        held.leave()
+
+    running.run(release())
+    responses = stream.until_final(2)
+    stream.close()
+    client.close()
+    order = [result.get_response().id for result, _ in responses]
+    assert order == sorted(order, key=lambda request: request != "99")  # 100 was read only once 99 had ended
+    assert turn_text(responses[: order.count("99")]) == lstm_turns(stubs, PROMPTS[:1])[0]
+
+
 def test_a_cancelled_stream_frees_its_sequence_for_the_next_request(client) -> None:
     stream = Stream(client)
     stream.send(PROMPTS[0], sequence_id=8, sequence_start=True, parameters={"max_tokens": 4000})

@@ -159,6 +159,18 @@ class ServerConfig(BaseModel):
     classify_max_delay_ms: Number = Field(
         2.0, ge=0, le=60_000, description="How long a text waits for others to share its model call"
     )
+    inference_stream_requests: Int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="Open Inference Protocol: requests of one ModelStreamInfer stream run at once (more wait unread)",
+    )
+    inference_stream_buffer: Int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Open Inference Protocol: responses of one stream waiting for its reader before its turns pause",
+    )
     # transport and logs
     max_message_bytes: Int = Field(
         4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest gRPC message, received or sent"

@@ -9,7 +9,7 @@ served beside lstm.v1 on the same port, on tritonclient's generated stubs.
   it is made, and the last response of a request says so (``triton_final_response``; with
   ``triton_enable_empty_final_response`` that last response is empty, after the text and the turn's end).
   ModelInfer answers the whole turn in one response.
-- In a stream every request runs in its own task (at most ``MAX_STREAM_IN_FLIGHT`` at once; more wait to be
+- In a stream every request runs in its own task (at most ``config.inference_stream_requests`` at once; more wait to be
   read), so different sequences run concurrently; a request that fails answers ``error_message`` (its status
   code's name, then the message) and the stream goes on.
 - ModelStatistics counts this protocol's requests per tenant and model: a caller sees its own
@@ -65,8 +65,6 @@ SERVICE_NAME = ip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # ModelStatistics is served but "statistics" not listed: perf_analyzer 2.60 then asks for it and, without -x, fails
 # ("failed to find the requested model version"); unlisted, it runs without server-side statistics
 EXTENSIONS = ["model_configuration", "sequence", "parameters"]
-MAX_STREAM_IN_FLIGHT = 32  # requests of one ModelStreamInfer call running at once
-STREAM_BUFFER = 64  # responses of one stream waiting for its client; past it, its requests pause
 GENERATION_PARAMETERS = (*SAMPLING_PARAMETERS, *SEQUENCE_PARAMETERS, EMPTY_FINAL)
 Context = grpc.aio.ServicerContext
 
@@ -198,7 +196,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[ip.ModelInferRequest], context: Context
     ) -> AsyncIterator[ip.ModelStreamInferResponse]:
         tenant = caller()
-        outbox = Outbox(STREAM_BUFFER)
+        outbox = Outbox(self.api.config.inference_stream_buffer)
         reader = asyncio.get_running_loop().create_task(self._dispatch(request_iterator, tenant, outbox))
         try:
             async for response in outbox.responses():
@@ -211,7 +209,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         """Read the stream's requests in order; check each and give it its place in its sequence at once, then
         run it in its own task. Closes the outbox once every request is answered."""
         loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
+        slots = asyncio.Semaphore(self.api.config.inference_stream_requests)
         running: set[asyncio.Task] = set()
 
         def finished(job: Job, task: asyncio.Task) -> None:
