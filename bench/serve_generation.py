@@ -5,7 +5,8 @@ version: the one the server serves when told nothing) one server process is star
 charlm=<version>`` plus any ``--server-arg``), and for each concurrency N (default 1, 16, 64, 256), round after
 round (``--rounds``, default 3), one after the other so that noise hits every side alike:
 
-- served: N sessions stream ``--tokens`` characters each from that server; aggregate characters per second,
+- served: N sessions stream ``--tokens`` characters each from that server (``--turns`` turns one after the other,
+  default 1: more turns make the 1-session figure less noisy); aggregate characters per second,
   time to first token (the Generate call to its first character), inter-token latency as a reader sees it (the
   first character of a message counts the whole gap since the previous message, the others in the same
   message a gap of 0) and as the old 'spread' figure (a message of k characters t seconds after the previous
@@ -102,9 +103,11 @@ async def served(
     turn_prompt: str = "",
     server_pid: int | None = None,
     timeout_s: float = 300.0,
+    turns: int = 1,
 ) -> dict:
-    """N sessions stream ``tokens`` characters each at once: the characters, the seconds, the samples (TTFT,
-    inter-token gaps as seen and spread) and the CPU seconds of this process and of ``server_pid``."""
+    """N sessions stream ``tokens`` characters each at once, ``turns`` turns one after the other: the characters,
+    the seconds, the samples (TTFT, inter-token gaps as seen and spread) and the CPU seconds of this process and of
+    ``server_pid``."""
     ttft: list[float] = []
     seen: list[float] = []  # a message's first character: the gap since the previous message; the others: 0
     spread: list[float] = []  # k characters t seconds after the previous message: k gaps of t / k
@@ -112,23 +115,28 @@ async def served(
         sessions = [await client.session(model="charlm", prompt=PROMPT).open() for _ in range(concurrency)]
 
         async def one(session, seed: int) -> int:
-            started = last = time.perf_counter()
-            count = 0
-            generation = session.generate(turn_prompt, max_tokens=tokens, temperature=TEMPERATURE, seed=seed)
-            async for chunk in generation:
-                now = time.perf_counter()
-                if not chunk.text:
-                    continue
-                k = len(chunk.text)
-                if count == 0:
-                    ttft.append(now - started)
-                else:
-                    seen.append(now - last)
-                    spread.extend([(now - last) / k] * k)
-                seen.extend([0.0] * (k - 1))
-                count += k
-                last = now
-            return count
+            total = 0
+            for turn in range(turns):
+                started = last = time.perf_counter()
+                count = 0
+                generation = session.generate(
+                    turn_prompt, max_tokens=tokens, temperature=TEMPERATURE, seed=seed + 1_000_003 * turn
+                )
+                async for chunk in generation:
+                    now = time.perf_counter()
+                    if not chunk.text:
+                        continue
+                    k = len(chunk.text)
+                    if count == 0:
+                        ttft.append(now - started)
+                    else:
+                        seen.append(now - last)
+                        spread.extend([(now - last) / k] * k)
+                    seen.extend([0.0] * (k - 1))
+                    count += k
+                    last = now
+                total += count
+            return total
 
         server_cpu = process_cpu_s(server_pid) if server_pid else float("nan")
         cpu = time.process_time()
@@ -285,7 +293,11 @@ def bench_version(args: argparse.Namespace, entry: ModelEntry, default: int, eag
             by_k: dict[int, list[float]] = {k: [] for k in args.decode_k}
             steps = max(20, 2000 // n)  # characters per row in-process
             for round_ in range(args.rounds):
-                runs.append(asyncio.run(served(server.address, n, args.tokens, "", server.pid, args.served_timeout_s)))
+                runs.append(
+                    asyncio.run(
+                        served(server.address, n, args.tokens, "", server.pid, args.served_timeout_s, args.turns)
+                    )
+                )
                 single.append(in_process(step, layers, hidden, n, steps, args.time_limit_s))
                 for k in args.decode_k if decode is not None else ():
                     calls = max(3, -(-steps // k))
@@ -352,6 +364,9 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--tokens", type=int, default=200, help="characters per served session")
+    parser.add_argument(
+        "--turns", type=int, default=1, help="turns per served session, one after the other, in each round"
+    )
     parser.add_argument("--naive-tokens", type=int, default=40, help="characters per naive request")
     parser.add_argument("--decode-k", type=int, nargs="+", default=[8, 16, 32], help="decode graph K in-process")
     parser.add_argument("--rounds", type=int, default=3, help="served and in-process runs per concurrency")
@@ -373,7 +388,8 @@ def main() -> None:
     gc.freeze()  # the load generator shares this process with torch's heaps: keep the collector off them
     print(
         f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads (server and in-process); "
-        f"{args.tokens} chars per session, {args.naive_tokens} per naive request, {args.rounds} round(s); "
+        f"{args.tokens} chars per turn, {args.turns} turn(s) per session, {args.naive_tokens} per naive request, "
+        f"{args.rounds} round(s); "
         f"server arguments: {' '.join(args.server_arg) or 'none'}"
     )
     for entry in entries:

@@ -9,6 +9,7 @@ to end inside a call's characters, and max_tokens is not a multiple of K.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +21,12 @@ from lstm_server.engine.slots import StateSlots
 from lstm_server.metrics import Metrics
 from lstm_server.runtime.backends import OnnxBackend
 from lstm_server.runtime.decoding import GraphDecoder, Sampler, SteppedDecoder, load_decoder
-from lstm_server.runtime.model_repository import load_entry
+from lstm_server.runtime.model_repository import list_entries, load_entry
 
 PROMPTS = ["KING:\nthe ", "QUEEN", "LORD:\n", "K", "KING:\nthe queen "]
 CHARS = 45  # not a multiple of 8
+SHIPPED = Path(__file__).resolve().parents[2] / "models"
+NARROW_ROWS = 4  # calls on up to 4 rows run on the decoder's one-thread session, larger ones on two threads
 
 
 def plans(reference) -> list[tuple[str, Sampling]]:
@@ -54,7 +57,7 @@ def run(entry_dir, plan: list[tuple[str, Sampling]], max_steps: int, together: b
     if stepped:
         decoder = SteppedDecoder(backend, sampler, entry.num_layers, entry.hidden_size, len(entry.vocab))
     else:
-        decoder = load_decoder(entry, backend, 64, max_steps, 2, True)
+        decoder = load_decoder(entry, backend, 64, max_steps, 2, True, NARROW_ROWS)  # batches cross the switch
         assert isinstance(decoder, GraphDecoder)
     codec = CharCodec(entry.vocab)
     slots = StateSlots(entry.num_layers, entry.hidden_size, len(codec), 64)
@@ -122,3 +125,46 @@ def test_the_step_loop_decoder_equals_the_decode_graph(exported, expected) -> No
     plan, _ = expected
     graph = run(exported / "charlm" / "1", plan, 8, True)
     assert_same(run(exported / "charlm" / "1", plan, 8, True, stepped=True), graph)
+
+
+@pytest.mark.parametrize(
+    "shipped",
+    [None, *list_entries(SHIPPED).get("charlm", [])],
+    ids=lambda v: "test model" if v is None else f"charlm/{v}",
+)
+def test_calls_on_few_rows_run_on_one_thread_with_the_same_results(exported, shipped: int | None) -> None:
+    """Up to ``single_thread_rows`` rows a call runs on the one-thread session, above it on the wide one, and a row's
+    outputs are bitwise the same on either: on the test model and on every shipped entry."""
+    entry = load_entry(exported / "charlm" / "1" if shipped is None else SHIPPED / "charlm" / str(shipped))
+    backend = OnnxBackend(entry, "cpu", 2)
+    decoder = load_decoder(entry, backend, 64, 8, 2, True, NARROW_ROWS)
+    assert isinstance(decoder, GraphDecoder)
+    (wide, _), (narrow, _) = decoder._sessions
+    assert narrow.get_session_options().intra_op_num_threads == 1
+    assert wide.get_session_options().intra_op_num_threads == 2
+    used: list[str] = []
+    for name, session in (("wide", wide), ("narrow", narrow)):
+        run_bound = session.run_with_iobinding
+        session.run_with_iobinding = lambda binding, *a, _run=run_bound, _name=name: (
+            used.append(_name) or _run(binding, *a)
+        )
+    rng = np.random.default_rng(0)
+    layers, hidden = entry.num_layers, entry.hidden_size
+    state = rng.standard_normal((2, layers, 9, hidden)).astype(np.float32)
+    tokens, draws = rng.integers(0, len(entry.vocab), 9), rng.random((9, 8))
+
+    def decode(rows: int):
+        inputs = decoder.inputs(rows, 8)
+        inputs.tokens[:], inputs.h0[:], inputs.c0[:] = tokens[:rows], state[0][:, :rows], state[1][:, :rows]
+        inputs.draws[:], inputs.temperature[:], inputs.top_k[:], inputs.top_p[:] = draws[:rows], 0.9, 0, 1.0
+        inputs.steps[:] = np.arange(rows) % 8 + 1
+        return decoder.decode(inputs).copy()
+
+    alone, few, many = decode(1), decode(NARROW_ROWS), decode(9)
+    assert used == ["narrow", "narrow", "wide"]
+    for out in (alone, few):
+        rows = len(out.sampled)
+        assert np.array_equal(out.sampled, many.sampled[:rows])
+        for got, full in ((out.logits, many.logits[:rows]), (out.h, many.h[:, :rows]), (out.c, many.c[:, :rows])):
+            assert np.array_equal(got, full)
+    assert load_decoder(entry, OnnxBackend(entry, "cpu", 1), 64, 8, 1, True, NARROW_ROWS)._sessions[1:] == []

@@ -63,7 +63,13 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
         slots = StateSlots(layers, entry.hidden_size, len(codec), config.max_sessions)
         threads = config.threads_for(entry.name)
         decoder = load_decoder(
-            entry, model.backend, config.max_batch, config.max_decode_steps, threads, config.thread_spinning
+            entry,
+            model.backend,
+            config.max_batch,
+            config.max_decode_steps,
+            threads,
+            config.thread_spinning,
+            config.single_thread_rows,
         )
         return GenerationEngine(
             entry.name,

@@ -93,6 +93,13 @@ class ServerConfig(BaseModel):
     )
     threads: Int = Field(0, ge=0, le=1024, description="Intra-op threads per model (0: the number of cores)")
     model_threads: str = Field("", description="Per-model intra-op threads over --threads, as charlm=1,sentiment=2")
+    single_thread_rows: Int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="A language model's decode calls on at most this many rows run on one intra-op thread (less "
+        "CPU, less throughput; 0: every call on the model's threads)",
+    )
     thread_spinning: bool = Field(
         True, description="onnxruntime's idle intra-op threads busy-wait for the next call (faster wake-up, burns CPU)"
     )

@@ -16,6 +16,12 @@ graph's contract, ``lstm_export.decode_graph``): row r feeds ``tokens[r]``, then
 ``GraphDecoder`` binds its inputs and outputs (onnxruntime IO binding) to
 buffers allocated once for ``capacity`` rows and ``max_steps`` characters:
 ``inputs(batch, k)`` hands out views to fill, and a call allocates nothing.
+A call on at most ``single_thread_rows`` rows runs on a second session of the
+same graph with one intra-op thread: a few rows gain nothing from a parallel
+section, and a server that shares its cores with gRPC loses to one (a worker
+thread descheduled stalls the call; a spinning one burns a core). Thread
+counts do not change a row's result: the export checks the graph bitwise
+across them, and the served invariance tests run across this switch.
 """
 
 from __future__ import annotations
@@ -119,9 +125,18 @@ class GraphDecoder:
     name = "decode graph"
 
     def __init__(
-        self, entry: ModelEntry, sampler: Sampler, capacity: int, max_steps: int, threads: int, spinning: bool
+        self,
+        entry: ModelEntry,
+        sampler: Sampler,
+        capacity: int,
+        max_steps: int,
+        threads: int,
+        spinning: bool,
+        single_thread_rows: int = 0,
     ) -> None:
         self.session = onnx_session(entry, entry.file(DECODE_FILE), "cpu", threads, spinning)
+        self.single_thread_rows = single_thread_rows if threads > 1 else 0
+        narrow = onnx_session(entry, entry.file(DECODE_FILE), "cpu", 1, spinning) if self.single_thread_rows else None
         self.sample = sampler
         self._layers, self._hidden, self._vocab = entry.num_layers, entry.hidden_size, len(entry.vocab)
         self._in = _allocate(capacity, max_steps, self._layers, self._hidden)
@@ -131,7 +146,9 @@ class GraphDecoder:
             np.zeros_like(self._in.h0),
             np.zeros_like(self._in.c0),
         )
-        self._binding = self.session.io_binding()
+        self._sessions = [(self.session, self.session.io_binding())]  # by width: [wide, narrow]
+        if narrow is not None:
+            self._sessions.append((narrow, narrow.io_binding()))
 
     def inputs(self, batch: int, steps_per_call: int) -> DecodeInputs:
         state = (self._layers, batch, self._hidden)
@@ -154,14 +171,14 @@ class GraphDecoder:
             _view(self._out.h, state),
             _view(self._out.c, state),
         )
-        binding = self._binding
+        session, binding = self._sessions[batch <= self.single_thread_rows]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for f in fields(DecodeInputs):
             binding.bind_cpu_input(f.name, np.ascontiguousarray(getattr(inputs, f.name)))
         for name, array in (("sampled", out.sampled), ("logits", out.logits), ("hn", out.h), ("cn", out.c)):
             binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return out
 
 
@@ -198,10 +215,17 @@ class SteppedDecoder:
 
 
 def load_decoder(
-    entry: ModelEntry, backend: Backend, capacity: int, max_steps: int, threads: int, spinning: bool
+    entry: ModelEntry,
+    backend: Backend,
+    capacity: int,
+    max_steps: int,
+    threads: int,
+    spinning: bool,
+    single_thread_rows: int = 0,
 ) -> Decoder:
-    """The decode graph when ``backend`` is onnxruntime and the entry has one, else the step loop."""
+    """The decode graph when ``backend`` is onnxruntime and the entry has one (calls on at most
+    ``single_thread_rows`` rows on one thread), else the step loop."""
     sampler = Sampler(entry, 1, spinning)  # one row or a few: no worker threads to spin beside the decoder's
     if backend.name == "onnxruntime" and backend.device == "cpu" and entry.has_decode_graph:
-        return GraphDecoder(entry, sampler, capacity, max_steps, threads, spinning)
+        return GraphDecoder(entry, sampler, capacity, max_steps, threads, spinning, single_thread_rows)
     return SteppedDecoder(backend, sampler, entry.num_layers, entry.hidden_size, len(entry.vocab))
