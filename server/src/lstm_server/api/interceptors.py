@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NoReturn
@@ -52,6 +53,9 @@ SERVER_FAULTS = {
     grpc.StatusCode.DATA_LOSS,
 }
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+# a made request id: this process's random 64 bits, then a counter (unique without a system call per request)
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count()
 
 
 def status_code(status: Status) -> grpc.StatusCode:
@@ -65,12 +69,12 @@ def caller() -> str:
 
 
 def request_id(metadata) -> str:
-    """The caller's ``x-request-id`` if it is 1 to 128 printable ASCII characters without spaces, else a new one
-    (32 hex digits)."""
+    """The caller's ``x-request-id`` if it is 1 to 128 printable ASCII characters without spaces, else a new one:
+    32 hex digits, 16 random per process and 16 counting its requests."""
     for key, value in metadata or ():
         if key == REQUEST_ID and isinstance(value, str) and REQUEST_ID_FORM.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def error_status(error: ServiceError) -> grpc.Status:
@@ -135,15 +139,14 @@ async def _checked_stream(requests: AsyncIterator, method: str) -> AsyncIterator
         yield _check_parsed(request, method)
 
 
-def _bind_request_fields(request) -> None:
-    """Put the model and session a request names on the call's log lines."""
+def _request_fields(request) -> dict[str, str]:
+    """The model and session a request names, for the call's log lines."""
     fields = {}
     for name, key in LOGGED_FIELDS.items():
         value = getattr(request, name, None)
         if value and isinstance(value, str):
             fields[key] = value[:SHOWN_ID_CHARS]
-    if fields:
-        bind(**fields)
+    return fields
 
 
 class _Call:
@@ -156,27 +159,28 @@ class _Call:
         metadata = context.invocation_metadata() or ()
         self.request_id = request_id(metadata)
         bind(request_id=self.request_id, method=self.method)
-        service = full_method.lstrip("/").rsplit("/", 1)[0]
-        self.span = tracing.start_call(
-            full_method.lstrip("/"),
-            metadata,
-            {
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": self.method,
-                "lstm.request_id": self.request_id,
-            },
-        )
+        self.span = None
+        if tracing.enabled():
+            self.span = tracing.start_call(
+                full_method.lstrip("/"),
+                metadata,
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": full_method.lstrip("/").rsplit("/", 1)[0],
+                    "rpc.method": self.method,
+                    "lstm.request_id": self.request_id,
+                },
+            )
 
     def admit(self, request, context: grpc.aio.ServicerContext, streaming_requests: bool):
         """Authenticate the call and check its request; returns the request (or request stream) to serve."""
         tenant = self.interceptor.authenticator.tenant(context)
         _tenant.set(tenant)
-        bind(tenant=tenant)
         if streaming_requests:
+            bind(tenant=tenant)
             return _checked_stream(request, self.method)
-        _bind_request_fields(_check_parsed(request, self.method))
-        return request
+        bind(tenant=tenant, **({} if isinstance(request, Malformed) else _request_fields(request)))
+        return _check_parsed(request, self.method)
 
     def finish(self, code: grpc.StatusCode, message: str = "") -> None:
         """Count, time, log and end the span of the call, which ends with ``code``."""
