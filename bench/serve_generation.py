@@ -12,7 +12,8 @@ round (``--rounds``, default 3), one after the other so that noise hits every si
   message a gap of 0) and as the old 'spread' figure (a message of k characters t seconds after the previous
   one counts k gaps of t / k; the first message left out); the load generator's own CPU time
   (``time.process_time()`` around the streaming: the client runs in this process) and the server process's
-  (``/proc/<pid>/stat``, all its threads), per character served;
+  (``/proc/<pid>/stat``, all its threads), per character served, and the server's split by thread (the event loop,
+  the model threads, the others: onnxruntime's workers and gRPC's poller) in cores;
 - single-step in-process: onnxruntime running the entry's step graph (``model.onnx``) at batch N one character
   at a time with the state carried, the next token the argmax (the ratio the targets have always used);
 - decode in-process: onnxruntime running the entry's decode graph (``decode.onnx``) at batch N, K characters
@@ -96,6 +97,23 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime and stime: fields 14 and 15 of stat
 
 
+def threads_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of process ``pid``'s threads so far, by role: the event loop (the main thread: gRPC, streams,
+    sessions), the model threads (named ``model-<name>`` for the OS by the server), and the others (onnxruntime's
+    intra-op workers, gRPC's poller); empty if unreadable."""
+    split = {"event loop": 0.0, "model threads": 0.0, "other threads": 0.0}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            role = "event loop" if task.name == str(pid) else "other threads"
+            if (task / "comm").read_text().startswith("model-"):
+                role = "model threads"
+            split[role] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError):  # the process, or one of its threads, ended meanwhile
+        return {}
+    return split
+
+
 async def served(
     address: str,
     concurrency: int,
@@ -139,6 +157,7 @@ async def served(
             return total
 
         server_cpu = process_cpu_s(server_pid) if server_pid else float("nan")
+        threads_before = threads_cpu_s(server_pid) if server_pid else {}
         cpu = time.process_time()
         started = time.perf_counter()
         work = asyncio.gather(*(one(s, i) for i, s in enumerate(sessions)))
@@ -146,6 +165,8 @@ async def served(
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu
         server_cpu = (process_cpu_s(server_pid) if server_pid else float("nan")) - server_cpu
+        threads_after = threads_cpu_s(server_pid) if server_pid else {}
+        by_thread = {role: threads_after[role] - threads_before[role] for role in threads_before if threads_after}
         for session in sessions:
             await session.close()
     return {
@@ -156,6 +177,7 @@ async def served(
         "spread": spread,
         "client_cpu_s": cpu,
         "server_cpu_s": server_cpu,
+        "server_threads_cpu_s": by_thread,
     }
 
 
@@ -329,10 +351,15 @@ def bench_version(args: argparse.Namespace, entry: ModelEntry, default: int, eag
             seconds = sum(r["seconds"] for r in runs)
             client_cores = sum(r["client_cpu_s"] for r in runs) / seconds
             server_cores = sum(r["server_cpu_s"] for r in runs) / seconds
+            roles = runs[0]["server_threads_cpu_s"]
+            split = ", ".join(
+                f"{role} {sum(r['server_threads_cpu_s'].get(role, 0.0) for r in runs) / seconds:.2f}" for role in roles
+            )
             by_k_text = ", ".join(f"K={k} {rate_k:,.0f}" for k, rate_k in decode_rates.items()) or "no decode graph"
             notes.append(
                 f"- {n} session{'s' if n > 1 else ''}: naive {baseline:,.0f} chars/s; decode in-process {by_k_text}; "
                 f"while serving, the client used {client_cores:.2f} cores and the server {server_cores:.2f}"
+                + (f" ({split})" if split else "")
             )
         print("\n" + "\n".join(notes))
         long_prompt = ("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 40)[:1000]

@@ -9,6 +9,7 @@ import json
 import logging
 import platform
 import re
+from pathlib import Path
 
 import grpc
 import onnxruntime
@@ -147,6 +148,16 @@ def test_without_tracing_nothing_is_recorded(stubs) -> None:
     with tracing.span("lstm.anything") as span:
         assert span is None
     assert stubs.models.ListModels(pb.ListModelsRequest()).models
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="thread names for the OS: Linux only")
+def test_the_model_threads_are_named_for_the_operating_system(stubs) -> None:
+    """``top -H`` and ``/proc`` show which thread is which model's (the server runs in this process here)."""
+    session_id = stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm", prompt=PROMPT)).session_id
+    assert list(stubs.generation.Generate(pb.GenerateRequest(session_id=session_id)))
+    stubs.classification.Classify(pb.ClassifyRequest(model="sentiment", texts=["a fine film"]))
+    names = {task.joinpath("comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
+    assert {"model-charlm", "model-sentiment"} <= names
 
 
 def test_metrics_of_real_calls(server, stubs) -> None:

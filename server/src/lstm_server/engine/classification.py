@@ -36,6 +36,7 @@ from ..metrics import Metrics
 from ..runtime.backends import Backend
 from .faults import contain
 from .sampling import softmax
+from .threads import name_os_thread
 
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=Backend)
@@ -105,7 +106,9 @@ class ClassifierEngine:
         self._call_seconds = metrics.model_call.labels(name, "classify")
         self._prompt_chars = metrics.prompt_characters.labels(name)
         self.unk_id = tokenizer.token_to_id("[UNK]")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"model-{name}", initializer=name_os_thread, initargs=(f"model-{name}",)
+        )
         self._queue: list[tuple[list[int], asyncio.Future, float]] = []
         self._wake = asyncio.Event()
         self._full = asyncio.Event()  # max_batch texts are queued: stop waiting for more

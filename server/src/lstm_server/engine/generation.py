@@ -91,6 +91,7 @@ from .codec import CharCodec
 from .faults import contain
 from .sampling import Sampling, as_uint64, softmax, uniforms
 from .slots import SlotState, StateSlots, all_finite, finite_rows
+from .threads import name_os_thread
 
 LENGTH, STOP = "length", "stop"
 NON_FINITE, MODEL_FAILED = "NON_FINITE_STATE", "MODEL_FAILED"  # the reasons of a row's failures
@@ -775,6 +776,7 @@ class GenerationEngine:
         self.slots.scatter(np.fromiter((batch[i].slot for i in rows.tolist()), np.intp), out.h, out.c, out.logits)
 
     def _run(self) -> None:
+        name_os_thread(f"model-{self.name}")
         while True:
             with self.lock:
                 while not self._stopping and not (batch := self._next_batch()) and not self._jobs:
