@@ -5,7 +5,9 @@ instead (tests/client/conftest.py), so that their process never loads onnxruntim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -26,6 +28,26 @@ def array_of(tensor: pb.Tensor) -> np.ndarray:
 
 def tensor_of(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(shape=list(array.shape), data=np.ascontiguousarray(array, "<f4").tobytes())
+
+
+@contextlib.asynccontextmanager
+async def joining_at_once(engine, jobs: int) -> AsyncIterator[None]:
+    """Hold ``engine``'s model thread (a ``GenerationEngine``) until the block has submitted ``jobs`` jobs (turns,
+    reads): the model thread then takes them in one go."""
+    holding = threading.Event()
+
+    def hold() -> None:
+        with engine.paused() as paused:
+            holding.set()
+            assert paused.wait_for_queued(jobs), f"{jobs} jobs were never queued"
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert await asyncio.to_thread(holding.wait, 10), "the model thread was never held"
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(holder.join)
 
 
 class ServerThread:

@@ -23,6 +23,8 @@ from lstm_server.sessions.store import MemoryStore
 from lstm_server.sessions.table import SessionTable
 from lstm_server.sessions.turn import SessionTurn
 
+from ..serving import joining_at_once
+
 
 class CountingModel:
     """Always predicts 'b'; h counts the characters fed, so the state shows what was read."""
@@ -400,3 +402,46 @@ def test_many_running_turns_stretch_every_stream_s_message_interval() -> None:
     assert engine.send_interval() == 0.02  # no running turns
     engine._turns.extend([object()] * 10)  # stand-ins: only their number matters
     assert engine.send_interval() == pytest.approx(0.1)  # 10 streams sharing 100 messages a second
+
+
+class RaisesOnSecondB(CountingModel):
+    """Raises on any call in which a row's second character is 'b' (a prompt that fails alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts: list[tuple[int, int]] = []  # every call's tokens shape, failed ones included
+
+    def run(self, inputs):
+        tokens = inputs["tokens"]
+        self.attempts.append(tokens.shape)
+        if tokens.shape[1] >= 2 and (tokens[:, 1] == 1).any():
+            raise RuntimeError("bad prompt")
+        return super().run(inputs)
+
+
+def test_prompts_read_together_fail_alone() -> None:
+    """Turns that join at once share their prompt reads; the one whose prompt fails ends alone (the others read
+    exactly their own prompts) and its state is untouched."""
+
+    async def scenario():
+        model = RaisesOnSecondB()
+        engine = new_engine(model)
+        engine.start()
+        async with joining_at_once(engine, len(PROMPTS_ONE_BAD)):
+            turns = [start(engine, name, ids, Sampling(temperature=0, max_tokens=4)) for name, ids in PROMPTS_ONE_BAD]
+        results = await asyncio.gather(*(read_all(t) for t in turns), return_exceptions=True)
+        await engine.stop()
+        return engine, model, turns, results
+
+    engine, model, turns, results = asyncio.run(scenario())
+    assert results[0] == "bbbb" and results[2] == "bbbb"
+    assert isinstance(results[1], ServiceError) and results[1].code is Status.INTERNAL
+    assert "model step failed for session bad while reading the prompt: bad prompt" in results[1].message
+    assert h_of(engine, turns[0].slot) == 2 + 4 and h_of(engine, turns[2].slot) == 3 + 4
+    assert h_of(engine, turns[1].slot) == 0 and turns[1].completion.result().tokens_seen == 0
+    # "aa", "ab" and the first two of "aaa" read together; that call raised, so its rows were retried apart
+    # ("ab" failing alone), then the third character of "aaa"
+    assert model.attempts[:6] == [(3, 2), (1, 2), (2, 2), (1, 2), (1, 2), (1, 1)]
+
+
+PROMPTS_ONE_BAD = [("good", [0, 0]), ("bad", [0, 1]), ("longer", [0, 0, 0])]

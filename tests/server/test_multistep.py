@@ -23,6 +23,8 @@ from lstm_server.runtime.backends import OnnxBackend
 from lstm_server.runtime.decoding import GraphDecoder, Sampler, SteppedDecoder, load_decoder
 from lstm_server.runtime.model_repository import list_entries, load_entry
 
+from ..serving import joining_at_once
+
 PROMPTS = ["KING:\nthe ", "QUEEN", "LORD:\n", "K", "KING:\nthe queen "]
 CHARS = 45  # not a multiple of 8
 SHIPPED = Path(__file__).resolve().parents[2] / "models"
@@ -49,8 +51,29 @@ def plans(reference) -> list[tuple[str, Sampling]]:
     return made
 
 
-def run(entry_dir, plan: list[tuple[str, Sampling]], max_steps: int, together: bool, stepped: bool = False):
-    """(text, h, c, logits) of every planned session, on an engine drawing up to ``max_steps`` per call."""
+class PromptReads:
+    """A backend wrapper recording the shape of every prompt read (``tokens`` [rows, characters])."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.device = inner, inner.name, inner.device
+        self.shapes: list[tuple[int, int]] = []
+
+    def run(self, inputs):
+        self.shapes.append(inputs["tokens"].shape)
+        return self.inner.run(inputs)
+
+
+def run(
+    entry_dir,
+    plan: list[tuple[str, Sampling]],
+    max_steps: int,
+    together: bool,
+    stepped: bool = False,
+    reads: list | None = None,
+):
+    """(text, h, c, logits) of every planned session, on an engine drawing up to ``max_steps`` per call. Together:
+    every turn is submitted while the model thread is held, so all join at once (their prompts read in shared
+    calls) and step together; ``reads`` gets the shapes of the prompt reads."""
     entry = load_entry(entry_dir)
     backend = OnnxBackend(entry, "cpu", 2)
     sampler = Sampler(entry, 2, True)
@@ -63,6 +86,7 @@ def run(entry_dir, plan: list[tuple[str, Sampling]], max_steps: int, together: b
     slots = StateSlots(entry.num_layers, entry.hidden_size, len(codec), 64)
     # a budget no call reaches: K is 1 for the first call (which measures), then doubles up to max_steps
     engine = GenerationEngine("charlm", backend, codec, slots, 64, 10_000, 0.0, Metrics(), decoder, max_steps, 1e6)
+    recorded = engine.wrap_backend(PromptReads)
 
     async def one(prompt: str, sampling: Sampling):
         slot = engine.allocate()
@@ -77,10 +101,13 @@ def run(entry_dir, plan: list[tuple[str, Sampling]], max_steps: int, together: b
         engine.start()
         try:
             if together:
-                return await asyncio.gather(*(one(p, s) for p, s in plan))
+                async with joining_at_once(engine, len(plan)):
+                    return await asyncio.gather(*(one(p, s) for p, s in plan))
             return [await one(p, s) for p, s in plan]
         finally:
             await engine.stop()
+            if reads is not None:
+                reads.extend(recorded.shapes)
 
     return asyncio.run(scenario())
 
@@ -111,7 +138,16 @@ def test_k_and_batch_change_nothing(exported, expected, max_steps: int, together
     reruns = []
     rerun = GenerationEngine._rerun
     monkeypatch.setattr(GenerationEngine, "_rerun", lambda self, *args: reruns.append(args[2]) or rerun(self, *args))
-    served = run(exported / "charlm" / "1", plan, max_steps, together)
+    reads: list[tuple[int, int]] = []
+    served = run(exported / "charlm" / "1", plan, max_steps, together, reads=reads)
+    lengths = sorted({len(prompt) for prompt, _ in plan})
+    if together:  # one call per distinct prompt length, each on the rows still reading
+        assert reads == [
+            (sum(len(p) >= end for p, _ in plan), end - start)
+            for start, end in zip([0, *lengths], lengths, strict=False)
+        ]
+    else:
+        assert sorted(reads) == sorted((1, len(prompt)) for prompt, _ in plan)
     assert bool(reruns) == (max_steps > 1)  # with K > 1 some stop string ended inside a call's characters
     assert any(s.stop and len(text) < CHARS for (text, *_), (_, s) in zip(served, plan, strict=True))
     for (text, h, c, _), (text_e, h_e, c_e, _) in zip(served, reference, strict=True):
@@ -168,3 +204,17 @@ def test_calls_on_few_rows_run_on_one_thread_with_the_same_results(exported, shi
         for got, full in ((out.logits, many.logits[:rows]), (out.h, many.h[:, :rows]), (out.c, many.c[:, :rows])):
             assert np.array_equal(got, full)
     assert load_decoder(entry, OnnxBackend(entry, "cpu", 1), 64, 8, 1, True, NARROW_ROWS)._sessions[1:] == []
+
+
+@pytest.mark.parametrize("version", list_entries(SHIPPED).get("charlm", []), ids=lambda v: f"charlm/{v}")
+def test_prompts_read_together_on_a_shipped_entry_equal_each_read_alone(version: int) -> None:
+    """Turns that join at once have their prompts read in shared calls (one per distinct length, on the rows still
+    reading); every session's text and state are bitwise what it gets alone."""
+    prompts = ["ROMEO:\n", "KING HENRY:\nWhat ", "O", "JULIET:\nAy", "ROMEO:\n", "First Citizen:\nBefore we proceed "]
+    settings = [{"temperature": 0.0}, {"temperature": 0.8, "seed": 7}, {"temperature": 1.0, "top_k": 5, "seed": 8}]
+    plan = [(p, Sampling(max_tokens=24, **settings[i % len(settings)])) for i, p in enumerate(prompts)]
+    reads: list[tuple[int, int]] = []
+    together = run(SHIPPED / "charlm" / str(version), plan, 8, together=True, reads=reads)
+    assert reads[0] == (len(plan), 1)  # every prompt's first character in one call
+    assert len(reads) == len({len(p) for p in prompts})
+    assert_same(together, run(SHIPPED / "charlm" / str(version), plan, 8, together=False))

@@ -1,7 +1,8 @@
 """Continuous batching for one generation model.
 
 The surface: ``submit(slot, tokens, sampling, position) -> Turn``. A turn is:
-read the prompt (one full-sequence call, the "prefill"), draw its first
+read the prompt (the "prefill": turns that join together share the calls, one
+per distinct prompt length, each on the rows still reading), draw its first
 character (the entry's sampler graph), then repeat {feed the last character
 to the model; draw the next with the turn's own parameters and random stream;
 hand it to the turn's stream}. The scheduler advances every turn that has a
@@ -295,6 +296,19 @@ class Paused:
             time.sleep(0.005)  # polled: waiting on the engine's condition could take a wakeup meant for the model
 
 
+@dataclass(frozen=True, eq=False)
+class _Admission:
+    """A job: a turn waiting for its prompt to be read and its first character drawn. Consecutive ones are
+    admitted together (``GenerationEngine._run_jobs``)."""
+
+    engine: GenerationEngine
+    turn: Turn
+    tokens: np.ndarray
+
+    def __call__(self) -> None:
+        self.engine._admit([self])
+
+
 class GenerationEngine:
     """The scheduler, slots and backend of one character language model."""
 
@@ -469,7 +483,7 @@ class GenerationEngine:
         says how it ended. The slot must not be used otherwise until then."""
         turn = Turn(self, slot, position, sampling, session_id)
         self._queued.inc()
-        self._post(partial(self._admit, turn, tokens))
+        self._post(_Admission(self, turn, tokens))
         return turn
 
     def _flush_notifications(self) -> None:
@@ -504,28 +518,67 @@ class GenerationEngine:
             raise NonFinite
         return logits, h, c
 
-    def _prefill(self, slot: int, session_id: str, tokens: np.ndarray, failed: str):
-        """The slot's (logits, h, c) after ``tokens``, nothing written; ``failed`` ends the error messages."""
-        try:
-            return self._checked_run(tokens, *self.slots.gather(np.array([slot])), self._prefill_seconds)
-        except NonFinite:
+    def _read_prompts(self, slots: np.ndarray, prompts: list[np.ndarray]) -> list[tuple | Exception]:
+        """Per slot, its (logits [1, vocab], h, c) after its prompt (nothing written), or why it failed alone
+        (``NonFinite``, or the runtime's error). The prompts are read together: each call takes the rows still
+        reading, the same number of characters each (up to the next prompt's end), so n prompts of one length take
+        one call. Reading a prompt in parts with the state carried equals reading it at once, and a row's results
+        do not depend on its batch (both are in the entry's batch-invariance check), so a row reads exactly as it
+        would alone. A call that raises is retried apart (``contain``)."""
+        n = len(prompts)
+        h, c = self.slots.gather(slots)
+        logits = np.zeros((n, self.vocab_size), np.float32)
+        lengths = np.fromiter(map(len, prompts), np.int64, n)
+        failed: dict[int, Exception] = {}
+        start = 0
+        for end in np.unique(lengths).tolist():
+            rows = np.array([r for r in np.flatnonzero(lengths >= end).tolist() if r not in failed], np.intp)
+            if len(rows):
+                tokens = np.stack([prompts[r][start:end] for r in rows.tolist()])
+                parts, raised = contain(len(rows), partial(self._read_part, tokens, h, c, rows), "prompt read")
+                for part, (step_logits, new_h, new_c) in parts:
+                    h[:, rows[part]], c[:, rows[part]], logits[rows[part]] = new_h, new_c, step_logits[:, -1]
+                failed.update({int(rows[i]): error for i, error in raised.items()})
+            start = end
+        self._prompt_chars.inc(int(sum(int(lengths[r]) for r in range(n) if r not in failed)))
+        finite = finite_rows(h, c, logits)
+        return [
+            failed[r] if r in failed else NonFinite() if not finite[r] else (logits[[r]], h[:, [r]], c[:, [r]])
+            for r in range(n)
+        ]
+
+    def _read_part(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, rows: np.ndarray, part: np.ndarray):
+        """One call of ``_read_prompts``: rows ``rows[part]`` read ``tokens[part]`` from their state in ``h``, ``c``."""
+        started = time.perf_counter()
+        out = self.backend.run({"tokens": tokens[part], "h0": h[:, rows[part]], "c0": c[:, rows[part]]})
+        self._prefill_seconds.observe(time.perf_counter() - started)
+        return out
+
+    def _prompt_failure(self, session_id: str, chars: int, error: Exception, kept: str) -> SessionStepError:
+        """The error of a prompt that failed alone (``error``: ``NonFinite`` or the runtime's); ``kept`` ends the
+        message."""
+        if isinstance(error, NonFinite):
             self.metrics.row_failures.labels(self.name, "non_finite").inc()
-            raise SessionStepError(
+            return SessionStepError(
                 Status.FAILED_PRECONDITION,
                 f"session {session_id}'s state became non-finite (NaN or infinity) while reading the prompt "
-                f"({len(tokens)} characters); {failed}",
+                f"({chars} characters); {kept}",
                 reason=NON_FINITE,
-            ) from None
-        except Exception as error:
-            self.metrics.row_failures.labels(self.name, "exception").inc()
-            raise SessionStepError(
-                Status.INTERNAL,
-                f"model step failed for session {session_id} while reading the prompt: {error}; {failed}",
-                reason=MODEL_FAILED,
-            ) from error
+            )
+        self.metrics.row_failures.labels(self.name, "exception").inc()
+        failure = SessionStepError(
+            Status.INTERNAL,
+            f"model step failed for session {session_id} while reading the prompt: {error}; {kept}",
+            reason=MODEL_FAILED,
+        )
+        failure.__cause__ = error
+        return failure
 
     def _read(self, slot: int, tokens: np.ndarray, session_id: str) -> None:
-        logits, h, c = self._prefill(slot, session_id, tokens, "the prompt was not read (try another prompt)")
+        result = self._read_prompts(np.array([slot]), [tokens])[0]
+        if isinstance(result, Exception):
+            raise self._prompt_failure(session_id, len(tokens), result, "the prompt was not read (try another prompt)")
+        logits, h, c = result
         self.slots.scatter(np.array([slot]), h, c, logits)
 
     def _explicit(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
@@ -552,18 +605,31 @@ class GenerationEngine:
             )[0]
         )
 
-    def _admit(self, turn: Turn, tokens: np.ndarray) -> None:
-        self._queued.dec()
-        turn.admitted_at = time.perf_counter()
-        self.metrics.queue_wait.labels(self.name).observe(turn.admitted_at - turn.submitted_at)
+    def _admit(self, admissions: list[_Admission]) -> None:
+        """Turns that joined together: their prompts read in shared calls, then each turn's first character."""
+        now = time.perf_counter()
+        for admission in admissions:
+            self._queued.dec()
+            admission.turn.admitted_at = now
+            self.metrics.queue_wait.labels(self.name).observe(now - admission.turn.submitted_at)
+        reading = [a for a in admissions if len(a.tokens)]
+        read = self._read_prompts(np.fromiter((a.turn.slot for a in reading), np.intp), [a.tokens for a in reading])
+        results = dict(zip(map(id, reading), read, strict=True))
+        for admission in admissions:
+            self._start(admission.turn, admission.tokens, results.get(id(admission)))
+
+    def _start(self, turn: Turn, tokens: np.ndarray, read: tuple | Exception | None) -> None:
+        """Draw a turn's first character after its prompt (``read``: ``_read_prompts``'s result, None without a
+        prompt), write its state, and add it to the running turns; or end it with the failure."""
         slot, session_id = turn.slot, turn.session_id
         kept = f"the prompt was not read: the session keeps its state after {turn._tokens_seen} characters"
         try:  # nothing is written until the prompt is read and the first character drawn
             position = turn._tokens_seen + len(tokens)
-            if len(tokens):
-                logits, h, c = self._prefill(
-                    slot, session_id, tokens, f"{kept}; it can be exported or continued with another prompt, or closed"
-                )
+            if isinstance(read, Exception):
+                why = f"{kept}; it can be exported or continued with another prompt, or closed"
+                raise self._prompt_failure(session_id, len(tokens), read, why)
+            if read is not None:
+                logits, h, c = read
             else:
                 logits = self.slots.logits[[slot]]  # [1, vocab]
             token = None
@@ -576,7 +642,7 @@ class GenerationEngine:
                         f"sampling failed for session {session_id}: {error}; {kept}",
                         reason=MODEL_FAILED,
                     ) from error
-            if len(tokens):
+            if read is not None:
                 self.slots.scatter(np.array([slot]), h, c, logits)
         except Exception as error:
             cause = error.__cause__ if isinstance(error, SessionStepError) else error
@@ -775,6 +841,24 @@ class GenerationEngine:
             return
         self.slots.scatter(np.fromiter((batch[i].slot for i in rows.tolist()), np.intp), out.h, out.c, out.logits)
 
+    def _run_jobs(self, jobs: list[Callable[[], None]]) -> None:
+        """Run ``jobs`` in order; consecutive turns joining (up to ``max_batch``) are admitted together."""
+        joining: list[_Admission] = []
+        for job in jobs:
+            if isinstance(job, _Admission) and self.max_batch > 1:
+                joining.append(job)
+                if len(joining) < self.max_batch:
+                    continue
+            elif not joining:
+                job()
+                continue
+            self._admit(joining)
+            joining = []
+            if not isinstance(job, _Admission):
+                job()
+        if joining:
+            self._admit(joining)
+
     def _run(self) -> None:
         name_os_thread(f"model-{self.name}")
         while True:
@@ -784,8 +868,7 @@ class GenerationEngine:
                 if self._stopping:
                     return
                 jobs, self._jobs = self._jobs, []
-            for job in jobs:
-                job()
+            self._run_jobs(jobs)
             if batch:
                 try:
                     self._step(batch)
