@@ -445,3 +445,32 @@ def test_prompts_read_together_fail_alone() -> None:
 
 
 PROMPTS_ONE_BAD = [("good", [0, 0]), ("bad", [0, 1]), ("longer", [0, 0, 0])]
+
+
+def test_reads_and_turns_taken_together_share_their_prompt_reads() -> None:
+    """A session's prompt read (``engine.read``) joins the turns' prompt reads taken at the same time; a read that
+    fails alone raises for its caller only and leaves its slot as it was."""
+
+    async def scenario():
+        model = RaisesOnSecondB()
+        engine = new_engine(model)
+        engine.start()
+        slots = [engine.allocate() for _ in range(3)]
+        async with joining_at_once(engine, 4):
+            reads = [
+                asyncio.ensure_future(engine.read(slot, np.array(ids), name))
+                for slot, (name, ids) in zip(slots, [("r0", [0, 0]), ("bad", [0, 1]), ("r2", [0, 0, 0])], strict=True)
+            ]
+            await asyncio.sleep(0)  # the reads are posted
+            turn = start(engine, "t", [0, 0], Sampling(temperature=0, max_tokens=2))
+        outcomes = await asyncio.gather(*reads, return_exceptions=True)
+        text = await read_all(turn)
+        await engine.stop()
+        return engine, model, slots, outcomes, text, turn
+
+    engine, model, slots, outcomes, text, turn = asyncio.run(scenario())
+    assert outcomes[0] is None and outcomes[2] is None and text == "bb"
+    assert isinstance(outcomes[1], ServiceError) and outcomes[1].code is Status.INTERNAL
+    assert "session bad while reading the prompt: bad prompt; the prompt was not read" in outcomes[1].message
+    assert [h_of(engine, slot) for slot in slots] == [2, 0, 3] and h_of(engine, turn.slot) == 2 + 2
+    assert model.attempts[0] == (4, 2)  # all four prompts' first two characters in one call (it raised)

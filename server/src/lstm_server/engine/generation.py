@@ -1,8 +1,9 @@
 """Continuous batching for one generation model.
 
 The surface: ``submit(slot, tokens, sampling, position) -> Turn``. A turn is:
-read the prompt (the "prefill": turns that join together share the calls, one
-per distinct prompt length, each on the rows still reading), draw its first
+read the prompt (the "prefill": turns that join together, and ``read``s taken
+at the same time, share the calls, one per distinct prompt length, each on the
+rows still reading), draw its first
 character (the entry's sampler graph), then repeat {feed the last character
 to the model; draw the next with the turn's own parameters and random stream;
 hand it to the turn's stream}. The scheduler advances every turn that has a
@@ -298,15 +299,37 @@ class Paused:
 
 @dataclass(frozen=True, eq=False)
 class _Admission:
-    """A job: a turn waiting for its prompt to be read and its first character drawn. Consecutive ones are
-    admitted together (``GenerationEngine._run_jobs``)."""
+    """A job: a turn waiting for its prompt to be read and its first character drawn. Consecutive prompt jobs are
+    taken together (``GenerationEngine._run_jobs``)."""
 
     engine: GenerationEngine
     turn: Turn
     tokens: np.ndarray
 
+    @property
+    def slot(self) -> int:
+        return self.turn.slot
+
     def __call__(self) -> None:
-        self.engine._admit([self])
+        self.engine._read_together([self])
+
+
+@dataclass(frozen=True, eq=False)
+class _PromptRead:
+    """A job: a prompt for an idle slot's state to read (``GenerationEngine.read``); ``future`` gets None, or the
+    failure. Consecutive prompt jobs are taken together."""
+
+    engine: GenerationEngine
+    slot: int
+    tokens: np.ndarray
+    session_id: str
+    future: Future
+
+    def __call__(self) -> None:
+        self.engine._read_together([self])
+
+
+PROMPT_JOBS = (_Admission, _PromptRead)
 
 
 class GenerationEngine:
@@ -470,7 +493,9 @@ class GenerationEngine:
     async def read(self, slot: int, tokens: np.ndarray, session_id: str = "") -> None:
         """Feed ``tokens`` to the slot's state in one call (the caller holds the slot and counts them)."""
         if len(tokens):
-            await self._call(self._read, slot, tokens, session_id)
+            future: Future = Future()
+            self._post(_PromptRead(self, slot, tokens, session_id, future))
+            await asyncio.wrap_future(future)
 
     async def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Explicit-state call: (next-character probabilities, hn, cn); nothing is kept."""
@@ -574,12 +599,15 @@ class GenerationEngine:
         failure.__cause__ = error
         return failure
 
-    def _read(self, slot: int, tokens: np.ndarray, session_id: str) -> None:
-        result = self._read_prompts(np.array([slot]), [tokens])[0]
+    def _store_read(self, job: _PromptRead, result: tuple | Exception) -> None:
+        """Write a read's new state, or fail its future (the slot keeps its state)."""
         if isinstance(result, Exception):
-            raise self._prompt_failure(session_id, len(tokens), result, "the prompt was not read (try another prompt)")
+            kept = "the prompt was not read (try another prompt)"
+            job.future.set_exception(self._prompt_failure(job.session_id, len(job.tokens), result, kept))
+            return
         logits, h, c = result
-        self.slots.scatter(np.array([slot]), h, c, logits)
+        self.slots.scatter(np.array([job.slot]), h, c, logits)
+        job.future.set_result(None)
 
     def _explicit(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         try:
@@ -605,18 +633,28 @@ class GenerationEngine:
             )[0]
         )
 
-    def _admit(self, admissions: list[_Admission]) -> None:
-        """Turns that joined together: their prompts read in shared calls, then each turn's first character."""
+    def _read_together(self, jobs: list[_Admission | _PromptRead]) -> None:
+        """Prompt jobs taken together (turns joining, reads): their prompts read in shared calls, then each one
+        finished: a turn's first character drawn, a read's state written."""
         now = time.perf_counter()
-        for admission in admissions:
+        live: list[_Admission | _PromptRead] = []
+        for job in jobs:
+            if isinstance(job, _PromptRead):
+                if job.future.set_running_or_notify_cancel():  # its caller may have gone
+                    live.append(job)
+                continue
             self._queued.dec()
-            admission.turn.admitted_at = now
-            self.metrics.queue_wait.labels(self.name).observe(now - admission.turn.submitted_at)
-        reading = [a for a in admissions if len(a.tokens)]
-        read = self._read_prompts(np.fromiter((a.turn.slot for a in reading), np.intp), [a.tokens for a in reading])
+            job.turn.admitted_at = now
+            self.metrics.queue_wait.labels(self.name).observe(now - job.turn.submitted_at)
+            live.append(job)
+        reading = [job for job in live if len(job.tokens)]
+        read = self._read_prompts(np.fromiter((job.slot for job in reading), np.intp), [job.tokens for job in reading])
         results = dict(zip(map(id, reading), read, strict=True))
-        for admission in admissions:
-            self._start(admission.turn, admission.tokens, results.get(id(admission)))
+        for job in live:
+            if isinstance(job, _Admission):
+                self._start(job.turn, job.tokens, results.get(id(job)))
+            else:
+                self._store_read(job, results[id(job)])
 
     def _start(self, turn: Turn, tokens: np.ndarray, read: tuple | Exception | None) -> None:
         """Draw a turn's first character after its prompt (``read``: ``_read_prompts``'s result, None without a
@@ -842,22 +880,22 @@ class GenerationEngine:
         self.slots.scatter(np.fromiter((batch[i].slot for i in rows.tolist()), np.intp), out.h, out.c, out.logits)
 
     def _run_jobs(self, jobs: list[Callable[[], None]]) -> None:
-        """Run ``jobs`` in order; consecutive turns joining (up to ``max_batch``) are admitted together."""
-        joining: list[_Admission] = []
+        """Run ``jobs`` in order; consecutive prompt jobs (turns joining, reads; up to ``max_batch``) together."""
+        together: list[_Admission | _PromptRead] = []
         for job in jobs:
-            if isinstance(job, _Admission) and self.max_batch > 1:
-                joining.append(job)
-                if len(joining) < self.max_batch:
+            if isinstance(job, PROMPT_JOBS) and self.max_batch > 1:
+                together.append(job)
+                if len(together) < self.max_batch:
                     continue
-            elif not joining:
+            elif not together:
                 job()
                 continue
-            self._admit(joining)
-            joining = []
-            if not isinstance(job, _Admission):
+            self._read_together(together)
+            together = []
+            if not isinstance(job, PROMPT_JOBS):
                 job()
-        if joining:
-            self._admit(joining)
+        if together:
+            self._read_together(together)
 
     def _run(self) -> None:
         name_os_thread(f"model-{self.name}")
