@@ -6,7 +6,7 @@ charlm=<version>`` plus any ``--server-arg``), and for each concurrency N (defau
 round (``--rounds``, default 3), one after the other so that noise hits every side alike:
 
 - served: N sessions stream ``--tokens`` characters each from that server (``--turns`` turns one after the other,
-  default 1: more turns make the 1-session figure less noisy); aggregate characters per second,
+  default 5: with one fresh turn per round the 1-session figure swung 2x); aggregate characters per second,
   time to first token (the Generate call to its first character), inter-token latency as a reader sees it (the
   first character of a message counts the whole gap since the previous message, the others in the same
   message a gap of 0) and as the old 'spread' figure (a message of k characters t seconds after the previous
@@ -392,7 +392,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--tokens", type=int, default=200, help="characters per served session")
     parser.add_argument(
-        "--turns", type=int, default=1, help="turns per served session, one after the other, in each round"
+        "--turns", type=int, default=5, help="turns per served session, one after the other, in each round"
     )
     parser.add_argument("--naive-tokens", type=int, default=40, help="characters per naive request")
     parser.add_argument("--decode-k", type=int, nargs="+", default=[8, 16, 32], help="decode graph K in-process")
