@@ -279,36 +279,12 @@ def test_pipelined_sequences_on_one_stream_run_in_order_each_and_together(client
         assert [turn_text(by_request[f"{sequence_id}/{i}"]) for i in range(len(PROMPTS))] == expected
 
 
-def test_a_sequence_that_waits_does_not_hold_up_another_on_the_same_stream(server, client, stubs) -> None:
-    service = server.server.inference
+def held_sequence_then_two_requests(running, client: tc.InferenceServerClient) -> tuple[Place, Stream]:
+    """Sequence 99 held by an earlier request that has not ended (``Place.leave`` ends it), then a stream with one
+    request of sequence 99 and one of sequence 100 (request ids "99", "100")."""
+    service = running.server.inference
 
-    async def hold() -> Place:  # a request of sequence 99 that has not ended yet
-        return service.queue.join(sequence_session_id(service.sequence_key, ANONYMOUS, "charlm", 99))
-
-    held = server.run(hold())
-    stream = Stream(client)
-    for sequence_id in (99, 100):
-        stream.send(
-            PROMPTS[0], sequence_id=sequence_id, sequence_start=True, sequence_end=True, request_id=str(sequence_id)
-        )
-    first = stream.until_final()
-    assert {result.get_response().id for result, _ in first} == {"100"}
-
-    async def release() -> None:
-        held.leave()
-
-    server.run(release())
-    second = stream.until_final()
-    stream.close()
-    assert {result.get_response().id for result, _ in second} == {"99"}
-    assert turn_text(first) == turn_text(second) == lstm_turns(stubs, PROMPTS[:1])[0]
-
-
-def test_inference_stream_requests_bounds_the_requests_of_a_stream_running_at_once(start_server, stubs) -> None:
-    running = start_server(inference_stream_requests=1)
-    service, client = running.server.inference, tc.InferenceServerClient(running.address)
-
-    async def hold() -> Place:  # sequence 99 waits for an earlier request, holding the stream's one place
+    async def hold() -> Place:
         return service.queue.join(sequence_session_id(service.sequence_key, ANONYMOUS, "charlm", 99))
 
     held = running.run(hold())
@@ -317,11 +293,34 @@ def test_inference_stream_requests_bounds_the_requests_of_a_stream_running_at_on
         stream.send(
             PROMPTS[0], sequence_id=sequence_id, sequence_start=True, sequence_end=True, request_id=str(sequence_id)
         )
+    return held, stream
 
-    async def release() -> None:
+
+def release(running, held: Place) -> None:
+    """End the earlier request of the held sequence (on the server's event loop)."""
+
+    async def leave() -> None:
         held.leave()
 
-    running.run(release())
+    running.run(leave())
+
+
+def test_a_sequence_that_waits_does_not_hold_up_another_on_the_same_stream(server, client, stubs) -> None:
+    held, stream = held_sequence_then_two_requests(server, client)
+    first = stream.until_final()
+    assert {result.get_response().id for result, _ in first} == {"100"}
+    release(server, held)
+    second = stream.until_final()
+    stream.close()
+    assert {result.get_response().id for result, _ in second} == {"99"}
+    assert turn_text(first) == turn_text(second) == lstm_turns(stubs, PROMPTS[:1])[0]
+
+
+def test_inference_stream_requests_bounds_the_requests_of_a_stream_running_at_once(start_server, stubs) -> None:
+    running = start_server(inference_stream_requests=1)
+    client = tc.InferenceServerClient(running.address)
+    held, stream = held_sequence_then_two_requests(running, client)  # 99 waits, holding the stream's one place
+    release(running, held)
     responses = stream.until_final(2)
     stream.close()
     client.close()

@@ -69,13 +69,16 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def start_call(name: str, metadata: Iterable[tuple[str, Any]], attributes: Mapping[str, Any]) -> trace.Span | None:
-    """The server span of a call (None with tracing off), a child of the caller's ``traceparent`` if it sent one,
-    made current for the rest of the call's task; the caller ends it."""
+def start_call(method: str, metadata: Iterable[tuple[str, Any]], request_id: str) -> trace.Span | None:
+    """The server span of the gRPC call of ``method`` (``package.Service/Method``; None with tracing off, and then
+    nothing is built), a child of the caller's ``traceparent`` if it sent one, made current for the rest of the
+    call's task; the caller ends it."""
     if _tracer is None:
         return None
+    service, _, name = method.rpartition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, "lstm.request_id": request_id}
     parent = _propagator.extract({key: value for key, value in metadata if isinstance(value, str)})
-    span = _tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    span = _tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes=attributes)
     context.attach(trace.set_span_in_context(span, parent))  # the task is the call's own: it ends with the call
     return span
 

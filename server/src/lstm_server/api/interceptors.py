@@ -159,18 +159,7 @@ class _Call:
         metadata = context.invocation_metadata() or ()
         self.request_id = request_id(metadata)
         bind(request_id=self.request_id, method=self.method)
-        self.span = None
-        if tracing.enabled():
-            self.span = tracing.start_call(
-                full_method.lstrip("/"),
-                metadata,
-                {
-                    "rpc.system": "grpc",
-                    "rpc.service": full_method.lstrip("/").rsplit("/", 1)[0],
-                    "rpc.method": self.method,
-                    "lstm.request_id": self.request_id,
-                },
-            )
+        self.span = tracing.start_call(full_method.lstrip("/"), metadata, self.request_id)
 
     def admit(self, request, context: grpc.aio.ServicerContext, streaming_requests: bool):
         """Authenticate the call and check its request; returns the request (or request stream) to serve."""
@@ -179,7 +168,7 @@ class _Call:
         if streaming_requests:
             bind(tenant=tenant)
             return _checked_stream(request, self.method)
-        bind(tenant=tenant, **({} if isinstance(request, Malformed) else _request_fields(request)))
+        bind(tenant=tenant, **_request_fields(request))  # a Malformed request names no fields
         return _check_parsed(request, self.method)
 
     def finish(self, code: grpc.StatusCode, message: str = "") -> None:

@@ -82,7 +82,6 @@ from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
-from prometheus_client import Histogram
 
 from ..errors import ServiceError, Status
 from ..logs import call_fields
@@ -297,12 +296,10 @@ class Paused:
             time.sleep(0.005)  # polled: waiting on the engine's condition could take a wakeup meant for the model
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class _Admission:
-    """A job: a turn waiting for its prompt to be read and its first character drawn. Consecutive prompt jobs are
-    taken together (``GenerationEngine._run_jobs``)."""
+    """A prompt job: a turn waiting for its prompt to be read and its first character drawn."""
 
-    engine: GenerationEngine
     turn: Turn
     tokens: np.ndarray
 
@@ -310,26 +307,19 @@ class _Admission:
     def slot(self) -> int:
         return self.turn.slot
 
-    def __call__(self) -> None:
-        self.engine._read_together([self])
 
-
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class _PromptRead:
-    """A job: a prompt for an idle slot's state to read (``GenerationEngine.read``); ``future`` gets None, or the
-    failure. Consecutive prompt jobs are taken together."""
+    """A prompt job: a prompt for an idle slot's state to read (``GenerationEngine.read``); ``future`` gets None, or
+    the failure."""
 
-    engine: GenerationEngine
     slot: int
     tokens: np.ndarray
     session_id: str
     future: Future
 
-    def __call__(self) -> None:
-        self.engine._read_together([self])
 
-
-PROMPT_JOBS = (_Admission, _PromptRead)
+_PromptJob = _Admission | _PromptRead
 
 
 class GenerationEngine:
@@ -373,7 +363,7 @@ class GenerationEngine:
         self._decode_seconds = metrics.model_call.labels(name, "decode")
         self._step_seconds = metrics.model_call.labels(name, "step")
         self.lock = threading.Condition()
-        self._jobs: list[Callable[[], None]] = []
+        self._jobs: list[Callable[[], None] | _PromptJob] = []  # prompt jobs: consecutive ones are taken together
         self._turns: collections.deque[Turn] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -471,7 +461,7 @@ class GenerationEngine:
 
     # -- requests (event loop) ----------------------------------------------------
 
-    def _post(self, job: Callable[[], None]) -> None:
+    def _post(self, job: Callable[[], None] | _PromptJob) -> None:
         with self.lock:
             self._jobs.append(job)
             self.lock.notify()
@@ -494,7 +484,7 @@ class GenerationEngine:
         """Feed ``tokens`` to the slot's state in one call (the caller holds the slot and counts them)."""
         if len(tokens):
             future: Future = Future()
-            self._post(_PromptRead(self, slot, tokens, session_id, future))
+            self._post(_PromptRead(slot, tokens, session_id, future))
             await asyncio.wrap_future(future)
 
     async def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -508,7 +498,7 @@ class GenerationEngine:
         says how it ended. The slot must not be used otherwise until then."""
         turn = Turn(self, slot, position, sampling, session_id)
         self._queued.inc()
-        self._post(_Admission(self, turn, tokens))
+        self._post(_Admission(turn, tokens))
         return turn
 
     def _flush_notifications(self) -> None:
@@ -531,12 +521,12 @@ class GenerationEngine:
             self._notify_scheduled = True
             self._loop.call_soon_threadsafe(self._flush_notifications)
 
-    def _checked_run(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray, timer: Histogram):
-        """(last logits [1, vocab], h, c) after one sequence ``tokens``, the call timed by ``timer``; raises
-        ``NonFinite`` on NaN or infinity."""
+    def _checked_step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
+        """A Step call's (last logits [1, vocab], h, c) after one sequence ``tokens``, timed; raises ``NonFinite``
+        on NaN or infinity."""
         started = time.perf_counter()
         logits, h, c = self.backend.run({"tokens": tokens[None, :], "h0": h, "c0": c})
-        timer.observe(time.perf_counter() - started)
+        self._step_seconds.observe(time.perf_counter() - started)
         self._prompt_chars.inc(len(tokens))
         logits = logits[:, -1]
         if not all_finite(h, c, logits):
@@ -557,7 +547,8 @@ class GenerationEngine:
         failed: dict[int, Exception] = {}
         start = 0
         for end in np.unique(lengths).tolist():
-            rows = np.array([r for r in np.flatnonzero(lengths >= end).tolist() if r not in failed], np.intp)
+            rows = np.flatnonzero(lengths >= end)
+            rows = rows[[r not in failed for r in rows.tolist()]]
             if len(rows):
                 tokens = np.stack([prompts[r][start:end] for r in rows.tolist()])
                 parts, raised = contain(len(rows), partial(self._read_part, tokens, h, c, rows), "prompt read")
@@ -565,7 +556,7 @@ class GenerationEngine:
                     h[:, rows[part]], c[:, rows[part]], logits[rows[part]] = new_h, new_c, step_logits[:, -1]
                 failed.update({int(rows[i]): error for i, error in raised.items()})
             start = end
-        self._prompt_chars.inc(int(sum(int(lengths[r]) for r in range(n) if r not in failed)))
+        self._prompt_chars.inc(int(lengths.sum()) - sum(int(lengths[r]) for r in failed))
         finite = finite_rows(h, c, logits)
         return [
             failed[r] if r in failed else NonFinite() if not finite[r] else (logits[[r]], h[:, [r]], c[:, [r]])
@@ -611,7 +602,7 @@ class GenerationEngine:
 
     def _explicit(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         try:
-            logits, h, c = self._checked_run(tokens, h, c, self._step_seconds)
+            logits, h, c = self._checked_step(tokens, h, c)
         except NonFinite:
             raise ServiceError(
                 Status.FAILED_PRECONDITION,
@@ -633,11 +624,11 @@ class GenerationEngine:
             )[0]
         )
 
-    def _read_together(self, jobs: list[_Admission | _PromptRead]) -> None:
+    def _read_together(self, jobs: list[_PromptJob]) -> None:
         """Prompt jobs taken together (turns joining, reads): their prompts read in shared calls, then each one
         finished: a turn's first character drawn, a read's state written."""
         now = time.perf_counter()
-        live: list[_Admission | _PromptRead] = []
+        live: list[_PromptJob] = []
         for job in jobs:
             if isinstance(job, _PromptRead):
                 if job.future.set_running_or_notify_cancel():  # its caller may have gone
@@ -647,14 +638,16 @@ class GenerationEngine:
             job.turn.admitted_at = now
             self.metrics.queue_wait.labels(self.name).observe(now - job.turn.submitted_at)
             live.append(job)
-        reading = [job for job in live if len(job.tokens)]
-        read = self._read_prompts(np.fromiter((job.slot for job in reading), np.intp), [job.tokens for job in reading])
-        results = dict(zip(map(id, reading), read, strict=True))
+        reading = [job for job in live if len(job.tokens)]  # a read always has a prompt; a turn may not
+        results = iter(
+            self._read_prompts(np.fromiter((job.slot for job in reading), np.intp), [job.tokens for job in reading])
+        )
         for job in live:
+            read = next(results) if len(job.tokens) else None
             if isinstance(job, _Admission):
-                self._start(job.turn, job.tokens, results.get(id(job)))
+                self._start(job.turn, job.tokens, read)
             else:
-                self._store_read(job, results[id(job)])
+                self._store_read(job, read)
 
     def _start(self, turn: Turn, tokens: np.ndarray, read: tuple | Exception | None) -> None:
         """Draw a turn's first character after its prompt (``read``: ``_read_prompts``'s result, None without a
@@ -879,20 +872,17 @@ class GenerationEngine:
             return
         self.slots.scatter(np.fromiter((batch[i].slot for i in rows.tolist()), np.intp), out.h, out.c, out.logits)
 
-    def _run_jobs(self, jobs: list[Callable[[], None]]) -> None:
-        """Run ``jobs`` in order; consecutive prompt jobs (turns joining, reads; up to ``max_batch``) together."""
-        together: list[_Admission | _PromptRead] = []
+    def _run_jobs(self, jobs: list[Callable[[], None] | _PromptJob]) -> None:
+        """Run ``jobs`` in order; consecutive prompt jobs (turns joining, reads) together, up to ``max_batch``."""
+        together: list[_PromptJob] = []
         for job in jobs:
-            if isinstance(job, PROMPT_JOBS) and self.max_batch > 1:
+            prompt = isinstance(job, _PromptJob)
+            if prompt:
                 together.append(job)
-                if len(together) < self.max_batch:
-                    continue
-            elif not together:
-                job()
-                continue
-            self._read_together(together)
-            together = []
-            if not isinstance(job, PROMPT_JOBS):
+            if together and (not prompt or len(together) == self.max_batch):
+                self._read_together(together)
+                together = []
+            if not prompt:
                 job()
         if together:
             self._read_together(together)

@@ -21,7 +21,7 @@ same graph with one intra-op thread: a few rows gain nothing from a parallel
 section, and a server that shares its cores with gRPC loses to one (a worker
 thread descheduled stalls the call; a spinning one burns a core). Thread
 counts do not change a row's result: the export checks the graph bitwise
-across them, and the served invariance tests run across this switch.
+across them, and the multi-step tests run across this switch.
 """
 
 from __future__ import annotations
