@@ -37,9 +37,9 @@ async def joining_at_once(engine, jobs: int) -> AsyncIterator[None]:
     holding = threading.Event()
 
     def hold() -> None:
-        with engine.paused() as paused:
+        with engine.paused() as wait_for_queued:
             holding.set()
-            assert paused.wait_for_queued(jobs), f"{jobs} jobs were never queued"
+            assert wait_for_queued(jobs), f"{jobs} jobs were never queued"
 
     holder = threading.Thread(target=hold)
     holder.start()

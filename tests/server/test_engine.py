@@ -10,18 +10,21 @@ import pytest
 
 from lstm_server.config import ServerConfig
 from lstm_server.engine.codec import CharCodec
-from lstm_server.engine.generation import GenerationEngine, Turn
+from lstm_server.engine.faults import RowFailed
+from lstm_server.engine.generation import EngineConfig, GenerationEngine
 from lstm_server.engine.models import ServedModel, ServedModels
 from lstm_server.engine.sampling import Sampling
 from lstm_server.engine.slots import StateSlots
+from lstm_server.engine.turn import Turn
 from lstm_server.errors import ServiceError, Status
 from lstm_server.metrics import Metrics
 from lstm_server.runtime.decoding import SteppedDecoder
 from lstm_server.runtime.model_repository import ModelEntry
+from lstm_server.sessions.failures import read_error, step_error, turn_error
 from lstm_server.sessions.manager import SessionManager
 from lstm_server.sessions.store import MemoryStore
 from lstm_server.sessions.table import SessionTable
-from lstm_server.sessions.turn import SessionTurn
+from lstm_server.sessions.turn import TurnStream
 
 from ..serving import joining_at_once
 
@@ -50,18 +53,8 @@ def greedy(logits, draws, temperature, top_k, top_p) -> np.ndarray:
 def new_engine(model, buffer: int = 1000, max_batch: int = 8, sampler=greedy, **options) -> GenerationEngine:
     """An engine on a stand-in model whose decoder steps it in a loop (``options``: the engine's K settings)."""
     decoder = SteppedDecoder(model, sampler, 1, 3, 2)
-    return GenerationEngine(
-        "m",
-        model,
-        CharCodec(["a", "b"]),
-        StateSlots(1, 3, 2, 16),
-        max_batch,
-        buffer,
-        0.0,
-        Metrics(),
-        decoder,
-        **options,
-    )
+    config = EngineConfig(max_batch, buffer, **{"stream_interval_ms": 0.0, "stream_messages_per_s": 0.0, **options})
+    return GenerationEngine("m", model, CharCodec(["a", "b"]), StateSlots(1, 3, 2, 16), decoder, Metrics(), config)
 
 
 def make_engine(buffer: int = 5, max_batch: int = 8) -> tuple[GenerationEngine, CountingModel]:
@@ -69,23 +62,42 @@ def make_engine(buffer: int = 5, max_batch: int = 8) -> tuple[GenerationEngine, 
     return new_engine(model, buffer, max_batch), model
 
 
+NAMES: dict[int, str] = {}  # id(turn) -> the name its failures are worded with
+
+
 def start(engine: GenerationEngine, name: str, ids, sampling: Sampling, position: int = 0) -> Turn:
     """A turn on a new slot of ``engine`` (a fresh sequence unless ``position`` says otherwise)."""
-    return engine.submit(engine.allocate(), np.array(ids), sampling, position, name)
+    return submit(engine, engine.slots.allocate(), ids, sampling, position, name)
+
+
+def submit(engine: GenerationEngine, slot: int, ids, sampling: Sampling, position: int, name: str) -> Turn:
+    turn = engine.submit(slot, np.array(ids), sampling, position)
+    NAMES[id(turn)] = name
+    return turn
 
 
 async def read_all(turn: Turn) -> str:
-    """The turn's text; its error, if it failed."""
-    text = "".join([chunk.text async for chunk in turn.chunks()])
-    error = (await turn.completion).error
-    if error is not None:
-        raise error
-    return text
+    """The turn's text (every chunk through the engine's channel); its failure worded as the sessions layer
+    words it for the turn's name."""
+    parts = []
+    while (chunk := await turn.take()).end is None:
+        parts.append(chunk.text)
+    if chunk.end.failure is not None:
+        raise turn_error(chunk.end.failure, NAMES[id(turn)])
+    return "".join(parts) + chunk.text
+
+
+async def read(engine: GenerationEngine, slot: int, ids, name: str) -> None:
+    """A prompt read; its failure worded as for CreateSession."""
+    try:
+        await engine.read(slot, np.array(ids))
+    except RowFailed as failed:
+        raise read_error(failed.failure, name) from None
 
 
 def h_of(engine: GenerationEngine, slot: int) -> float:
     """The stand-in model's count of the characters a slot's state has read."""
-    return float(engine.state(slot).h[0, 0, 0])
+    return float(engine.slots.read(slot).h[0, 0, 0])
 
 
 def test_a_stalled_reader_pauses_its_turn_and_nobody_else() -> None:
@@ -97,14 +109,14 @@ def test_a_stalled_reader_pauses_its_turn_and_nobody_else() -> None:
         assert await asyncio.wait_for(read_all(other), 10) == "b" * 60  # not held back by the stalled one
         await asyncio.sleep(0.05)
         progress = stalled.progress()
-        assert progress.tokens_seen == 1 + 5 and not stalled.completion.done()  # paused at the buffer limit
+        assert progress.tokens_seen == 1 + 5 and stalled.end is None  # paused at the buffer limit
         assert progress.buffered == 5
         text = await asyncio.wait_for(read_all(stalled), 10)  # reading again resumes it
         await engine.stop()
         return text, stalled, engine
 
     text, stalled, engine = asyncio.run(scenario())
-    assert text == "b" * 100 and stalled.completion.result().tokens_seen == 101 and stalled.completion.done()
+    assert text == "b" * 100 and stalled.end.tokens_seen == 101
     assert h_of(engine, stalled.slot) == 101  # the state read exactly the 101 characters
 
 
@@ -135,8 +147,8 @@ def test_cancel_feeds_the_last_character_and_frees_the_session() -> None:
         return text, turn, engine
 
     text, turn, engine = asyncio.run(scenario())
-    assert text == "bbb" and turn.completion.done()
-    assert turn.completion.result().tokens_seen == 2 + 3
+    assert text == "bbb" and turn.end is not None
+    assert turn.end.tokens_seen == 2 + 3
     assert h_of(engine, turn.slot) == 5  # every counted character was fed
 
 
@@ -162,11 +174,11 @@ def run_turns(model, sessions_and_prompts, max_tokens: int = 30):
         engine = new_engine(model)
         turns = []
         for name, ids, marker in sessions_and_prompts:
-            slot = engine.allocate()
-            h, c = np.zeros(engine.state_shape, np.float32), np.zeros(engine.state_shape, np.float32)
+            slot = engine.slots.allocate()
+            h, c = np.zeros(engine.slots.slot_shape, np.float32), np.zeros(engine.slots.slot_shape, np.float32)
             c[0, 0, 0] = marker
-            engine.set_state(slot, h, c, None)
-            turns.append(engine.submit(slot, np.array(ids), Sampling(temperature=0, max_tokens=max_tokens), 0, name))
+            engine.slots.write(slot, h, c, None)
+            turns.append(submit(engine, slot, ids, Sampling(temperature=0, max_tokens=max_tokens), 0, name))
         engine.start()  # after the submissions: every turn is admitted before the first step
         outcomes = await asyncio.gather(*(read_all(t) for t in turns), return_exceptions=True)
         after = start(engine, "later", [0], Sampling(temperature=0, max_tokens=5))
@@ -181,7 +193,7 @@ def test_a_batched_step_that_fails_is_retried_apart_and_nobody_notices() -> None
     model = FailingOnce()
     outcomes, made, engine = run_turns(model, [(str(i), [0], 0.0) for i in range(3)], max_tokens=50)
     assert model.failed and outcomes == ["b" * 50] * 3 + ["bbbbb"]
-    assert all(t.completion.result().tokens_seen == 51 and h_of(engine, t.slot) == 51 for t in made)
+    assert all(t.end.tokens_seen == 51 and h_of(engine, t.slot) == 51 for t in made)
 
 
 class Poisoned(CountingModel):
@@ -203,14 +215,14 @@ def test_a_failing_row_ends_only_its_own_turn_and_keeps_its_state() -> None:
     ok1, raises, ok2, nan, ok3, later = outcomes
     assert ok1 == ok2 == ok3 == "b" * 30 and later == "bbbbb"
     assert isinstance(raises, ServiceError) and raises.code == Status.INTERNAL
-    assert f"model step failed for session {made[1].session_id}: kernel exploded" in raises.message
+    assert "model step failed for session raises: kernel exploded" in raises.message
     assert isinstance(nan, ServiceError) and nan.code == Status.FAILED_PRECONDITION
     assert "non-finite (NaN or infinity)" in nan.message
     for bad, error in ((made[1], raises), (made[3], nan)):  # the failed call was not applied, and the count says so
-        kept = bad.completion.result().tokens_seen  # the call that failed may have drawn several characters
+        kept = bad.end.tokens_seen  # the call that failed may have drawn several characters
         assert 2 <= kept <= 5 and h_of(engine, bad.slot) == kept
         assert f"keeps its state after {kept} characters" in error.message
-    assert [t.completion.result().tokens_seen for t in (made[0], made[2], made[4])] == [31, 33, 31]
+    assert [t.end.tokens_seen for t in (made[0], made[2], made[4])] == [31, 33, 31]
     assert max(model.batches) == 5  # they were stepped together
 
 
@@ -240,7 +252,7 @@ def test_a_row_whose_sampling_raises_fails_alone_and_its_step_is_not_applied() -
     assert good == also_good == "b" * 20
     assert isinstance(bad, ServiceError) and bad.code == Status.INTERNAL
     assert bad.message.startswith("model step failed for session bad: bad draw; the step was not applied")
-    assert made[1].completion.result().tokens_seen == 3 and h_of(engine, made[1].slot) == 3  # as before the step
+    assert made[1].end.tokens_seen == 3 and h_of(engine, made[1].slot) == 3  # as before the step
 
 
 class NanAfterPrompt(CountingModel):
@@ -253,26 +265,35 @@ class NanAfterPrompt(CountingModel):
         return logits, h, c
 
 
+async def step(engine: GenerationEngine, tokens, h, c):
+    try:
+        return await engine.step(tokens, h, c)
+    except RowFailed as failed:
+        raise step_error(failed.failure) from None
+
+
 def test_a_prompt_or_step_that_turns_non_finite_changes_nothing() -> None:
     async def scenario():
         engine = new_engine(NanAfterPrompt())
         engine.start()
-        slot = engine.allocate()
-        await engine.read(slot, np.array([0]), "p")  # one character: fine
+        slot = engine.slots.allocate()
+        await read(engine, slot, [0], "p")  # one character: fine
         seen = 1
         errors = []
-        failing = engine.submit(slot, np.array([0, 1, 0]), Sampling(temperature=0, max_tokens=3), seen, "p")
+        failing = []  # the turn, submitted once the read is over (a slot serves one read or turn at a time)
         for call in (
-            lambda: engine.read(slot, np.array([0, 1]), "p"),
-            lambda: read_all(failing),
-            lambda: engine.step(np.array([0, 0]), np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.float32)),
+            lambda: read(engine, slot, [0, 1], "p"),
+            lambda: read_all(
+                failing.append(submit(engine, slot, [0, 1, 0], Sampling(max_tokens=3), seen, "p")) or failing[0]
+            ),
+            lambda: step(engine, np.array([0, 0]), np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.float32)),
         ):
             try:
                 await call()
             except ServiceError as error:
                 errors.append(error)
-        seen = failing.completion.result().tokens_seen
-        last = engine.submit(slot, np.array([1]), Sampling(temperature=0, max_tokens=3), seen, "p")
+        seen = failing[0].end.tokens_seen
+        last = submit(engine, slot, [1], Sampling(temperature=0, max_tokens=3), seen, "p")
         text = await read_all(last)
         await engine.stop()
         return slot, last, engine, errors, text
@@ -281,7 +302,7 @@ def test_a_prompt_or_step_that_turns_non_finite_changes_nothing() -> None:
     assert [e.code for e in errors] == [Status.FAILED_PRECONDITION] * 3
     assert "the prompt was not read" in errors[0].message and "after 1 characters" in errors[1].message
     assert "nothing was kept" in errors[2].message
-    assert text == "bbb" and last.completion.result().tokens_seen == 1 + 1 + 3 and h_of(engine, slot) == 5
+    assert text == "bbb" and last.end.tokens_seen == 1 + 1 + 3 and h_of(engine, slot) == 5
 
 
 def test_sampling_positions_past_2_to_the_64_wrap_instead_of_failing_the_batch() -> None:
@@ -296,7 +317,7 @@ def test_sampling_positions_past_2_to_the_64_wrap_instead_of_failing_the_batch()
         return texts, huge
 
     texts, huge = asyncio.run(scenario())
-    assert [len(t) for t in texts] == [6, 6] and huge.completion.result().tokens_seen == 2**64 + 5
+    assert [len(t) for t in texts] == [6, 6] and huge.end.tokens_seen == 2**64 + 5
 
 
 class NoCodec:
@@ -318,7 +339,7 @@ def make_manager(engine: GenerationEngine) -> SessionManager:
     return SessionManager(config, models, table, Metrics(), MemoryStore(table, config.idle_timeout_s), NoCodec())
 
 
-async def read_session_turn(turn: SessionTurn) -> str:
+async def read_session_turn(turn: TurnStream) -> str:
     return "".join([chunk.text async for chunk in turn.chunks()])
 
 
@@ -383,7 +404,7 @@ def test_k_ramps_after_a_join_and_each_row_takes_only_what_it_needs() -> None:
         sizes.calls.clear()
         short = start(engine, "b", [0], Sampling(temperature=0, max_tokens=3))
         assert await read_all(short) == "bbb"
-        result = (calls_alone, list(sizes.calls), first.completion.result(), short.completion.result())
+        result = (calls_alone, list(sizes.calls), first.end, short.end)
         await engine.stop()
         return result, engine
 
@@ -397,8 +418,7 @@ def test_k_ramps_after_a_join_and_each_row_takes_only_what_it_needs() -> None:
 
 
 def test_many_running_turns_stretch_every_stream_s_message_interval() -> None:
-    engine = new_engine(CountingModel(), stream_messages_per_s=100.0)
-    engine.stream_interval_s = 0.02
+    engine = new_engine(CountingModel(), stream_messages_per_s=100.0, stream_interval_ms=20.0)
     assert engine.send_interval() == 0.02  # no running turns
     engine._turns.extend([object()] * 10)  # stand-ins: only their number matters
     assert engine.send_interval() == pytest.approx(0.1)  # 10 streams sharing 100 messages a second
@@ -438,7 +458,7 @@ def test_prompts_read_together_fail_alone() -> None:
     assert isinstance(results[1], ServiceError) and results[1].code is Status.INTERNAL
     assert "model step failed for session bad while reading the prompt: bad prompt" in results[1].message
     assert h_of(engine, turns[0].slot) == 2 + 4 and h_of(engine, turns[2].slot) == 3 + 4
-    assert h_of(engine, turns[1].slot) == 0 and turns[1].completion.result().tokens_seen == 0
+    assert h_of(engine, turns[1].slot) == 0 and turns[1].end.tokens_seen == 0
     # "aa", "ab" and the first two of "aaa" read together; that call raised, so its rows were retried apart
     # ("ab" failing alone), then the third character of "aaa"
     assert model.attempts[:6] == [(3, 2), (1, 2), (2, 2), (1, 2), (1, 2), (1, 1)]
@@ -455,10 +475,10 @@ def test_reads_and_turns_taken_together_share_their_prompt_reads() -> None:
         model = RaisesOnSecondB()
         engine = new_engine(model)
         engine.start()
-        slots = [engine.allocate() for _ in range(3)]
+        slots = [engine.slots.allocate() for _ in range(3)]
         async with joining_at_once(engine, 4):
             reads = [
-                asyncio.ensure_future(engine.read(slot, np.array(ids), name))
+                asyncio.ensure_future(read(engine, slot, ids, name))
                 for slot, (name, ids) in zip(slots, [("r0", [0, 0]), ("bad", [0, 1]), ("r2", [0, 0, 0])], strict=True)
             ]
             await asyncio.sleep(0)  # the reads are posted
@@ -474,3 +494,32 @@ def test_reads_and_turns_taken_together_share_their_prompt_reads() -> None:
     assert "session bad while reading the prompt: bad prompt; the prompt was not read" in outcomes[1].message
     assert [h_of(engine, slot) for slot in slots] == [2, 0, 3] and h_of(engine, turn.slot) == 2 + 2
     assert model.attempts[0] == (4, 2)  # all four prompts' first two characters in one call (it raised)
+
+
+def test_a_slot_lent_to_the_model_thread_is_not_touched_by_the_event_loop() -> None:
+    """From submission until the turn's end is visible, the slot is the model thread's: the event loop's reads,
+    writes, copies and releases of it raise; at the end it is home again, before the reader sees the end."""
+
+    async def scenario():
+        engine, _ = make_engine(buffer=2)
+        turn = start(engine, "t", [0], Sampling(temperature=0, max_tokens=5))
+        zeros = np.zeros(engine.slots.slot_shape, np.float32)
+        refused = []
+        for touch in (
+            lambda: engine.slots.read(turn.slot),
+            lambda: engine.slots.write(turn.slot, zeros, zeros),
+            lambda: engine.slots.copy(turn.slot, engine.slots.allocate()),
+            lambda: engine.slots.release(turn.slot),
+            lambda: engine.submit(turn.slot, np.array([0]), Sampling(max_tokens=1), 0),
+        ):
+            with pytest.raises(RuntimeError, match="lent to the model thread"):
+                touch()
+            refused.append(True)
+        engine.start()
+        text = await read_all(turn)
+        state = engine.slots.read(turn.slot)  # home again
+        await engine.stop()
+        return refused, text, state
+
+    refused, text, state = asyncio.run(scenario())
+    assert len(refused) == 5 and text == "bbbbb" and state.h[0, 0, 0] == 6

@@ -392,9 +392,9 @@ def test_a_busy_session_and_a_tenant_turn_limit_ask_for_a_retry_and_a_stranger_t
     error = expect(grpc.StatusCode.UNAUTHENTICATED, "needs authentication", stubs.sessions.CreateSession, create)
     assert details_of(error) == lstm_error("UNAUTHENTICATED")
     busy, other = (stubs.sessions.CreateSession(create, metadata=alice).session_id for _ in range(2))
-    with running.server.models.get("charlm").engine.paused() as paused:
+    with running.server.models.get("charlm").engine.paused() as wait_for_queued:
         stream = stubs.generation.Generate(pb.GenerateRequest(session_id=busy), metadata=alice)
-        assert paused.wait_for_queued(1)  # the turn has started: it waits for the held model thread
+        assert wait_for_queued(1)  # the turn has started: it waits for the held model thread
         error = expect(
             grpc.StatusCode.ABORTED,
             "busy with another turn",

@@ -96,12 +96,12 @@ def test_poisoned_neighbours_fail_alone_and_keep_their_state(start_server, refer
     ids = [stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm")).session_id for _ in PLANS]
 
     with ThreadPoolExecutor(len(PLANS)) as pool:
-        with engine.paused() as paused:  # every turn is admitted in one go, then all step together
+        with engine.paused() as wait_for_queued:  # every turn is admitted in one go, then all step together
             futures = [
                 pool.submit(generate, stubs, sid, prompt, n, sampling)
                 for sid, (prompt, sampling, n) in zip(ids, PLANS, strict=True)
             ]
-            assert paused.wait_for_queued(len(PLANS))
+            assert wait_for_queued(len(PLANS))
         outcomes = [future.result(30) for future in futures]
 
     for i, ((text, error), (want, h_ref, c_ref)) in enumerate(zip(outcomes, expected, strict=True)):

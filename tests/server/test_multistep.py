@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lstm_server.engine.codec import CharCodec
-from lstm_server.engine.generation import GenerationEngine
+from lstm_server.engine.generation import EngineConfig, GenerationEngine
 from lstm_server.engine.sampling import Sampling
 from lstm_server.engine.slots import StateSlots
 from lstm_server.metrics import Metrics
@@ -85,16 +85,19 @@ def run(
     codec = CharCodec(entry.vocab)
     slots = StateSlots(entry.num_layers, entry.hidden_size, len(codec), 64)
     # a budget no call reaches: K is 1 for the first call (which measures), then doubles up to max_steps
-    engine = GenerationEngine("charlm", backend, codec, slots, 64, 10_000, 0.0, Metrics(), decoder, max_steps, 1e6)
+    config = EngineConfig(64, 10_000, 0.0, 0.0, max_steps, 1e6)
+    engine = GenerationEngine("charlm", backend, codec, slots, decoder, Metrics(), config)
     recorded = engine.wrap_backend(PromptReads)
 
     async def one(prompt: str, sampling: Sampling):
-        slot = engine.allocate()
-        turn = engine.submit(slot, np.array(codec.encode(prompt)), sampling, 0, prompt)
-        text = "".join([chunk.text async for chunk in turn.chunks()])
-        end = await turn.completion
-        assert end.error is None and end.tokens_seen == len(prompt) + len(text)
-        state = engine.state(slot)
+        slot = engine.slots.allocate()
+        turn = engine.submit(slot, np.array(codec.encode(prompt)), sampling, 0)
+        parts = []
+        while (chunk := await turn.take()).end is None:
+            parts.append(chunk.text)
+        text, end = "".join(parts) + chunk.text, chunk.end
+        assert end.failure is None and end.tokens_seen == len(prompt) + len(text)
+        state = engine.slots.read(slot)
         return text, state.h, state.c, state.logits
 
     async def scenario():

@@ -185,11 +185,11 @@ def test_metrics_of_real_calls(server, stubs) -> None:
         stubs.sessions.GetSession(pb.GetSessionRequest(session_id="f00"))
     stubs.generation.Step(pb.StepRequest(model="charlm", text="the"))
     engine = server.server.models.get("charlm").engine
-    with engine.paused() as paused:
+    with engine.paused() as wait_for_queued:
         stream = stubs.generation.Generate(
             pb.GenerateRequest(session_id=session_id, prompt="the ", sampling=pb.SamplingParams(max_tokens=300))
         )
-        assert paused.wait_for_queued(1)
+        assert wait_for_queued(1)
         assert value("lstm_queue_depth", model="charlm") == 1  # the turn waits for the model thread
     responses = list(stream)
     stubs.classification.Classify(pb.ClassifyRequest(model="sentiment", texts=["good", "not bad"]))

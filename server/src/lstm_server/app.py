@@ -32,7 +32,7 @@ from .api.state_signing import StateKeyError, StateSigner
 from .config import ServerConfig
 from .engine.classification import ClassifierEngine
 from .engine.codec import CharCodec
-from .engine.generation import GenerationEngine
+from .engine.generation import EngineConfig, GenerationEngine
 from .engine.models import ServedModel, ServedModels
 from .engine.slots import StateSlots
 from .errors import ServiceError
@@ -71,20 +71,7 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
             config.thread_spinning,
             config.single_thread_rows,
         )
-        return GenerationEngine(
-            entry.name,
-            model.backend,
-            codec,
-            slots,
-            config.max_batch,
-            config.stream_buffer_chars,
-            config.stream_interval_ms,
-            metrics,
-            decoder,
-            config.max_decode_steps,
-            config.decode_budget_ms,
-            config.stream_messages_per_s,
-        )
+        return GenerationEngine(entry.name, model.backend, codec, slots, decoder, metrics, EngineConfig.of(config))
     from tokenizers import Tokenizer
 
     return ClassifierEngine(

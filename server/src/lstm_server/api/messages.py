@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from lstm.v1 import lstm_pb2 as pb
 
-from ..engine.generation import LENGTH, STOP
+from ..engine.turn import LENGTH, STOP, TurnEnd
 from ..errors import invalid
 from ..sessions.session import Session
 
@@ -59,9 +59,9 @@ def sampling_params(values: dict[str, Any]) -> pb.SamplingParams:
     return pb.SamplingParams(**values)
 
 
-def finish_reason(reason: str | None) -> int:
-    """The FinishReason of a chunk's finish reason (UNSPECIFIED before the last chunk)."""
-    return FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED)
+def finish_reason(end: TurnEnd | None) -> int:
+    """The FinishReason of a chunk's end (UNSPECIFIED before the last chunk)."""
+    return FINISH_REASONS.get(end.finish_reason if end is not None else None, pb.FINISH_REASON_UNSPECIFIED)
 
 
 def session_message(session: Session, model_version: int) -> pb.Session:

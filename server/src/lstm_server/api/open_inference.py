@@ -32,11 +32,11 @@ from lstm.v1 import lstm_pb2 as pb
 from tritonclient.grpc import service_pb2 as ip
 from tritonclient.grpc import service_pb2_grpc as ip_grpc
 
-from ..engine.generation import Chunk
 from ..engine.models import ServedModel
+from ..engine.turn import Chunk
 from ..errors import ServiceError, Status
 from ..metrics import build_versions
-from ..sessions.turn import SessionTurn
+from ..sessions.turn import TurnStream
 from .inference_statistics import Arrival, InferenceStatistics
 from .interceptors import MAX_MESSAGE_CHARS, caller
 from .open_inference_models import (
@@ -289,7 +289,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             async for chunk in chunks:
                 if not streaming:
                     parts.append(chunk.text)
-                if not chunk.last:
+                if chunk.end is None:
                     if streaming:
                         text = {"TEXT_OUT": text_output([chunk.text])}
                         yield infer_response(job.request, model, text, job.outputs, False)
@@ -297,7 +297,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 values = {
                     "TEXT_OUT": text_output([chunk.text if streaming else "".join(parts)]),
                     "TOKENS_SEEN": count_output(chunk.tokens_seen),
-                    "FINISH_REASON": text_output([chunk.finish_reason or ""]),
+                    "FINISH_REASON": text_output([chunk.end.finish_reason or ""]),
                 }
                 if streaming and job.empty_final:  # the end goes with the last text, then a response with nothing
                     yield infer_response(job.request, model, values, job.outputs, False)
@@ -328,19 +328,18 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 closing = closing or flags.start
                 raise
             async for chunk in turn.chunks():
-                if chunk.last:
+                if chunk.end is not None:
                     job.compute_ns = time.monotonic_ns() - started
-                if chunk.last and closing:
+                if chunk.end is not None and closing:
                     closing = False
                     await self.api.close_quietly(session_id, tenant)
                 yield chunk
         finally:
-            if turn is not None:
-                turn.cancel()
+            settled = turn.close() if turn is not None else None
             if closing and session_id:
                 await self.api.close_quietly(session_id, tenant)
             if job.place is not None:
-                job.place.leave(after=turn.settled if turn is not None else None)  # once the session is free
+                job.place.leave(after=settled)  # once the session is free
 
     async def _open(self, job: Job, tenant: str) -> str:
         """The session the request runs on: a new one for a request without a sequence, a fresh one (the old
@@ -357,7 +356,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             await self.api.create(create, tenant, job.session_id)
         return job.session_id
 
-    async def _start(self, job: Job, tenant: str, session_id: str) -> SessionTurn:
+    async def _start(self, job: Job, tenant: str, session_id: str) -> TurnStream:
         try:
             return await self.api.start_turn(
                 session_id, tenant, job.texts[0], job.sampling, pb.UNKNOWN_CHARACTERS_REJECT

@@ -20,11 +20,13 @@ from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
 from ..config import ServerConfig
+from ..engine.faults import RowFailed
 from ..engine.models import ServedModel, ServedModels
 from ..errors import ServiceError, invalid
+from ..sessions.failures import step_error
 from ..sessions.manager import SessionManager
 from ..sessions.session import Session
-from ..sessions.turn import SessionTurn
+from ..sessions.turn import TurnStream
 from .interceptors import caller
 from .messages import (
     finish_reason,
@@ -62,7 +64,7 @@ class Api:
 
     async def start_turn(
         self, session_id: str, tenant: str, prompt: str, sampling: pb.SamplingParams, policy: int
-    ) -> SessionTurn:
+    ) -> TurnStream:
         """Find the session, check and encode the prompt with its model's codec, and start the turn."""
         session = await self.sessions.resolve(session_id, tenant)
         engine = self.models.get(session.model).engine
@@ -126,10 +128,10 @@ class GenerationService(rpc.GenerationServicer):
         try:
             async for chunk in turn.chunks():
                 yield pb.GenerateResponse(
-                    text=chunk.text, tokens_seen=chunk.tokens_seen, finish_reason=finish_reason(chunk.finish_reason)
+                    text=chunk.text, tokens_seen=chunk.tokens_seen, finish_reason=finish_reason(chunk.end)
                 )
         finally:
-            turn.cancel()
+            turn.close()
 
     async def Chat(
         self, request_iterator: AsyncIterator[pb.ChatRequest], context: Context
@@ -139,7 +141,7 @@ class GenerationService(rpc.GenerationServicer):
         tenant = caller()
         session: Session | None = None
         owned = False  # opened by this stream, and closed with it
-        current: list[SessionTurn] = []  # the running turn, cancelled if the call ends under it
+        current: list[TurnStream] = []  # the running turn, cancelled if the call ends under it
         context.add_done_callback(lambda _: current and current[-1].cancel())
         try:
             async for message in request_iterator:
@@ -174,12 +176,12 @@ class GenerationService(rpc.GenerationServicer):
                         yield pb.ChatResponse(
                             session_id=session.id,
                             text=chunk.text,
-                            end_of_turn=chunk.finish_reason is not None,
-                            finish_reason=finish_reason(chunk.finish_reason),
+                            end_of_turn=chunk.end is not None,
+                            finish_reason=finish_reason(chunk.end),
                             tokens_seen=chunk.tokens_seen,
                         )
                 finally:
-                    turn.cancel()
+                    turn.close()
         finally:
             if owned:
                 await self.api.close_quietly(session.id, tenant)
@@ -198,7 +200,7 @@ class GenerationService(rpc.GenerationServicer):
             tokens = np.zeros(0, np.int64)
         if not len(tokens):
             raise invalid("Step needs a non-empty text or token list", reason="EMPTY_INPUT", field="input")
-        shape = engine.state_shape
+        shape = engine.slots.slot_shape
         if request.HasField("h") != request.HasField("c"):
             raise invalid(
                 "give both h and c, or neither (a fresh sequence)",
@@ -209,7 +211,10 @@ class GenerationService(rpc.GenerationServicer):
             h, c = from_tensor(request.h, shape, "h"), from_tensor(request.c, shape, "c")
         else:
             h, c = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        probabilities, h, c = await engine.step(tokens, h, c)
+        try:
+            probabilities, h, c = await engine.step(tokens, h, c)
+        except RowFailed as failed:
+            raise step_error(failed.failure) from failed.failure.cause
         return pb.StepResponse(h=to_tensor(h), c=to_tensor(c), probabilities=probabilities.tolist())
 
 

@@ -97,7 +97,7 @@ class StateMessages:
                 field="state.tokens_seen",
             )
         engine = model.engine
-        shape = engine.state_shape
+        shape = engine.slots.slot_shape
         # h = o * tanh(c) lies in [-1, 1]; c moves by at most 1 per character (|f c + i g| <= |c| + 1)
         h = from_tensor(message.h, shape, "state.h", bound=1.0)
         c = from_tensor(message.c, shape, "state.c", bound=float(message.tokens_seen))
@@ -108,7 +108,9 @@ class StateMessages:
                 reason="INVALID_STATE",
                 field="state.next_logits",
             )
-        logits = from_tensor(message.next_logits, (engine.vocab_size,), "state.next_logits") if has_logits else None
+        logits = (
+            from_tensor(message.next_logits, (engine.slots.vocab_size,), "state.next_logits") if has_logits else None
+        )
         defaults = sampling_dict(message.defaults)
         if "seed" not in defaults:
             raise invalid("state.defaults.seed is missing", reason="INVALID_STATE", field="state.defaults.seed")

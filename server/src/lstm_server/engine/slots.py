@@ -15,6 +15,13 @@ slot, so a session whose step fails keeps the state it had before it.
 
 Nothing outside the engine indexes these arrays: ``read`` and ``write`` hand one
 slot's state out and in.
+
+Who writes a slot: the event loop, through ``allocate``, ``write``, ``copy`` and
+``release``, while the slot is home; the model thread, through ``scatter``, while
+the slot is lent to it (``lend``: a turn or a read submitted on it, until the
+model thread gives it back, before the turn's end or the read's result is
+visible). The event loop's calls on a lent slot raise, so a slot is never
+written by both threads (tests/server/test_engine.py checks it).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class StateSlots:
         self._free = list(range(capacity - 1, -1, -1))
         self._taken = np.zeros(capacity, bool)  # a second release of a slot must never free it for two sessions
         self._lock = threading.Lock()  # slots are taken on the event loop, may be freed on the model thread
+        self._lent = np.zeros(capacity, bool)  # True: the model thread's (set on the event loop, cleared on it)
 
     @property
     def used(self) -> int:
@@ -87,6 +95,7 @@ class StateSlots:
 
     def release(self, slot: int) -> None:
         """Free a taken slot; releasing a free one is a bug, logged and ignored (the slot is not freed twice)."""
+        self._home(slot)
         with self._lock:
             if not self._taken[slot]:
                 log.error("slot %d released twice; ignored", slot)
@@ -94,18 +103,35 @@ class StateSlots:
             self._taken[slot] = False
             self._free.append(slot)
 
+    def lend(self, slot: int) -> None:
+        """Hand the slot to the model thread (event loop; ``give_back`` returns it)."""
+        self._home(slot)
+        self._lent[slot] = True
+
+    def give_back(self, slot: int) -> None:
+        """The model thread is done with the slot."""
+        self._lent[slot] = False
+
+    def _home(self, slot: int) -> None:
+        if self._lent[slot]:
+            raise RuntimeError(f"slot {slot} is lent to the model thread: a turn or a read is using it")
+
     def copy(self, source: int, target: int) -> None:
+        self._home(source)
+        self._home(target)
         self.h[:, target] = self.h[:, source]
         self.c[:, target] = self.c[:, source]
         self.logits[target] = self.logits[source]
 
     def read(self, slot: int) -> SlotState:
         """A copy of one slot's (h, c, logits)."""
+        self._home(slot)
         return SlotState(self.h[:, slot : slot + 1].copy(), self.c[:, slot : slot + 1].copy(), self.logits[slot].copy())
 
     def write(self, slot: int, h: np.ndarray, c: np.ndarray, logits: np.ndarray | None = None) -> None:
         """Set one slot's state: ``h`` and ``c`` [layers x directions, 1, hidden], ``logits`` [vocab] (None: keep
         the slot's, zero in a new slot)."""
+        self._home(slot)
         self.h[:, slot] = h[:, 0]
         self.c[:, slot] = c[:, 0]
         if logits is not None:

@@ -16,10 +16,11 @@ both:
 - with a durable store, idle sessions leave memory (``evict_idle_s``, or the
   least recently used one when the table is full) and come back on demand.
 
-A turn's lifecycle runs in its own task (``_run_turn``), not in the call that
-reads it: when the engine has fed the last character, the task counts what
-the state read, saves it, frees the session, and only then lets the last
-message go; it does all that even when the client has gone.
+A session's life is one ``Phase`` (session.py), moved only here (``_move``). A
+turn is read through a ``TurnStream`` (turn.py); when the engine has fed its
+last character, ``_settle`` counts what the state read, saves it, frees the
+session, and only then lets the last message go; it does all that even when
+the client has gone.
 
 Every session belongs to the tenant that created (or imported) it. Every
 operation names its caller's tenant; another tenant's session is NOT_FOUND,
@@ -41,15 +42,18 @@ import numpy as np
 
 from .. import tracing
 from ..config import ServerConfig
-from ..engine.generation import LENGTH, GenerationEngine, SessionStepError, Turn, TurnEnd
+from ..engine.faults import RowFailed
+from ..engine.generation import GenerationEngine
 from ..engine.models import ServedModel, ServedModels
+from ..engine.turn import LENGTH, Turn, TurnEnd
 from ..errors import ServiceError, Status, invalid
 from ..logs import bind
 from ..metrics import Metrics
-from .session import Session, SessionState, new_seed, new_session_id, resolve_sampling, session_options
+from .failures import SessionStepError, read_error, turn_error
+from .session import Phase, Session, SessionState, new_seed, new_session_id, resolve_sampling, session_options
 from .store import SessionStore, SessionSummary, StateCodec, StoredSession
 from .table import SessionTable
-from .turn import SessionTurn, TurnOutcome
+from .turn import TurnOutcome, TurnStream
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def record_turn(turn: Turn, end: TurnEnd, read: int, prompt: int) -> None:
     character to the last one fed). ``read``: the characters the state had read before the turn."""
     if not tracing.enabled() or turn.admitted_at is None or turn.ended_at is None:
         return
-    error = end.error.message if end.error is not None else None
+    error = end.failure.kind if end.failure is not None else None
     tracing.record("lstm.queue", turn.submitted_at, turn.admitted_at, {})
     if prompt:
         prefilled = turn.first_at or turn.ended_at
@@ -92,7 +96,15 @@ class SessionManager:
     metrics: Metrics
     store: SessionStore
     codec: StateCodec  # the states a store keeps, as bytes (the api layer's StateMessages)
-    _lifecycles: set[asyncio.Task] = field(default_factory=set, init=False, repr=False)  # turns being settled
+    _settling: set[asyncio.Task] = field(default_factory=set, init=False, repr=False)  # turns being settled
+
+    def _move(self, session: Session, phase: Phase) -> None:
+        """The one writer of ``Session.phase``."""
+        session.phase = phase
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     def _engine(self, session: Session) -> GenerationEngine:
         return self.models.get(session.model).engine
@@ -138,7 +150,7 @@ class SessionManager:
         self._make_room(tenant)
         defaults = {"seed": new_seed(), **defaults}
         resolve_sampling({}, defaults, self.config)  # refuse bad defaults now, not at the first turn
-        slot = model.engine.allocate()
+        slot = model.engine.slots.allocate()
         session = Session(
             session_id or new_session_id(),
             model.name,
@@ -152,7 +164,7 @@ class SessionManager:
         try:
             self.table.add(session)
         except BaseException:
-            model.engine.release(slot)
+            model.engine.slots.release(slot)
             raise
         self._gauge(model.name)
         bind(session=session.id, model=model.name)
@@ -165,13 +177,15 @@ class SessionManager:
         if session.closed:  # closed or evicted already
             return
         self.table.remove(session.id)
-        session.closed = True
         if session.turn is not None:
-            session.turn.cancel()  # _run_turn frees the slot
+            self._move(session, Phase.CLOSING)
+            session.turn.cancel()  # _settle frees the slot
         elif session.busy:
+            self._move(session, Phase.CLOSED)
             self._engine(session).release_after_pending(session.slot)
         else:
-            self._engine(session).release(session.slot)
+            self._move(session, Phase.CLOSED)
+            self._engine(session).slots.release(session.slot)
         self._gauge(session.model)
 
     def evict_idle(self, session: Session) -> None:
@@ -203,7 +217,7 @@ class SessionManager:
     def snapshot(self, session: Session) -> SessionState:
         """The session's state, copied out of its slot."""
         model = self.models.get(session.model)
-        h, c, logits = model.engine.state(session.slot)
+        h, c, logits = model.engine.slots.read(session.slot)
         return SessionState(
             model.name,
             model.version,
@@ -221,7 +235,7 @@ class SessionManager:
         model = self.models.of_task(state.model, "generation")
         has_logits = state.next_logits is not None
         session = self.new_session(model, state.defaults, tenant, state.tokens_seen, has_logits, session_id)
-        model.engine.set_state(session.slot, state.h, state.c, state.next_logits)
+        model.engine.slots.write(session.slot, state.h, state.c, state.next_logits)
         return session
 
     # -- the store ----------------------------------------------------------------------
@@ -238,7 +252,7 @@ class SessionManager:
 
     async def save_new(self, session: Session) -> Session:
         """Save a session just made here; if that fails, or it is closed meanwhile, it never existed."""
-        session.busy = True  # nobody may use it before it is in the store
+        self._move(session, Phase.BUSY)  # nobody may use it before it is in the store
         try:
             check_not_closed(session)  # its slot may serve another session already
             await self.save(session)
@@ -248,8 +262,7 @@ class SessionManager:
         except BaseException:
             self.evict(session)
             raise
-        finally:
-            session.busy = False
+        self._move(session, Phase.IDLE)
         session.touch()
         return session
 
@@ -307,29 +320,31 @@ class SessionManager:
     ) -> Session:
         """A new session of ``model`` that has read ``tokens``, saved."""
         session = self.new_session(model, defaults, tenant, session_id=session_id)
-        session.busy = True
+        self._move(session, Phase.BUSY)
         try:
             if len(tokens):
                 with tracing.span("lstm.prefill", {"lstm.characters": len(tokens)}):
-                    await model.engine.read(session.slot, tokens, session.id)
+                    await model.engine.read(session.slot, tokens)
                 session.tokens_seen += len(tokens)
                 session.has_logits = True
+        except RowFailed as failed:
+            self.evict(session)
+            raise read_error(failed.failure, session.id) from failed.failure.cause
         except BaseException:  # failed or cancelled: nobody will ever know this session's id
             self.evict(session)
             raise
-        finally:
-            session.busy = False
         return await self.save_new(session)
 
     async def fork(self, session_id: str, tenant: str) -> Session:
         source = await self.resolve_idle(session_id, tenant)
         model = self.models.get(source.model)
-        source.busy = True  # a full table must not evict the source to make room for its fork
+        self._move(source, Phase.BUSY)  # a full table must not evict the source to make room for its fork
         try:
             fork = self.new_session(model, dict(source.defaults), tenant, source.tokens_seen, source.has_logits)
-            model.engine.copy_slot(source.slot, fork.slot)
+            model.engine.slots.copy(source.slot, fork.slot)
         finally:
-            source.busy = False
+            if not source.closed:
+                self._move(source, Phase.IDLE)
         return await self.save_new(fork)
 
     async def export(self, session_id: str, tenant: str) -> SessionState:
@@ -351,9 +366,9 @@ class SessionManager:
         if local is not None:
             self.evict(local)
 
-    def start_turn(self, session: Session, tokens: np.ndarray, sampling: dict[str, Any]) -> SessionTurn:
-        """Mark the session (just resolved) busy and submit a turn reading ``tokens`` then generating with
-        ``sampling`` over the session's defaults; its lifecycle runs in its own task (``_run_turn``)."""
+    def start_turn(self, session: Session, tokens: np.ndarray, sampling: dict[str, Any]) -> TurnStream:
+        """Submit a turn on the session (just resolved; ABORTED if busy) reading ``tokens`` then generating with
+        ``sampling`` over the session's defaults; read it through the returned stream, and ``close`` it."""
         engine = self._engine(session)
         resolved = resolve_sampling(sampling, session.defaults, self.config)
         if not len(tokens) and not session.has_logits and not session.busy:  # a busy one is refused as busy
@@ -362,25 +377,30 @@ class SessionManager:
                 reason="PROMPT_REQUIRED",
                 field="prompt",
             )
+        self.table.idle(session.id)
         self.table.start_turn(session.tenant)
         try:
-            self.table.acquire(session.id)
-            turn = engine.submit(session.slot, tokens, resolved, session.tokens_seen, session.id)
+            turn = engine.submit(session.slot, tokens, resolved, session.tokens_seen)
         except BaseException:
             self.table.end_turn(session.tenant)
             raise
-        session.turn = running = SessionTurn(turn, self.metrics, session.model)
-        task = asyncio.get_running_loop().create_task(self._run_turn(session, running, len(tokens)))
-        self._lifecycles.add(task)
-        task.add_done_callback(self._lifecycles.discard)
-        return running
+        self._move(session, Phase.RUNNING)
+        session.touch()
+        read = session.tokens_seen
 
-    async def _run_turn(self, session: Session, running: SessionTurn, prompt: int) -> None:
-        """The turn's lifecycle: once the engine has fed its last character (after its ``prompt`` characters),
-        count what the state read, save it (a turn that failed on its own row kept a consistent state: it is saved
-        too), free the session, and only then settle the turn's last message."""
-        end = await running.turn.completion
-        read, error = session.tokens_seen, end.error
+        async def settle(end: TurnEnd) -> TurnOutcome:
+            return await self._settle(session, turn, end, read, len(tokens))
+
+        session.turn = TurnStream(turn, settle, self._track, self.metrics, session.model)
+        return session.turn
+
+    async def _settle(self, session: Session, turn: Turn, end: TurnEnd, read: int, prompt: int) -> TurnOutcome:
+        """A turn's end (after its ``prompt`` characters; the state had read ``read`` before it): count what the
+        state read, save it (a turn that failed on its own row kept a consistent state: it is saved too), free the
+        session; the outcome is what its last message says."""
+        error = turn_error(end.failure, session.id) if end.failure is not None else None
+        if error is not None:
+            log.error("%s", error.message)  # the engine logged the cause
         session.has_logits = session.has_logits or end.tokens_seen > session.tokens_seen
         session.tokens_seen = end.tokens_seen
         try:
@@ -393,17 +413,22 @@ class SessionManager:
             error = error or ServiceError(Status.INTERNAL, f"generation failed: {failure}")
         finally:
             session.turn = None
-            session.busy = False
             session.touch()
             self.table.end_turn(session.tenant)
             if session.closed:
-                self._engine(session).release(session.slot)
+                self._move(session, Phase.CLOSED)
+                self._engine(session).slots.release(session.slot)
+            else:
+                self._move(session, Phase.IDLE)
             if error is None and session.closed and end.finish_reason is None:
                 error = ServiceError(
                     Status.ABORTED, f"session {session.id} was closed during the turn", reason="SESSION_CLOSED"
                 )
-            running.settle(TurnOutcome(end.finish_reason or LENGTH, error))
-            record_turn(running.turn, end, read, prompt)  # after the settle: a tracing bug cannot hold the session
+        try:
+            record_turn(turn, end, read, prompt)
+        except Exception:  # tracing must not fail a settled turn
+            log.exception("recording the turn's spans failed")
+        return TurnOutcome(end.finish_reason or LENGTH, error)
 
     async def _save_turn(self, session: Session, error: ServiceError | None) -> None:
         """Save the state a turn left; after a failure that did not keep a consistent state, drop this copy if
@@ -420,10 +445,17 @@ class SessionManager:
         if self.store.durable:
             self.evict(session)  # a failed turn's state is not trusted: reload the last saved one
 
-    async def stop(self) -> None:
-        """Cancel the turns still running (their calls are over) and wait until each is saved and its session
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel the turns still running and wait (at most ``timeout_s``) until each is saved and its session
         free."""
-        for session in self.table.sessions():
-            if session.turn is not None:
-                session.turn.cancel()
-        await asyncio.gather(*self._lifecycles, return_exceptions=True)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            running = [s.turn for s in self.table.sessions() if s.turn is not None]
+            for turn in running:
+                turn.close()
+            if not running and not self._settling:
+                return
+            if self._settling:
+                await asyncio.wait(list(self._settling), timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+            else:
+                await asyncio.sleep(0.01)  # a caller still reading settles its own turn

@@ -7,6 +7,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from ..config import ServerConfig
 from ..engine.sampling import Sampling
 from ..errors import ServiceError, invalid
-from .turn import SessionTurn
+from .turn import TurnStream
 
 MAX_SEED = 2**64 - 1
 
@@ -38,13 +39,23 @@ def new_seed() -> int:
     return secrets.randbits(63)
 
 
+class Phase(Enum):
+    """Where a session is in its life; the session manager alone moves it (``SessionManager._move``)."""
+
+    IDLE = "idle"  # in the table, its slot at rest: any call may use it
+    BUSY = "busy"  # a prompt read, a save or a fork's copy uses its state: no turn, no eviction
+    RUNNING = "running"  # a turn runs on it, until the turn is settled
+    CLOSING = "closing"  # out of the table; its turn still runs and frees the slot when it is settled
+    CLOSED = "closed"  # out of the table, its slot freed (or freed once the work before it is done)
+
+
 @dataclass(eq=False, slots=True)
 class Session:
     """One conversation with a generation model; its (h, c) lives in the model engine's slot ``slot``.
 
-    Written on the event loop only, by the sessions layer. ``revision`` is the session store's revision this
-    copy was loaded or last saved at (0: never saved to a durable store). ``seq`` orders the sessions of this
-    process (ListSessions pages through them by it).
+    Written on the event loop only, by the sessions layer (``phase`` by the session manager only).
+    ``revision`` is the session store's revision this copy was loaded or last saved at (0: never saved to a
+    durable store). ``seq`` orders the sessions of this process (ListSessions pages through them by it).
     """
 
     id: str
@@ -54,9 +65,8 @@ class Session:
     options: Mapping[str, Any]  # the sampling defaults the client set, but the seed (shared and empty if none)
     tokens_seen: int = 0  # characters the state has read, as of the last turn's end
     has_logits: bool = False  # False until the session has read at least one character
-    busy: bool = False
-    closed: bool = False
-    turn: SessionTurn | None = None  # the running turn, from its start until the session is saved and free
+    phase: Phase = Phase.IDLE
+    turn: TurnStream | None = None  # the running turn, from its start until the session is saved and free
     revision: int = 0
     tenant: str = ""
     seq: int = 0
@@ -67,6 +77,15 @@ class Session:
     def defaults(self) -> dict[str, Any]:
         """The session's sampling defaults, seed included."""
         return {"seed": self.seed, **self.options}
+
+    @property
+    def busy(self) -> bool:
+        """A read, a save, a copy or a turn uses its state."""
+        return self.phase in (Phase.BUSY, Phase.RUNNING)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase in (Phase.CLOSING, Phase.CLOSED)
 
     def live_tokens_seen(self) -> int:
         """``tokens_seen``, counting the characters a running turn has counted so far."""

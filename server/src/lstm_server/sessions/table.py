@@ -117,13 +117,6 @@ class SessionTable:
             )
         return session
 
-    def acquire(self, session_id: str) -> Session:
-        """The idle session, marked busy for one turn."""
-        session = self.idle(session_id)
-        session.busy = True
-        session.touch()
-        return session
-
     def remove(self, session_id: str) -> Session:
         """Take the session out of the table (the manager marks it closed and frees its slot)."""
         session = self.get(session_id)

@@ -1,0 +1,111 @@
+"""Reading prompts into slots' states (the prefill), several at once.
+
+Turns that join together, and session prompt reads (``GenerationEngine.read``) taken at the same time, share
+their calls: each call takes the rows still reading, the same number of characters each (up to the next prompt's
+end), so n prompts of one length take one call. Reading a prompt in parts with the state carried equals reading it
+at once, and a row's results do not depend on its batch (both are in every entry's batch-invariance check), so a
+row reads exactly as it would alone. A call that raises is retried apart (``contain``); a prompt that fails fails
+alone and nothing of it is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import numpy as np
+
+from ..runtime.backends import Backend
+from .faults import MODEL_FAILED, NON_FINITE, PROMPT, RowFailure, contain
+from .slots import finite_rows
+from .turn import Turn
+
+
+class PromptState(NamedTuple):
+    """A row's state after its prompt: ``logits`` [1, vocab], ``h`` and ``c`` [layers x directions, 1, hidden]."""
+
+    logits: np.ndarray
+    h: np.ndarray
+    c: np.ndarray
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A prompt job: a turn waiting for its prompt to be read and its first character drawn."""
+
+    turn: Turn
+    tokens: np.ndarray
+
+    @property
+    def slot(self) -> int:
+        return self.turn.slot
+
+
+@dataclass(frozen=True)
+class PromptRead:
+    """A prompt job: a prompt for an idle slot's state to read; ``future`` gets None, or ``RowFailed``."""
+
+    slot: int
+    tokens: np.ndarray
+    future: Future
+
+
+PromptJob = Admission | PromptRead
+
+
+def read_prompts(
+    backend: Backend,
+    h: np.ndarray,
+    c: np.ndarray,
+    vocab: int,
+    prompts: list[np.ndarray],
+    observe: Callable[[float], None],
+) -> list[PromptState | RowFailure]:
+    """Per prompt, the state after it from ``h``, ``c`` [layers x directions, n, hidden] (read in shared calls,
+    each timed through ``observe``), or how it failed alone (``kept`` left None: the caller knows it)."""
+    n = len(prompts)
+    logits = np.zeros((n, vocab), np.float32)
+    lengths = np.fromiter(map(len, prompts), np.int64, n)
+    failed: dict[int, RowFailure] = {}
+    start = 0
+    for end in np.unique(lengths).tolist():
+        rows = np.flatnonzero(lengths >= end)
+        rows = rows[[r not in failed for r in rows.tolist()]]
+        if len(rows):
+            tokens = np.stack([prompts[r][start:end] for r in rows.tolist()])
+            parts, raised = contain(len(rows), partial(_read_part, backend, tokens, h, c, rows, observe), "prompt read")
+            for part, (step_logits, new_h, new_c) in parts:
+                h[:, rows[part]], c[:, rows[part]], logits[rows[part]] = new_h, new_c, step_logits[:, -1]
+            for i, error in raised.items():
+                r = int(rows[i])
+                failed[r] = RowFailure(MODEL_FAILED, PROMPT, None, int(lengths[r]), error)
+        start = end
+    finite = finite_rows(h, c, logits)
+    return [
+        failed[r]
+        if r in failed
+        else PromptState(logits[[r]], h[:, [r]], c[:, [r]])
+        if finite[r]
+        else RowFailure(NON_FINITE, PROMPT, None, int(lengths[r]))
+        for r in range(n)
+    ]
+
+
+def _read_part(
+    backend: Backend,
+    tokens: np.ndarray,
+    h: np.ndarray,
+    c: np.ndarray,
+    rows: np.ndarray,
+    observe: Callable[[float], None],
+    part: np.ndarray,
+):
+    """One call of ``read_prompts``: rows ``rows[part]`` read ``tokens[part]`` from their state in ``h``, ``c``."""
+    started = time.perf_counter()
+    out = backend.run({"tokens": tokens[part], "h0": h[:, rows[part]], "c0": c[:, rows[part]]})
+    observe(time.perf_counter() - started)
+    return out
