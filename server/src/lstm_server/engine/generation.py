@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -28,13 +28,15 @@ import numpy as np
 from ..config import ServerConfig
 from ..metrics import Metrics
 from ..runtime.backends import Backend
-from ..runtime.decoding import DecodeInputs, DecodeOutputs, Decoder
+from ..runtime.decoding import DecodeInputs, Decoder
 from .codec import CharCodec
-from .faults import DECODE, ENGINE, MODEL_FAILED, NON_FINITE, SAMPLE, STEP, RowFailed, RowFailure, contain
+from .execute import Send, StepOutputs, execute, sends
+from .faults import DECODE, ENGINE, MODEL_FAILED, NON_FINITE, SAMPLE, STEP, RowFailed, RowFailure
+from .pause import hold
 from .plan import StepPlan, StepSizer, plan
-from .prefill import Admission, PromptJob, PromptRead, PromptState, read_prompts
-from .sampling import Sampling, as_uint64, softmax, uniforms
-from .slots import StateSlots, all_finite, finite_rows
+from .prefill import Admission, PromptJob, PromptRead, PromptState, draw_first, read_prompts
+from .sampling import Sampling, softmax
+from .slots import StateSlots, all_finite
 from .threads import name_os_thread
 from .turn import Turn
 
@@ -57,29 +59,6 @@ class EngineConfig:
     @classmethod
     def of(cls, config: ServerConfig) -> EngineConfig:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
-
-
-@dataclass
-class StepOutputs:
-    """What a decode call gave: the rows that ran and their outputs, and each failed row's ``RowFailure``."""
-
-    inputs: DecodeInputs
-    rows: np.ndarray  # [m] positions in the plan, in the order of ``out``
-    out: DecodeOutputs | None  # None: no row ran
-    failures: dict[int, RowFailure]
-
-
-def _join(parts: list[tuple[np.ndarray, DecodeOutputs]]) -> tuple[np.ndarray, DecodeOutputs]:
-    """The rows and outputs of several contained decoder calls, as one batch."""
-    if len(parts) == 1:
-        return parts[0]
-    outs = [out for _, out in parts]
-    return np.concatenate([r for r, _ in parts]), DecodeOutputs(
-        np.concatenate([o.sampled for o in outs]),
-        np.concatenate([o.logits for o in outs]),
-        np.concatenate([o.h for o in outs], axis=1),
-        np.concatenate([o.c for o in outs], axis=1),
-    )
 
 
 class GenerationEngine:
@@ -134,33 +113,9 @@ class GenerationEngine:
         if self._thread:
             await asyncio.to_thread(self._thread.join)
 
-    @contextlib.contextmanager
-    def paused(self, timeout_s: float = 10.0) -> Iterator[Callable[[int], bool]]:
-        """Hold the model thread between two steps while the block runs (tests, tools; blocking: not from the event
-        loop). Work submitted meanwhile is taken in one go when the block ends. Yields ``wait_for_queued(n)``:
-        whether ``n`` submissions wait for the model thread within ten seconds."""
-        held, release = threading.Event(), threading.Event()
-
-        def gate() -> None:
-            held.set()
-            release.wait()
-
-        def wait_for_queued(n: int, timeout_s: float = 10.0) -> bool:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                with self.lock:
-                    if len(self._jobs) >= n:
-                        return True
-                time.sleep(0.005)  # polled: waiting on the condition could take a wakeup meant for the model
-            return False
-
-        self._post(gate)
-        try:
-            if not held.wait(timeout_s):
-                raise TimeoutError(f"the model thread of {self.name} did not pause within {timeout_s:g} s")
-            yield wait_for_queued
-        finally:
-            release.set()
+    def paused(self, timeout_s: float = 10.0) -> contextlib.AbstractContextManager[Callable[[int], bool]]:
+        """Hold the model thread between two steps while the block runs (``pause.py``; tests and tools)."""
+        return hold(self.name, self._post, lambda: len(self._jobs), self.lock, timeout_s)
 
     def wrap_backend(self, wrap: Callable[[Backend], B]) -> B:
         """Run prompts, reads and Steps through ``wrap(current backend)`` from the next call on (fault injection
@@ -344,7 +299,7 @@ class GenerationEngine:
         if failure is None and not turn.cancelled and turn.sampling.max_tokens > 0:
             logits = read.logits if read is not None else self.slots.logits[[turn.slot]]  # [1, vocab]
             try:
-                token = self._draw_first(turn.sampling, logits, position)
+                token = draw_first(self.decoder, turn.sampling, logits, position)
             except Exception as error:
                 failure = RowFailure(MODEL_FAILED, SAMPLE, turn.tokens_seen, len(tokens), error)
         if failure is not None:
@@ -366,12 +321,6 @@ class GenerationEngine:
         """Count and log a row's failure (the layers above word it for the caller)."""
         self.metrics.row_failures.labels(self.name, "non_finite" if failure.cause is None else "exception").inc()
         log.error("row failed: %s in %s", failure.kind, failure.phase, exc_info=failure.cause, extra=turn.log_fields)
-
-    def _draw_first(self, p: Sampling, logits: np.ndarray, position: int) -> int:
-        """A turn's first character, from the logits after its prompt [1, vocab], at ``position``."""
-        draws = uniforms(as_uint64([p.seed]), as_uint64([position]))
-        top_k = np.array([p.top_k], np.int64)
-        return int(self.decoder.sample(logits, draws, np.array([p.temperature]), top_k, np.array([p.top_p]))[0])
 
     def _explicit(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         """A Step call's (last logits [vocab], h, c) after one sequence ``tokens``, timed."""
@@ -395,69 +344,23 @@ class GenerationEngine:
         with self.lock:  # a cancellation arriving after this is handled at the next call
             k, budget = self.sizer.next(len(batch))
             step = plan(batch, k, budget, self.config.stream_buffer_chars)
-        outputs = self._execute(step)
+        outputs = execute(self.decoder, self.slots, step, self._decode_seconds.observe)
         self._apply(step, outputs)
         if step.k == step.budget:
             self.sizer.measured(len(batch), step.budget, time.perf_counter() - started)
 
-    def _execute(self, step: StepPlan) -> StepOutputs:
-        """The decoder on the plan's rows, contained; rows that raised or became non-finite are failures."""
-        n = len(step.turns)
-        inputs = self.decoder.inputs(n, step.k)
-        inputs.tokens[:] = step.tokens
-        np.take(self.slots.h, step.slots, axis=1, out=inputs.h0, mode="clip")  # "raise" would copy via a buffer
-        np.take(self.slots.c, step.slots, axis=1, out=inputs.c0, mode="clip")
-        params = [t.sampling for t in step.turns]
-        inputs.temperature[:] = np.fromiter((p.temperature for p in params), np.float64, n)
-        inputs.top_k[:] = np.fromiter((p.top_k for p in params), np.int64, n)
-        inputs.top_p[:] = np.fromiter((p.top_p for p in params), np.float64, n)
-        inputs.steps[:] = step.steps
-        positions = step.positions[:, None] + np.arange(step.k, dtype=np.uint64)
-        inputs.draws[:] = uniforms(as_uint64(p.seed for p in params)[:, None], positions)
-
-        def run(rows: np.ndarray) -> DecodeOutputs:
-            if len(rows) == n:
-                return self.decoder.decode(inputs)
-            return self.decoder.decode(inputs.rows(rows)).copy()  # the next call reuses the decoder's buffers
-
-        called = time.perf_counter()
-        parts, raised = contain(n, run, "model step")
-        self._decode_seconds.observe(time.perf_counter() - called)
-        kept = [t.tokens_seen - 1 for t in step.turns]  # a failed row's pending character was counted, not read
-        failures = {i: RowFailure(MODEL_FAILED, DECODE, kept[i], 0, error) for i, error in raised.items()}
-        if not parts:
-            return StepOutputs(inputs, np.zeros(0, np.intp), None, failures)
-        rows, out = _join(parts)
-        if not all_finite(out.h, out.c, out.logits):
-            finite = finite_rows(out.h, out.c, out.logits)
-            failures.update({i: RowFailure(NON_FINITE, DECODE, kept[i]) for i in rows[~finite].tolist()})
-            rows = rows[finite]
-            out = DecodeOutputs(out.sampled[finite], out.logits[finite], out.h[:, finite], out.c[:, finite])
-        return StepOutputs(inputs, rows, out, failures)
-
     def _apply(self, step: StepPlan, outputs: StepOutputs) -> None:
         """Write the new state of the rows that ran, hand each its characters, end the turns that are complete. A
         row whose stop string ended before its last character read is run again (``_rerun``)."""
-        rows, out, failures, steps = outputs.rows, outputs.out, outputs.failures, step.steps
-        sends: dict[int, tuple[str, str | None, int | None]] = {}  # row -> (text sent, reason, pending)
+        rows, out, failures = outputs.rows, outputs.out, outputs.failures
+        sent: dict[int, Send] = {}
         if out is not None:
-            texts = self._vocab[np.maximum(out.sampled, 0)].sum(axis=1)  # one string per row (past steps: unused)
-            rerun: list[int] = []  # positions in ``rows``
-            for j, i in enumerate(rows.tolist()):
-                if step.finishing[i]:
-                    sends[i] = ("", None, None)  # its pending character is read: complete
-                    continue
-                turn, text = step.turns[i], texts[j][: steps[i]]
-                sent, reason = turn.to_send(text)
-                pending = int(out.sampled[j, sent - 1]) if sent == steps[i] else None  # drawn, sent, not yet read
-                sends[i] = (text[:sent], reason, pending)
-                if sent + 1 < steps[i]:
-                    rerun.append(j)
+            sent, rerun = sends(step, outputs, self._vocab)
             keep = np.ones(len(rows), bool)
             keep[rerun] = False
             self.slots.scatter(step.slots[rows[keep]], out.h[:, keep], out.c[:, keep], out.logits[keep])
             if rerun:
-                self._rerun(step, outputs.inputs, rows[rerun], sends, failures)
+                self._rerun(step, outputs.inputs, rows[rerun], sent, failures)
         for i, failure in failures.items():
             self._count(failure, step.turns[i])
         delivered = 0
@@ -465,7 +368,7 @@ class GenerationEngine:
             for i in rows.tolist():
                 step.turns[i].ran()
                 if i not in failures:
-                    text, reason, pending = sends[i]
+                    text, reason, pending = sent[i]
                     step.turns[i].deliver(text, reason, pending)
                     delivered += len(text)
             for i, failure in failures.items():
@@ -479,7 +382,7 @@ class GenerationEngine:
         step: StepPlan,
         inputs: DecodeInputs,
         rows: np.ndarray,
-        sends: dict[int, tuple[str, str | None, int | None]],
+        sends: dict[int, Send],
         failures: dict[int, RowFailure],
     ) -> None:
         """Rows whose stop string ended before their last character read: run again alone from their state before

@@ -20,7 +20,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..runtime.backends import Backend
+from ..runtime.decoding import Decoder
 from .faults import MODEL_FAILED, NON_FINITE, PROMPT, RowFailure, contain
+from .sampling import Sampling, as_uint64, uniforms
 from .slots import finite_rows
 from .turn import Turn
 
@@ -109,3 +111,10 @@ def _read_part(
     out = backend.run({"tokens": tokens[part], "h0": h[:, rows[part]], "c0": c[:, rows[part]]})
     observe(time.perf_counter() - started)
     return out
+
+
+def draw_first(decoder: Decoder, p: Sampling, logits: np.ndarray, position: int) -> int:
+    """A turn's first character, from the logits after its prompt [1, vocab], at ``position``."""
+    draws = uniforms(as_uint64([p.seed]), as_uint64([position]))
+    top_k = np.array([p.top_k], np.int64)
+    return int(decoder.sample(logits, draws, np.array([p.temperature]), top_k, np.array([p.top_p]))[0])
