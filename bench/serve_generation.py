@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import platform
@@ -76,14 +77,29 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_server(models: Path, threads: int, versions: str = "", extra: tuple[str, ...] = ()) -> cluster.Process:
+def start_server(
+    models: Path,
+    threads: int,
+    versions: str = "",
+    extra: tuple[str, ...] = (),
+    prefix: tuple[str, ...] = (),
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+) -> cluster.Process:
     """An lstm-server process on a free loopback port, serving (its log in a temporary folder); ``extra``
-    options are passed on."""
+    options are passed on. ``prefix``: a program that execs the server, keeping its pid (``taskset -c 0``);
+    ``python``: run ``<python> <its folder>/lstm-server`` instead of this venv's script; ``env``: added to the
+    server's environment (``PYTHONPATH``: another checkout's server)."""
     port = cluster.free_port()
-    command = [str(Path(sys.executable).parent / "lstm-server"), "--models", str(models), "--port", str(port)]
+    script = str(Path(python or sys.executable).parent / "lstm-server")
+    command = [*([python] if python else []), script, "--models", str(models), "--port", str(port)]
     command += ["--metrics-port", "0", "--threads", str(threads), "--log-level", "WARNING", "--drain-delay-s", "0"]
     command += ["--model-versions", versions, *extra]
-    server = cluster.spawn("bench-server", command, port, Path(tempfile.mkdtemp(prefix="bench-server-")))
+    server = cluster.spawn(
+        "bench-server", [*prefix, *command], port, Path(tempfile.mkdtemp(prefix="bench-server-")), env
+    )
+    # what runs once the prefix has exec'd: cluster.stop checks the process is still this program
+    server = dataclasses.replace(server, command=command)
     cluster.wait_until_serving(server)
     return server
 
