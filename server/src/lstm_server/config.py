@@ -157,7 +157,14 @@ class ServerConfig(BaseModel):
         32, ge=1, le=4096, description="Characters per session per model call at most (1: one per call)"
     )
     decode_budget_ms: Number = Field(
-        10.0, ge=0, le=60_000, description="A model call takes as many characters as fit in about this long"
+        25.0, ge=0, le=60_000, description="A model call takes as many characters as fit in about this long"
+    )
+    decode_nice: Int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="The decode threads' niceness over the server's other threads (0: the same), so that the event "
+        "loop and prompt reads get a shared core first",
     )
     # classification limits
     max_classify_texts: Int = Field(256, ge=1, le=100_000, description="The most texts per Classify request")

@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 from lstm.v1 import lstm_pb2 as pb
 from tritonclient.grpc import service_pb2 as ip
 from tritonclient.grpc import service_pb2_grpc as ip_grpc
@@ -278,9 +277,8 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         model, final = job.model, (True if streaming else None)
         if model.task == "classification":
             started = time.monotonic_ns()
-            rows = await model.engine.classify(job.texts)
+            labels, rows = await self.api.classify(model, job.texts)
             job.compute_ns = time.monotonic_ns() - started
-            labels = [model.entry.labels[int(np.argmax(row))] for row in rows]
             values = {"LABEL": text_output(labels), "PROBS": probabilities_output(rows)}
             yield infer_response(job.request, model, values, job.outputs, final)
             return
@@ -327,13 +325,12 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             except BaseException:
                 closing = closing or flags.start
                 raise
-            async for chunk in turn.chunks():
-                if chunk.end is not None:
-                    job.compute_ns = time.monotonic_ns() - started
-                if chunk.end is not None and closing:
-                    closing = False
-                    await self.api.close_quietly(session_id, tenant)
-                yield chunk
+            close, closing = ((session_id, tenant) if closing else None), False  # the stream closes it now
+            async with contextlib.aclosing(self.api.stream(turn, close)) as chunks:
+                async for chunk in chunks:
+                    if chunk.end is not None:
+                        job.compute_ns = time.monotonic_ns() - started
+                    yield chunk
         finally:
             settled = turn.close() if turn is not None else None
             if closing and session_id:

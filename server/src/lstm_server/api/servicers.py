@@ -22,6 +22,7 @@ from lstm.v1 import lstm_pb2_grpc as rpc
 from ..config import ServerConfig
 from ..engine.faults import RowFailed
 from ..engine.models import ServedModel, ServedModels
+from ..engine.turn import Chunk
 from ..errors import ServiceError, invalid
 from ..sessions.failures import step_error
 from ..sessions.manager import SessionManager
@@ -71,6 +72,27 @@ class Api:
         check_prompt(prompt, self.config)
         tokens = engine.codec.encode(prompt, unknown_policy(policy))
         return self.sessions.start_turn(session, tokens, sampling_dict(sampling))
+
+    async def stream(self, turn: TurnStream, close: tuple[str, str] | None = None) -> AsyncIterator[Chunk]:
+        """The turn's chunks, for any service; ``close`` (session id, tenant): close that session before the last
+        chunk goes out (a request that opened it for itself), or as the caller leaves early. The turn stops when
+        the caller leaves."""
+        try:
+            async for chunk in turn.chunks():
+                if chunk.end is not None and close is not None:
+                    await self.close_quietly(*close)
+                    close = None
+                yield chunk
+        finally:
+            turn.close()
+            if close is not None:
+                await self.close_quietly(*close)
+
+    async def classify(self, model: ServedModel, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """Each text's label and its probabilities [texts, labels] in label order, for any service."""
+        check_classify(texts, self.config)
+        rows = await model.engine.classify(texts)
+        return [model.entry.labels[int(np.argmax(row))] for row in rows], rows
 
     async def close_quietly(self, session_id: str, tenant: str) -> None:
         """Close a session a stream or request owned, even if the call is cancelled; one closed already, or a
@@ -125,13 +147,11 @@ class GenerationService(rpc.GenerationServicer):
             request.session_id, caller(), request.prompt, request.sampling, request.unknown_characters
         )
         context.add_done_callback(lambda _: turn.cancel())
-        try:
-            async for chunk in turn.chunks():
+        async with contextlib.aclosing(self.api.stream(turn)) as chunks:
+            async for chunk in chunks:
                 yield pb.GenerateResponse(
                     text=chunk.text, tokens_seen=chunk.tokens_seen, finish_reason=finish_reason(chunk.end)
                 )
-        finally:
-            turn.close()
 
     async def Chat(
         self, request_iterator: AsyncIterator[pb.ChatRequest], context: Context
@@ -171,8 +191,8 @@ class GenerationService(rpc.GenerationServicer):
                     session.id, tenant, message.text, message.sampling, pb.UNKNOWN_CHARACTERS_REJECT
                 )
                 current[:] = [turn]
-                try:
-                    async for chunk in turn.chunks():
+                async with contextlib.aclosing(self.api.stream(turn)) as chunks:
+                    async for chunk in chunks:
                         yield pb.ChatResponse(
                             session_id=session.id,
                             text=chunk.text,
@@ -180,8 +200,6 @@ class GenerationService(rpc.GenerationServicer):
                             finish_reason=finish_reason(chunk.end),
                             tokens_seen=chunk.tokens_seen,
                         )
-                finally:
-                    turn.close()
         finally:
             if owned:
                 await self.api.close_quietly(session.id, tenant)
@@ -224,15 +242,12 @@ class ClassificationService(rpc.ClassificationServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         model = self.api.models.of_task(request.model, "classification")
-        check_classify(list(request.texts), self.api.config)
-        rows = await model.engine.classify(list(request.texts))
-        labels = model.entry.labels
+        labels, rows = await self.api.classify(model, list(request.texts))
+        names = model.entry.labels
         return pb.ClassifyResponse(
             results=[
-                pb.ClassifyResult(
-                    label=labels[int(np.argmax(row))], probabilities=dict(zip(labels, row.tolist(), strict=True))
-                )
-                for row in rows
+                pb.ClassifyResult(label=label, probabilities=dict(zip(names, row.tolist(), strict=True)))
+                for label, row in zip(labels, rows, strict=True)
             ]
         )
 

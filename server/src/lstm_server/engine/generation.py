@@ -1,13 +1,14 @@
 """Continuous batching for one character language model (docs/server.md, "The generation engine").
 
-``submit(slot, tokens, sampling, position) -> Turn``: a turn reads its prompt (``prefill.py``, shared with the
-turns and reads taken at the same time), draws its first character, then runs in the batch: every call of the
-model thread is plan (``plan.py``: rows and K per row) -> execute (gather the slots' state, one call of the decode
-graph, contained per row) -> apply (scatter the new state, hand each row its characters, end the turns that are
-complete). Turns join and leave between calls. The model thread alone calls the model and writes the slots of
-the turns and reads in flight (``slots.py`` says who owns a slot when); the event loop submits work and takes
-text (``turn.py``). A row that fails fails alone (``faults.py``) and says how in a ``RowFailure``; the layers
-above word it.
+``submit(slot, tokens, sampling, position) -> Turn``. Two threads per model. The prefill thread takes the posted
+jobs: a turn's prompt is read (``prefill.py``, shared with the turns and reads taken at the same time) and its
+first character drawn at once, without waiting for the decode call in flight; then the turn joins the running
+turns. The decode thread advances them: every call is plan (``plan.py``: rows and K per row) -> execute
+(``execute.py``: gather the slots' state, one call of the decode graph, contained per row) -> apply (scatter the
+new state, hand each row its characters, end the turns that are complete). A turn's fields are the prefill
+thread's until it joins and the decode thread's after (``turn.py``); a slot is theirs while it is lent
+(``slots.py``). The event loop submits work and takes text. A row that fails fails alone (``faults.py``) and says
+how in a ``RowFailure``; the layers above word it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +40,7 @@ from .prefill import Admission, PromptJob, PromptRead, PromptState, draw_first, 
 from .sampling import Sampling, softmax
 from .slots import StateSlots, all_finite
 from .threads import name_os_thread
-from .turn import Turn
+from .turn import Pacer, Turn
 
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=Backend)
@@ -54,7 +56,8 @@ class EngineConfig:
     stream_interval_ms: float = 20.0
     stream_messages_per_s: float = 2000.0
     max_decode_steps: int = 32
-    decode_budget_ms: float = 10.0
+    decode_budget_ms: float = 25.0
+    decode_nice: int = 10
 
     @classmethod
     def of(cls, config: ServerConfig) -> EngineConfig:
@@ -81,7 +84,7 @@ class GenerationEngine:
         self.decoder = decoder
         self.metrics = metrics
         self.config = config
-        self.sizer = StepSizer(config.decode_budget_ms, config.max_decode_steps)  # model thread
+        self.sizer = StepSizer(config.decode_budget_ms, config.max_decode_steps)  # decode thread
         self._vocab = np.array(codec.vocab, dtype=object)
         self._batch_size = metrics.batch_size.labels(name)  # labelled once, not on every step
         self._tokens = metrics.tokens_generated.labels(name)
@@ -90,31 +93,38 @@ class GenerationEngine:
         self._prefill_seconds = metrics.model_call.labels(name, "prefill")
         self._decode_seconds = metrics.model_call.labels(name, "decode")
         self._step_seconds = metrics.model_call.labels(name, "step")
-        self.lock = threading.Condition()  # guards the three fields below, and what a turn's two threads share
-        self._jobs: list[Callable[[], None] | PromptJob] = []  # posted by the event loop, taken by the model thread
-        self._turns: collections.deque[Turn] = collections.deque()  # running (admitted, not ended): model thread
+        mutex = threading.Lock()  # guards the fields below, and what a turn's threads share
+        self.lock = threading.Condition(mutex)  # the decode thread waits on it: a turn may run
+        self._admit = threading.Condition(mutex)  # the prefill thread waits on it: a job was posted
+        self._jobs: list[Callable[[], None] | PromptJob] = []  # posted by the event loop, taken by the prefill thread
+        self._turns: collections.deque[Turn] = collections.deque()  # running: appended by prefill, read by decode
+        self._joined = False  # a turn joined since the last decode call (set by prefill, cleared by decode)
         self._stopping = False
         self._to_notify: set[Turn] = set()  # turns with news, until the event loop's flush (lock held)
         self._notify_scheduled = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.pacer = Pacer(self.send_interval)  # event loop
 
     # -- lifecycle (event loop) ------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name=f"model-{self.name}", daemon=True)
-        self._thread.start()
+        for name, run in ((f"model-{self.name}", self._decode_loop), (f"model-{self.name}-in", self._prefill_loop)):
+            self._threads.append(threading.Thread(target=run, args=(name,), name=name, daemon=True))
+            self._threads[-1].start()
 
     async def stop(self) -> None:
         with self.lock:
             self._stopping = True
             self.lock.notify()
-        if self._thread:
-            await asyncio.to_thread(self._thread.join)
+            self._admit.notify()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
 
     def paused(self, timeout_s: float = 10.0) -> contextlib.AbstractContextManager[Callable[[int], bool]]:
-        """Hold the model thread between two steps while the block runs (``pause.py``; tests and tools)."""
+        """Hold the prefill thread between two jobs while the block runs (``pause.py``; tests and tools): turns
+        submitted meanwhile join together when it ends."""
         return hold(self.name, self._post, lambda: len(self._jobs), self.lock, timeout_s)
 
     def wrap_backend(self, wrap: Callable[[Backend], B]) -> B:
@@ -141,12 +151,12 @@ class GenerationEngine:
     # -- requests (event loop) ----------------------------------------------------
 
     def _post(self, job: Callable[[], None] | PromptJob) -> None:
-        with self.lock:
+        with self._admit:
             self._jobs.append(job)
-            self.lock.notify()
+            self._admit.notify()
 
     def release_after_pending(self, slot: int) -> None:
-        """Free a slot on the model thread, once the work submitted before (a read in flight) is done."""
+        """Free a slot on the prefill thread, once the work submitted before (a read in flight) is done."""
         self._post(lambda: self.slots.release(slot))
 
     async def read(self, slot: int, tokens: np.ndarray) -> None:
@@ -154,7 +164,7 @@ class GenerationEngine:
         read failed alone (the slot keeps its state)."""
         if len(tokens):
             future: Future = Future()
-            self.slots.lend(slot)  # the model thread gives it back, cancelled or not
+            self.slots.lend(slot)  # the prefill thread gives it back, cancelled or not
             self._post(PromptRead(slot, tokens, future))
             await asyncio.wrap_future(future)
 
@@ -175,9 +185,9 @@ class GenerationEngine:
 
     def submit(self, slot: int, tokens: np.ndarray, sampling: Sampling, position: int) -> Turn:
         """Start a turn on ``slot``, whose state has read ``position`` characters, reading ``tokens`` first. The
-        slot is the model thread's until the turn's ``end`` is set."""
+        slot is the model threads' until the turn's ``end`` is set."""
         self.slots.lend(slot)
-        turn = Turn(slot, position, sampling, self.lock, self.send_interval, self.config.stream_buffer_chars)
+        turn = Turn(slot, position, sampling, self.lock, self.pacer, self.config.stream_buffer_chars)
         self._queued.inc()
         self._post(Admission(turn, tokens))
         return turn
@@ -187,10 +197,12 @@ class GenerationEngine:
             turns, self._to_notify = self._to_notify, set()
             self._notify_scheduled = False
             ended = [turn.end is not None for turn in turns]
+        now = self._loop.time()
+        self.pacer.flushed(now)
         for turn, end in zip(turns, ended, strict=True):
-            turn.wake(end)
+            turn.wake(end, now)
 
-    # -- model thread: the loop ----------------------------------------------------
+    # -- model threads: the loops ----------------------------------------------------
 
     def _notify(self, turns: Sequence[Turn]) -> None:
         """Wake the readers of ``turns`` (lock held); one event-loop callback per burst."""
@@ -207,23 +219,39 @@ class GenerationEngine:
             self._turns.rotate(-limit)
         return batch
 
-    def _run(self) -> None:
-        name_os_thread(f"model-{self.name}")
+    def _decode_loop(self, name: str) -> None:
+        """The decode thread: one decode call after another while a turn can run."""
+        name_os_thread(name)
+        if self.config.decode_nice:
+            try:  # per thread on Linux: the event loop and the prefill thread go first on a shared core
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.decode_nice)
+            except OSError as error:
+                log.warning("could not lower the decode thread's priority: %s", error)
         while True:
             with self.lock:
-                while not self._stopping and not (batch := self._next_batch()) and not self._jobs:
+                while not self._stopping and not (batch := self._next_batch()):
                     self.lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self._step(batch)
+            except Exception as error:  # a bug: end these turns, keep serving the others
+                log.exception("model step failed for %d sessions", len(batch))
+                with self.lock:
+                    self._end([t for t in batch if t.end is None], RowFailure(MODEL_FAILED, ENGINE, None, 0, error))
+
+    def _prefill_loop(self, name: str) -> None:
+        """The prefill thread: the posted jobs in order (prompt reads, turns joining, Steps), without waiting for a
+        decode call in flight."""
+        name_os_thread(name)
+        while True:
+            with self._admit:
+                while not self._stopping and not self._jobs:
+                    self._admit.wait()
                 if self._stopping:
                     return
                 jobs, self._jobs = self._jobs, []
             self._run_jobs(jobs)
-            if batch:
-                try:
-                    self._step(batch)
-                except Exception as error:  # a bug: end these turns, keep serving the others
-                    log.exception("model step failed for %d sessions", len(batch))
-                    with self.lock:
-                        self._end([t for t in batch if t.end is None], RowFailure(MODEL_FAILED, ENGINE, None, 0, error))
 
     def _run_jobs(self, jobs: list[Callable[[], None] | PromptJob]) -> None:
         """Run ``jobs`` in order; consecutive prompt jobs (turns joining, reads) together, up to ``max_batch``."""
@@ -252,7 +280,7 @@ class GenerationEngine:
             self._turns = collections.deque(t for t in self._turns if t.end is None)
         self._notify(turns)
 
-    # -- model thread: prompts ------------------------------------------------------
+    # -- prefill thread: prompts ------------------------------------------------------
 
     def _read_together(self, jobs: list[PromptJob]) -> None:
         """Prompt jobs taken together: their prompts read in shared calls (``read_prompts``), then each finished: a
@@ -311,10 +339,11 @@ class GenerationEngine:
             self.slots.scatter(np.array([turn.slot]), read.h, read.c, read.logits)
         with self.lock:
             turn.begin(position, token, self.codec.vocab[token] if token is not None else "")
-            if token is not None:
+            if token is not None:  # from here on the decode thread runs it
                 self._turns.append(turn)
-                self.sizer.joined()
+                self._joined = True
                 self._tokens.inc()
+                self.lock.notify()
             self._end([turn])
 
     def _count(self, failure: RowFailure, turn: Turn) -> None:
@@ -336,12 +365,15 @@ class GenerationEngine:
             raise RowFailed(RowFailure(NON_FINITE, STEP, None, len(tokens)))
         return logits[0], h, c
 
-    # -- model thread: one decode call ---------------------------------------------
+    # -- decode thread: one decode call ---------------------------------------------
 
     def _step(self, batch: list[Turn]) -> None:
         """One decode call for ``batch``: plan, execute, apply."""
         started = time.perf_counter()
         with self.lock:  # a cancellation arriving after this is handled at the next call
+            if self._joined:
+                self.sizer.joined()
+                self._joined = False
             k, budget = self.sizer.next(len(batch))
             step = plan(batch, k, budget, self.config.stream_buffer_chars)
         outputs = execute(self.decoder, self.slots, step, self._decode_seconds.observe)

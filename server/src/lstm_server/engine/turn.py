@@ -6,9 +6,11 @@ same lock. Nothing outside this module writes a turn's fields (``tests/server/te
 
 The channel: the model thread appends each row's characters to the outbox and, once the last character is fed
 (or the row failed), sets ``end``; then it asks the event loop to ``wake`` the reader (the engine batches those
-calls). The one reader at a time calls ``take``: the whole outbox in one chunk (coalescing), at most one chunk per
-``pace()`` seconds (the end goes at once), and last the rest with the end. An outbox that reaches the buffer limit
-takes its turn out of the batch until the reader catches up (backpressure).
+calls into one flush per model call). The one reader at a time calls ``take``: the whole outbox in one chunk
+(coalescing), at most one chunk per interval (``Pacer``; the end goes at once), and last the rest with the end. A
+reader whose interval ends between two flushes goes at the nearer one, so the event loop's work comes in one burst
+per model call rather than one wake-up per stream. An outbox that reaches the buffer limit takes its turn out of
+the batch until the reader catches up (backpressure).
 """
 
 from __future__ import annotations
@@ -46,6 +48,26 @@ class Chunk:
     end: TurnEnd | None = None
 
 
+class Pacer:
+    """How often a stream may send (event loop only): ``interval()`` (the engine's, by load), and half the time
+    between the engine's flushes, so that a reader due between two flushes goes at the nearer one (its messages are
+    ``interval()`` apart on average, at most half a flush period more)."""
+
+    def __init__(self, interval: Callable[[], float]) -> None:
+        self.interval = interval
+        self._half_period = 0.0  # a moving average of half the time between two flushes
+        self._last: float | None = None
+
+    def flushed(self, now: float) -> None:
+        if self._last is not None:
+            self._half_period = 0.8 * self._half_period + 0.1 * (now - self._last)
+        self._last = now
+
+    def due(self, at: float, now: float) -> bool:
+        """Whether a reader due ``at`` goes now (the next flush is expected later than ``at`` is from now)."""
+        return now + min(self._half_period, self.interval() / 2) >= at
+
+
 @dataclass(frozen=True, slots=True)
 class TurnProgress:
     """A running turn, as its reader may see it: characters counted, and generated but not yet taken."""
@@ -63,14 +85,14 @@ class Turn:
         position: int,
         sampling: Sampling,
         lock: threading.Condition,
-        pace: Callable[[], float],
+        pacer: Pacer,
         buffer_limit: int,
     ) -> None:
         self.slot = slot
         self.sampling = sampling
         self.log_fields = dict(call_fields())  # the submitting call's, for the model thread's log lines
         self.lock = lock  # the engine's: guards what both threads touch
-        self._pace = pace  # the least time between two chunks (the engine's, by load)
+        self._pacer = pacer  # the engine's
         self.buffer_limit = buffer_limit  # an outbox this full takes the turn out of the batch
         self._loop = asyncio.get_running_loop()
         self.submitted_at = time.perf_counter()
@@ -92,8 +114,9 @@ class Turn:
         self.buffered = 0  # the characters in ``outbox``
         # event loop
         self._news: asyncio.Future[None] | None = None  # the reader waits on it
-        self._pacing = False  # the reader waits out its interval: wake it for the end only
-        self._next_send = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # rings ``_news`` when the next chunk is due
+        self._due = 0.0  # when the next chunk may go (the first: at once)
+        self._paced = False  # a chunk with text went out: the next waits for the interval
 
     # -- read by the model thread, lock held where noted -------------------------------------------------
 
@@ -181,9 +204,19 @@ class Turn:
         with self.lock:
             return TurnProgress(self.tokens_seen, self.buffered)
 
-    def wake(self, ended: bool) -> None:
-        """News for the reader (called by the engine on the event loop): more text, or the end."""
-        if self._news is not None and not self._news.done() and (ended or not self._pacing):
+    def wake(self, ended: bool, now: float) -> None:
+        """News for the reader (called by the engine's flush on the event loop): more text, or the end. A waiting
+        reader goes now if it is due, else at its time."""
+        if self._news is None or self._news.done():
+            return
+        if ended or self._pacer.due(self._due, now):
+            self._news.set_result(None)
+        elif self._timer is None:
+            self._timer = self._loop.call_at(self._due, self._ring)
+
+    def _ring(self) -> None:
+        self._timer = None
+        if self._news is not None and not self._news.done():
             self._news.set_result(None)
 
     def _taken(self) -> Chunk | None:
@@ -198,32 +231,33 @@ class Turn:
             self.buffered = 0
             return Chunk(text, self.tokens_seen, self.end)
 
-    async def _wait(self, timeout: float | None) -> None:
+    async def _wait(self) -> None:
         self._news = self._loop.create_future()
         try:
-            await asyncio.wait([self._news], timeout=timeout)
+            await self._news
         finally:
             self._news = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     async def take(self) -> Chunk:
-        """The next chunk: the text produced since the last one, coalesced, or the end (with the rest)."""
+        """The next chunk: the text produced since the last one, coalesced, or the end (with the rest). The next
+        chunk after one with text is due an interval after the reader comes back (the time it took to send that one
+        counts too: a busy event loop sends fewer, fuller messages)."""
+        if self._paced:
+            self._due = self._loop.time() + self._pacer.interval()
+            self._paced = False
         while True:
             with self.lock:
-                ready = bool(self.outbox) or self.end is not None
+                has_news = bool(self.outbox) or self.end is not None
                 ended = self.end is not None
-            if not ready:
-                await self._wait(None)
+            if ended or (has_news and self._pacer.due(self._due, self._loop.time())):
+                chunk = self._taken()
+                if chunk is not None:
+                    self._paced = chunk.end is None
+                    return chunk
                 continue
-            wait = self._next_send - self._loop.time()
-            if wait > 0 and not ended:  # at most one chunk per interval; the end goes at once
-                self._pacing = True
-                try:
-                    await self._wait(wait)
-                finally:
-                    self._pacing = False
-            chunk = self._taken()
-            if chunk is None:
-                continue
-            if chunk.end is None:
-                self._next_send = self._loop.time() + self._pace()
-            return chunk
+            if has_news and self._timer is None:  # text waits for its time (a flush may let it go sooner)
+                self._timer = self._loop.call_at(self._due, self._ring)
+            await self._wait()
