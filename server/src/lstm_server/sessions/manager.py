@@ -120,7 +120,7 @@ class SessionManager:
         per one."""
         if self.store.durable and len(self.table) >= self.table.max_sessions:
             for session in self.table.least_recently_used(max(1, self.table.max_sessions // 100)):
-                self.evict_idle(session)
+                self.evict(session, to_store=True)
         self.table.check_capacity(tenant)
 
     @property
@@ -170,12 +170,14 @@ class SessionManager:
         bind(session=session.id, model=model.name)
         return session
 
-    def evict(self, session: Session) -> None:
-        """Take the session out of this process and mark it closed (its saved state, if any, stays in the store).
-        Its slot is freed once nothing uses it: at once if idle, after a read in flight, or when its turn ends
-        (the turn is cancelled)."""
+    def evict(self, session: Session, to_store: bool = False) -> None:
+        """Take the session out of this process and mark it closed (its saved state, if any, stays in the store;
+        ``to_store``: counted as evicted, to be loaded back on demand). Its slot is freed once nothing uses it: at
+        once if idle, after a read in flight, or when its turn ends (the turn is cancelled)."""
         if session.closed:  # closed or evicted already
             return
+        if to_store:
+            self.metrics.store_events.labels("evicted").inc()
         self.table.remove(session.id)
         if session.turn is not None:
             self._move(session, Phase.CLOSING)
@@ -188,25 +190,14 @@ class SessionManager:
             self._engine(session).slots.release(session.slot)
         self._gauge(session.model)
 
-    def evict_idle(self, session: Session) -> None:
-        """Evict a saved, idle session to free memory (counted: the store will load it back on demand)."""
-        self.evict(session)
-        self.metrics.store_events.labels("evicted").inc()
-
-    def expire_idle(self) -> None:
-        """Sessions idle longer than ``idle_limit_s`` leave memory: evicted with a durable store (which expires
-        them itself after the idle timeout), closed with the memory store (the table held their only copy)."""
-        for session in self.table.expired(idle_s=self.idle_limit_s):
-            if self.store.durable:
-                self.evict_idle(session)
-            else:
-                self.evict(session)
-
     async def reap_idle(self, every_s: float) -> None:
-        """Forever: ``expire_idle`` every ``every_s`` seconds."""
+        """Forever, every ``every_s`` seconds: sessions idle longer than ``idle_limit_s`` leave memory, evicted to
+        a durable store (which expires them itself after the idle timeout), or closed with the memory store (the
+        table held their only copy)."""
         while True:
             await asyncio.sleep(every_s)
-            self.expire_idle()
+            for session in self.table.expired(idle_s=self.idle_limit_s):
+                self.evict(session, to_store=self.store.durable)
 
     def list_sessions(self, tenant: str, model: str, after: int, size: int) -> tuple[list[Session], int]:
         """A page of the tenant's sessions in this process (``SessionTable.page``)."""
@@ -266,19 +257,23 @@ class SessionManager:
         session.touch()
         return session
 
-    def _restore(self, session_id: str, stored: StoredSession) -> Session:
+    def _load(self, session_id: str, stored: StoredSession) -> Session:
+        """A session in this process from the state the store holds."""
         session = self.restore(self.codec.decode(stored.state, stored.tenant, session_id), stored.tenant, session_id)
         session.revision = stored.revision
         session.created_at = stored.created_at or session.created_at
         self.metrics.store_events.labels("loaded").inc()
         return session
 
-    async def resolve(self, session_id: str, tenant: str) -> Session:
-        """The tenant's session, as the store has it: this process's copy if current, else (re)loaded. Any
-        call keeps it alive; one idle past the timeout is NOT_FOUND (and closed) at once."""
+    async def resolve(self, session_id: str, tenant: str, idle: bool = False) -> Session:
+        """The tenant's session, as the store has it: this process's copy if current, else (re)loaded; ``idle``:
+        ABORTED if a turn is using it. Any call keeps it alive; one idle past the timeout is NOT_FOUND (and closed)
+        at once."""
         session = await self._resolve(session_id, tenant)
         if session.tenant != tenant:
             raise self.table.not_found(session_id)
+        if idle:
+            self.table.idle(session.id)
         session.touch()
         bind(session=session.id, model=session.model)
         return session
@@ -307,11 +302,7 @@ class SessionManager:
             if local.busy or local.revision >= stored.revision:
                 return local
             self.evict(local)
-        return self._restore(session_id, stored)
-
-    async def resolve_idle(self, session_id: str, tenant: str) -> Session:
-        """The session, as ``resolve`` finds it, if no turn is using it (ABORTED otherwise)."""
-        return self.table.idle((await self.resolve(session_id, tenant)).id)
+        return self._load(session_id, stored)
 
     # -- what the RPCs do ------------------------------------------------------------------
 
@@ -336,7 +327,7 @@ class SessionManager:
         return await self.save_new(session)
 
     async def fork(self, session_id: str, tenant: str) -> Session:
-        source = await self.resolve_idle(session_id, tenant)
+        source = await self.resolve(session_id, tenant, idle=True)
         model = self.models.get(source.model)
         self._move(source, Phase.BUSY)  # a full table must not evict the source to make room for its fork
         try:
@@ -349,7 +340,7 @@ class SessionManager:
 
     async def export(self, session_id: str, tenant: str) -> SessionState:
         """The state of the tenant's session, if no turn is using it."""
-        return self.snapshot(await self.resolve_idle(session_id, tenant))
+        return self.snapshot(await self.resolve(session_id, tenant, idle=True))
 
     async def import_session(self, state: SessionState, tenant: str, session_id: str = "") -> Session:
         """A new session holding ``state`` (checked by the api layer), saved."""
