@@ -19,8 +19,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from lstm_server import tracing
+from lstm_server.app import engine_for
 from lstm_server.config import ServerConfig
 from lstm_server.logs import JsonFormatter
+from lstm_server.metrics import Metrics
+from lstm_server.runtime.backends import load_backend
+from lstm_server.runtime.model_repository import load_entry
+from lstm_server.runtime.registry import LoadedModel
 
 PROMPT = "KING:\nthe "
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -156,8 +161,23 @@ def test_the_model_threads_are_named_for_the_operating_system(stubs) -> None:
     session_id = stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm", prompt=PROMPT)).session_id
     assert list(stubs.generation.Generate(pb.GenerateRequest(session_id=session_id)))
     stubs.classification.Classify(pb.ClassifyRequest(model="sentiment", texts=["a fine film"]))
-    names = {task.joinpath("comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
-    assert {"model-charlm", "model-sentiment"} <= names
+    nice = {  # the 19th field of /proc/<pid>/task/<tid>/stat, counted after the parenthesised name
+        task.joinpath("comm").read_text().strip(): int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path("/proc/self/task").iterdir()
+    }
+    assert {"model-charlm", "model-charlm-in", "model-sentiment"} <= nice.keys()
+    # one intra-op thread here (--threads 1): the decode thread yields the core to the others
+    assert (nice["model-charlm"], nice["model-charlm-in"], nice["model-sentiment"]) == (10, 0, 0)
+
+
+def test_the_decode_thread_is_niced_only_on_one_intra_op_thread(exported) -> None:
+    """With more intra-op threads onnxruntime's own workers run at the usual priority: no niceness then."""
+    entry = load_entry(exported / "charlm" / "1")
+    for threads, nice in ((1, 10), (2, 0)):
+        config = ServerConfig(models=str(exported), threads=threads)
+        backend = load_backend(entry, "onnxruntime", "cpu", threads)
+        engine = engine_for(LoadedModel(entry, backend), config, Metrics())
+        assert engine.config.decode_nice == nice
 
 
 def test_metrics_of_real_calls(server, stubs) -> None:

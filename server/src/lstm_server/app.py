@@ -12,6 +12,7 @@ The layers, each built from the ones below it (imports only go down):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 
@@ -71,7 +72,12 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
             config.thread_spinning,
             config.single_thread_rows,
         )
-        return GenerationEngine(entry.name, model.backend, codec, slots, decoder, metrics, EngineConfig.of(config))
+        # niced only where onnxruntime runs the decode call on this thread alone: with more threads its own workers
+        # run at the usual priority, and every parallel section would wait for the niced one
+        engine_config = dataclasses.replace(
+            EngineConfig.of(config), decode_nice=config.decode_nice if threads == 1 else 0
+        )
+        return GenerationEngine(entry.name, model.backend, codec, slots, decoder, metrics, engine_config)
     from tokenizers import Tokenizer
 
     return ClassifierEngine(

@@ -163,8 +163,8 @@ class ServerConfig(BaseModel):
         10,
         ge=0,
         le=19,
-        description="The decode threads' niceness over the server's other threads (0: the same), so that the event "
-        "loop and prompt reads get a shared core first",
+        description="The decode thread's niceness over the server's other threads (0: the same), so that the event "
+        "loop and prompt reads get a shared core first; applied where a model runs on one intra-op thread",
     )
     # classification limits
     max_classify_texts: Int = Field(256, ge=1, le=100_000, description="The most texts per Classify request")
