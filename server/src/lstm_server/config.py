@@ -101,7 +101,7 @@ class ServerConfig(BaseModel):
         "CPU, less throughput; 0: every call on the model's threads)",
     )
     thread_spinning: bool = Field(
-        True, description="onnxruntime's idle intra-op threads busy-wait for the next call (faster wake-up, burns CPU)"
+        False, description="onnxruntime's idle intra-op threads busy-wait for the next call (faster wake-up, burns CPU)"
     )
     gil_switch_interval_ms: Number = Field(
         0.5,
