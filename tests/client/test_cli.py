@@ -6,6 +6,7 @@ very long answers) and fake ones."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,9 @@ from pathlib import Path
 import cluster
 import pexpect
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 
@@ -90,6 +94,86 @@ def test_classify_reads_stdin_and_prints_json(long_server) -> None:
     for record, result in zip(records, expected, strict=True):
         assert record["label"] == result.label and list(record["probabilities"]) == labels
         assert record["probabilities"] == pytest.approx(result.probabilities)
+
+
+def test_classify_splits_more_texts_than_one_call_takes_and_keeps_their_order(long_server) -> None:
+    """600 lines through ``-`` (the server takes 256 per call): three calls, every line answered in input order, each
+    as the library classifies it alone."""
+    texts = [f"{'a gorgeous film' if i % 3 else 'dull and lifeless'} {i}" for i in range(600)]
+    done = run_cli("--server", long_server.address, "--json", "classify", "-", stdin="".join(t + "\n" for t in texts))
+    assert done.returncode == 0, done.stderr
+    records = json_lines(done.stdout)
+    assert [r["text"] for r in records] == texts
+    with Client(long_server.address) as client:
+        for i in (0, 1, 255, 256, 257, 599):
+            (expected,) = client.classify([texts[i]])
+            assert records[i]["label"] == expected.label
+            assert records[i]["probabilities"] == pytest.approx(expected.probabilities)
+    plain = run_cli("--server", long_server.address, "classify", "--batch-size", "7", *texts[:20])
+    assert plain.returncode == 0 and [line.split("\t")[-1] for line in plain.stdout.splitlines()] == texts[:20]
+
+
+class Limited(Labelled):
+    """A classifier that takes at most 3 texts per call (refused as the real server does) and records each call's."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def Classify(self, request, context):
+        self.sizes.append(len(request.texts))
+        if len(request.texts) > 3:
+            info = error_details_pb2.ErrorInfo(reason="TOO_MANY_TEXTS", domain="lstm.v1")
+            detail = any_pb2.Any()
+            detail.Pack(info)
+            message = f"{len(request.texts)} texts in one call; the limit is 3 (max_classify_texts): split the batch"
+            status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+            context.abort_with_status(rpc_status.to_status(status))
+        return super().Classify(request, context)
+
+
+def test_classify_batch_size_and_a_server_with_a_lower_limit(fake_server, capsys) -> None:
+    servicer = Limited()
+    address = fake_server(servicer)
+    texts = [str(i) for i in range(8)]
+    assert cli_main(["--server", address, "classify", "--batch-size", "3", *texts]) == 0
+    assert servicer.sizes == [3, 3, 2]
+    assert [line.split("\t")[-1] for line in capsys.readouterr().out.splitlines()] == texts
+    assert cli_main(["--server", address, "classify", *texts]) == 1
+    assert "the limit is 3" in (err := capsys.readouterr().err) and "lower --batch-size" in err
+    with pytest.raises(SystemExit):
+        cli_main(["--server", address, "classify", "--batch-size", "0", "x"])
+    assert "--batch-size: a whole number above 0" in capsys.readouterr().err
+
+
+def test_classify_names_a_line_that_is_not_utf8_and_can_replace_its_bytes(fake_server) -> None:
+    address = fake_server(Labelled())
+    latin1 = b"fine\ncaf\xe9\n"
+    done = subprocess.run([CLI, "--server", address, "classify", "-"], input=latin1, capture_output=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == b""
+    error = done.stderr.decode()
+    assert error.startswith("lstm-client: line 2 of standard input is not UTF-8 (byte 0xe9 at byte 4)")
+    assert "--replace-invalid" in error and "surrogate" not in error and error.count("\n") == 1
+    argument = subprocess.run([CLI, "--server", address, "classify", "ok", b"caf\xe9"], capture_output=True, timeout=60)
+    assert argument.returncode == 1 and b"TEXT 2 is not UTF-8" in argument.stderr
+    replaced = subprocess.run(
+        [CLI, "--server", address, "--json", "classify", "--replace-invalid", "-"], input=latin1, capture_output=True
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert [r["text"] for r in json_lines(replaced.stdout.decode())] == ["fine", "caf\ufffd"]
+
+
+def test_classify_refuses_an_empty_text_naming_it(fake_server, capsys, monkeypatch) -> None:
+    recorder = Recorder()
+    address = fake_server(recorder)
+    assert cli_main(["--server", address, "classify", "fine", ""]) == 1
+    assert (
+        capsys.readouterr().err == "lstm-client: TEXT 2 is empty or only whitespace: there is nothing to classify; "
+        "remove it\n"
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO("fine\n\n   \n"))  # an empty line is skipped; spaces are not
+    assert cli_main(["--server", address, "classify", "-"]) == 1
+    assert "line 3 of standard input is empty or only whitespace" in capsys.readouterr().err
+    assert recorder.calls == []  # refused before any call
 
 
 def test_generate_reads_prompts_from_stdin(long_server) -> None:

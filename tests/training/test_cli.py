@@ -3,11 +3,13 @@ options come from tests/models.py, and the language model is the session's (the 
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
 from lstm_training.checkpoint import load_checkpoint, model_from_checkpoint
-from lstm_training.cli import main
+from lstm_training.cli import build_parser, main
 from lstm_training.data import sha256_file
 from lstm_training.tokenizer import encode, load_tokenizer
 
@@ -87,3 +89,10 @@ def test_compact_checkpoint_halves_the_weights_and_keeps_the_outputs(tmp_path, s
         b(tokens, lengths, *b.initial_state(1))[0], a(tokens, lengths, *a.initial_state(1))[0], atol=1e-2, rtol=0
     )
     assert main(["compact", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+
+
+def test_every_charlm_option_has_a_description_and_its_default() -> None:
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    for action in commands.choices["charlm"]._actions:
+        if action.dest != "help":
+            assert action.help and ("(default:" in action.help or action.required), action.option_strings

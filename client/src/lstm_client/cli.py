@@ -1,13 +1,13 @@
-"""``lstm-client``: ``chat`` (interactive, streamed, one session across turns), ``generate PROMPT...``,
-``classify TEXT...`` and ``sessions`` (the caller's sessions).
+"""lstm-client: chat (interactive, streamed, one session across turns), generate PROMPT..., classify TEXT...
+and sessions (the caller's sessions).
 
-Connection: ``--server`` (or LSTM_CLIENT_SERVER); TLS with ``--tls`` (gRPC's default roots) or ``--ca FILE`` (a
-private CA), plus ``--cert FILE --key FILE`` for a client certificate (mutual TLS); ``--token`` or, better, the
-environment variable LSTM_CLIENT_TOKEN (a command line is visible to other users of the machine); ``--timeout``
-(each call's deadline). Every one of these has its LSTM_CLIENT_* variable. ``--json`` prints one JSON object per
-result line. A ``-`` among the texts or prompts reads more from standard input, one per line.
+Connection: --server (or LSTM_CLIENT_SERVER); TLS with --tls (gRPC's default roots) or --ca FILE (a private CA),
+plus --cert FILE --key FILE for a client certificate (mutual TLS); --token or, better, the environment variable
+LSTM_CLIENT_TOKEN (a command line is visible to other users of the machine); --timeout (each call's deadline).
+Every one of these has its LSTM_CLIENT_* variable. --json prints one JSON object per result line. A - among the
+texts or prompts reads more from standard input (UTF-8), one per line.
 
-In ``chat``, Ctrl-C during an answer stops that answer and keeps the session; Ctrl-C at the prompt quits (130).
+In chat, Ctrl-C during an answer stops that answer and keeps the session; Ctrl-C at the prompt quits (130).
 """
 
 from __future__ import annotations
@@ -24,21 +24,48 @@ from pathlib import Path
 from typing import Any
 
 from .client import Client, Session
-from .errors import LstmError
+from .errors import InvalidArgument, LstmError
 from .results import ClassifyResult
 from .transport import TlsConfig
 
+DEFAULT_BATCH_SIZE = 256  # the server's default max_classify_texts (the API does not say its own)
 SETTLE_S = 5.0  # how long chat waits for the server to free the session after a stopped answer
 
 
-def texts_of(arguments: Iterable[str]) -> list[str]:
-    """The arguments, with ``-`` replaced by the non-empty lines of standard input."""
-    texts: list[str] = []
-    for argument in arguments:
-        if argument == "-":
-            texts.extend(line.rstrip("\r\n") for line in sys.stdin if line.strip("\r\n"))
-        else:
-            texts.append(argument)
+INVALID_UTF8_HINT = (
+    "convert the input to UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass --replace-invalid to replace each "
+    "undecodable byte with U+FFFD"
+)
+
+
+def utf8(raw: bytes, origin: str, replace_invalid: bool) -> str:
+    """``raw`` decoded as UTF-8; a ValueError naming ``origin`` when it is not UTF-8 (unless ``replace_invalid``)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if replace_invalid:
+            return raw.decode("utf-8", errors="replace")
+        raise ValueError(
+            f"{origin} is not UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1}): {INVALID_UTF8_HINT}"
+        ) from None
+
+
+def texts_of(arguments: Iterable[str], replace_invalid: bool = False, name: str = "TEXT") -> list[tuple[str, str]]:
+    """Each text with where it came from (``TEXT 2``, ``line 5 of standard input``): the arguments, with
+    ``-`` replaced by the non-empty lines of standard input, all checked to be UTF-8."""
+    texts: list[tuple[str, str]] = []
+    for index, argument in enumerate(arguments, 1):
+        if argument != "-":  # undecodable bytes of an argument arrive as surrogates: back to bytes
+            origin = f"{name} {index}"
+            texts.append((utf8(argument.encode("utf-8", "surrogateescape"), origin, replace_invalid), origin))
+            continue
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)  # bytes; a text stream where a test replaced stdin
+        for number, line in enumerate(stdin, 1):
+            raw = line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape")
+            raw = raw.rstrip(b"\r\n")
+            if raw:
+                origin = f"line {number} of standard input"
+                texts.append((utf8(raw, origin, replace_invalid), origin))
     return texts
 
 
@@ -147,7 +174,7 @@ def chat(client: Client, args: argparse.Namespace) -> int:
 
 def generate(client: Client, args: argparse.Namespace) -> int:
     """Each prompt in a fresh session (closed after it): its continuation, one line per prompt."""
-    for prompt in texts_of(args.prompts):
+    for prompt, _ in texts_of(args.prompts, args.replace_invalid, "PROMPT"):
         with client.session(model=args.model, unknown_characters="replace", **sampling(args)) as session:
             emit(args, answer(session, prompt, args), "")
     return 0
@@ -160,16 +187,26 @@ def in_label_order(result: ClassifyResult, labels: list[str]) -> dict[str, float
 
 
 def classify(client: Client, args: argparse.Namespace) -> int:
-    texts = texts_of(args.texts)
-    if not texts:
-        return 0
-    results = client.classify(texts, model=args.model)
-    labels = list(client.describe(args.model).labels)
-    for text, result in zip(texts, results, strict=True):
-        probabilities = in_label_order(result, labels)
-        scores = "  ".join(f"{label} {p:.3f}" for label, p in probabilities.items())
-        record = {"text": text, "label": result.label, "probabilities": probabilities}
-        emit(args, record, f"{result.label}\t{scores}\t{text}")
+    """Each text's label, in input order, in calls of at most ``--batch-size`` texts; refuses a blank text."""
+    texts = texts_of(args.texts, args.replace_invalid)
+    for text, origin in texts:
+        if not text.strip():
+            raise ValueError(f"{origin} is empty or only whitespace: there is nothing to classify; remove it")
+    labels: list[str] | None = None  # the model's label order, asked once the first call succeeded
+    for start in range(0, len(texts), args.batch_size):
+        batch = texts[start : start + args.batch_size]
+        try:
+            results = client.classify([text for text, _ in batch], model=args.model)
+        except InvalidArgument as error:
+            if error.reason == "TOO_MANY_TEXTS":
+                raise ValueError(f"{error} (this server takes fewer texts per call: lower --batch-size)") from None
+            raise
+        labels = labels if labels is not None else list(client.describe(args.model).labels)
+        for (text, _), result in zip(batch, results, strict=True):
+            probabilities = in_label_order(result, labels)
+            scores = "  ".join(f"{label} {p:.3f}" for label, p in probabilities.items())
+            record = {"text": text, "label": result.label, "probabilities": probabilities}
+            emit(args, record, f"{result.label}\t{scores}\t{text}")
     return 0
 
 
@@ -194,6 +231,17 @@ def tls_of(args: argparse.Namespace) -> TlsConfig | bool:
     if args.ca or args.cert or args.key or args.server_name:
         return TlsConfig(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
     return bool(args.tls)
+
+
+def positive(text: str) -> int:
+    """A ``--batch-size`` value: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number above 0, not {text!r}")
+    return value
 
 
 def seconds(text: str) -> float:
@@ -264,6 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     classify_parser = commands.add_parser("classify", help="label each text")
     classify_parser.add_argument("texts", nargs="+", metavar="TEXT", help="a text; - reads one per line")
     classify_parser.add_argument("--model", default="sentiment", help="the classifier (default: sentiment)")
+    classify_parser.add_argument(
+        "--batch-size",
+        type=positive,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"texts per Classify call, at most the server's max_classify_texts (default: {DEFAULT_BATCH_SIZE})",
+    )
+    for sub in (generate_parser, classify_parser):
+        sub.add_argument(
+            "--replace-invalid",
+            action="store_true",
+            help="replace bytes that are not UTF-8 with U+FFFD (default: refuse)",
+        )
     sessions_parser = commands.add_parser("sessions", help="list your sessions")
     sessions_parser.add_argument("--model", default="", help="only this model's")
     sessions_parser.add_argument("--page-size", type=int, default=0, help="sessions per call (default: the server's)")

@@ -1,4 +1,4 @@
-"""``lstm-export CHECKPOINT --out models/<name>/<version>``: TorchScript + ONNX + manifest (a language model also
+"""lstm-export CHECKPOINT --out models/<name>/<version>: TorchScript + ONNX + manifest (a language model also
 its sampler and decode graph), verified and checked for batch invariance."""
 
 from __future__ import annotations

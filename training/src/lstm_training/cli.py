@@ -1,4 +1,5 @@
-"""``lstm-train charlm ...`` and ``lstm-train sentiment ...``; run under ``torchrun`` for data parallelism."""
+"""lstm-train charlm ..., lstm-train sentiment ... and lstm-train compact ...; run under torchrun for data
+parallelism."""
 
 from __future__ import annotations
 
@@ -18,20 +19,43 @@ from .trainer import TrainConfig, Trainer, TrainingDiverged, init_distributed
 
 SENTIMENT_LABELS = ["negative", "positive"]
 
+OPTION_HELP = {  # the dataclass fields' --options (CharLMConfig, ClassifierConfig, TrainConfig)
+    "embedding_dim": "size of each token's embedding",
+    "hidden_size": "LSTM hidden units per layer and direction",
+    "num_layers": "stacked LSTM layers",
+    "dropout": "dropout probability between layers and before the output",
+    "bidirectional": "read the text in both directions",
+    "epochs": "the most epochs to train",
+    "lr": "peak AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "steps of linear learning-rate warmup",
+    "lr_decay": "learning-rate factor per epoch, applied step by step",
+    "clip": "clip the gradient norm to this",
+    "patience": "stop after this many epochs without a better validation metric",
+    "seed": "random seed of the initial weights, the batches and dropout",
+    "log_every": "log the training loss every this many steps",
+    "max_steps_per_epoch": "cap the steps of an epoch (default: none, the whole training set)",
+    "explode_threshold": "log an exploding-gradient event above this gradient norm",
+    "vanish_threshold": "log a vanishing-gradient event below this gradient norm",
+    "average_from": "from this epoch on, also try the average of the epochs' weights; 0: off",
+}
+
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per dataclass field, defaulting to the field's default."""
+    """One ``--option`` per dataclass field, defaulting to the field's default, with its OPTION_HELP."""
     for field in fields(cls):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
+        text = OPTION_HELP[field.name]
+        help_text = text if "(default" in text else f"{text} (default: %(default)s)"
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         elif field.type in ("int | None",):
-            parser.add_argument(flag, type=int, default=field.default)
+            parser.add_argument(flag, type=int, default=field.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[field.type]
-            parser.add_argument(flag, type=kind, default=field.default)
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
 
 
 def _pick(args: argparse.Namespace, cls, **overrides):
@@ -44,16 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="model", required=True)
 
     charlm = commands.add_parser("charlm", help="character language model on a text corpus")
-    charlm.add_argument("--data", default="tinyshakespeare", help="a text file, or a corpus name to download")
-    charlm.add_argument("--batch-size", type=int, default=64, help="streams per step (per process under torchrun)")
-    charlm.add_argument("--seq-len", type=int, default=128, help="characters per window (truncated BPTT length)")
+    charlm.add_argument(
+        "--data", default="tinyshakespeare", help="a text file, or a corpus name to download (default: %(default)s)"
+    )
+    charlm.add_argument(
+        "--batch-size", type=int, default=64, help="streams per step, per process under torchrun (default: %(default)s)"
+    )
+    charlm.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        help="characters per window, the truncated BPTT length (default: %(default)s)",
+    )
     _add_dataclass_options(charlm, CharLMConfig, skip=("vocab_size",))
 
     sentiment = commands.add_parser("sentiment", help="sentiment classifier on SST-2 TSV files")
     sentiment.add_argument("--train", required=True, help="SST-2 training TSV")
     sentiment.add_argument("--dev", required=True, help="SST-2 dev TSV")
-    sentiment.add_argument("--batch-size", type=int, default=64)
-    sentiment.add_argument("--tokenizer-vocab-size", type=int, default=16000)
+    sentiment.add_argument(
+        "--batch-size", type=int, default=64, help="texts per step, per process under torchrun (default: %(default)s)"
+    )
+    sentiment.add_argument(
+        "--tokenizer-vocab-size", type=int, default=16000, help="tokens the BPE tokenizer learns (default: %(default)s)"
+    )
     _add_dataclass_options(sentiment, ClassifierConfig, skip=("vocab_size", "num_labels", "pad_id"))
 
     compact = commands.add_parser("compact", help="store a checkpoint's weights as float16 (half the size)")
@@ -61,10 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--out", required=True, help="where to write the compact checkpoint")
 
     for sub in (charlm, sentiment):
-        sub.add_argument("--out", required=True, help="directory for best.pt, last.pt, metrics.jsonl, curves.png")
-        sub.add_argument("--resume", help="continue from this last.pt")
-        sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-        sub.add_argument("--threads", type=int, help="torch CPU threads per process")
+        sub.add_argument(
+            "--out", required=True, help="directory for best.pt, last.pt, metrics.jsonl, curves.png (required)"
+        )
+        sub.add_argument("--resume", help="continue from this last.pt (default: start afresh)")
+        sub.add_argument(
+            "--device",
+            default="cuda" if torch.cuda.is_available() else "cpu",
+            choices=["cpu", "cuda"],
+            help="where to train (default: cuda when available, else cpu; here %(default)s)",
+        )
+        sub.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
         _add_dataclass_options(sub, TrainConfig)
     return parser
 
