@@ -98,14 +98,14 @@ def test_a_file_that_is_not_toml_is_refused(tmp_path) -> None:
 
 
 def test_each_layer_overrides_the_one_before(tmp_path) -> None:
-    (tmp_path / "server.toml").write_text("max_batch = 10\nthread_spinning = true\n")
+    (tmp_path / "server.toml").write_text("max_batch = 10\nthread_spinning = false\n")
     file = ["--config", str(tmp_path / "server.toml")]
-    env = {"LSTM_SERVER_MAX_BATCH": "20", "LSTM_SERVER_THREAD_SPINNING": "off"}
-    assert (load_config([], {}).max_batch, load_config([], {}).thread_spinning) == (256, False)
-    assert (load_config(file, {}).max_batch, load_config(file, {}).thread_spinning) == (10, True)
-    assert (load_config(file, env).max_batch, load_config(file, env).thread_spinning) == (20, False)
-    flags = load_config([*file, "--max-batch", "30", "--thread-spinning", "yes"], env)
-    assert (flags.max_batch, flags.thread_spinning) == (30, True)
+    env = {"LSTM_SERVER_MAX_BATCH": "20", "LSTM_SERVER_THREAD_SPINNING": "on"}
+    assert (load_config([], {}).max_batch, load_config([], {}).thread_spinning) == (256, True)
+    assert (load_config(file, {}).max_batch, load_config(file, {}).thread_spinning) == (10, False)
+    assert (load_config(file, env).max_batch, load_config(file, env).thread_spinning) == (20, True)
+    flags = load_config([*file, "--max-batch", "30", "--thread-spinning", "no"], env)
+    assert (flags.max_batch, flags.thread_spinning) == (30, False)
 
 
 def test_booleans_and_the_environment() -> None:

@@ -101,7 +101,9 @@ class ServerConfig(BaseModel):
         "CPU, less throughput; 0: every call on the model's threads)",
     )
     thread_spinning: bool = Field(
-        False, description="onnxruntime's idle intra-op threads busy-wait for the next call (faster wake-up, burns CPU)"
+        True,
+        description="onnxruntime's idle intra-op threads busy-wait for the next call (faster wake-up, burns CPU); a "
+        "language model's prompt reads never spin",
     )
     gil_switch_interval_ms: Number = Field(
         0.5,

@@ -71,7 +71,11 @@ class ModelRegistry:
             backend_name = config.backend_for(name)
             check_batching(entry, backend_name, config)
             threads = config.threads_for(name)
-            backend = load_backend(entry, backend_name, config.device, threads, config.thread_spinning)
+            # a language model with a decode graph reads prompts with this backend on its prefill thread, beside the
+            # decode thread: its idle workers spinning there would take the cores the decode call is using
+            prompts_only = entry.task == "generation" and entry.has_decode_graph
+            spinning = config.thread_spinning and not prompts_only
+            backend = load_backend(entry, backend_name, config.device, threads, spinning)
             model = LoadedModel(entry, backend)
             self.models[name] = model
             log.info(
