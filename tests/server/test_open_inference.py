@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import queue
 import struct
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from google.protobuf import descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from lstm.v1 import lstm_pb2 as pb
@@ -29,6 +31,7 @@ from lstm_server.api.sequences import Place, SequenceQueue, sequence_session_id
 from lstm_server.config import ANONYMOUS
 
 from ..serving import Stubs
+from .test_errors import bad_request, details_of, lstm_error
 from .test_session_store import store_settings
 
 PROMPTS = ["KING:\nthe ", "and ", "good "]
@@ -441,6 +444,142 @@ def test_an_error_in_a_stream_names_its_request_and_leaves_the_stream_open(raw, 
     texts = [r.infer_response for r in responses if not r.error_message]
     assert {r.id for r in texts} == {"good-1"} and texts[-1].parameters["triton_final_response"].bool_param
     assert "".join(ip_text(r) for r in texts) == lstm_turns(stubs, ["hi"])[0]
+
+
+def streamed(raw, *requests: ip.ModelInferRequest) -> dict[str, list[ip.ModelStreamInferResponse]]:
+    """The responses of one stream of ``requests``, by request id (the stream must end OK)."""
+    by_id: dict[str, list] = {}
+    for response in raw.ModelStreamInfer(iter(requests), timeout=30):
+        by_id.setdefault(response.infer_response.id, []).append(response)
+    return by_id
+
+
+def good_request(request_id: str = "good-1") -> ip.ModelInferRequest:
+    good = raw_request(**{k: ("int64_param", v) for k, v in GREEDY.items()})
+    good.id = request_id
+    return good
+
+
+@pytest.mark.parametrize(
+    ("stop", "needle"),
+    [
+        ("[" * 3000, "not nested: got arrays or objects nested 3000 deep"),
+        ('[["a"]]', "not nested: got arrays or objects nested 2 deep"),
+        ('["' + "x" * 70_000 + '"]', "at most 65536 characters long; got 70004"),
+        (json.dumps(["a"] * 9), "parameter stop may hold at most 8 strings (max_stop_strings), got 9"),
+    ],
+    ids=["deep", "nested", "long", "many"],
+)
+def test_a_stop_beyond_the_parsers_bounds_is_invalid_argument_for_its_request_only(raw, stubs, stop, needle) -> None:
+    bad = raw_request(stop=("string_param", stop), max_tokens=("int64_param", 3))
+    with pytest.raises(grpc.RpcError) as error:
+        raw.ModelInfer(bad)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.value.details()
+    assert error.value.details().startswith("parameter stop ")
+    assert details_of(error.value) == bad_request("INVALID_PARAMETER", "parameters.stop")
+    by_id = streamed(raw, bad, good_request())  # the stream goes on after the bad request's own error response
+    assert [r.error_message.split(":")[0] for r in by_id["bad-1"]] == ["INVALID_ARGUMENT"]
+    assert needle in by_id["bad-1"][0].error_message
+    assert "".join(ip_text(r.infer_response) for r in by_id["good-1"]) == lstm_turns(stubs, ["hi"])[0]
+
+
+def test_an_unexpected_error_in_a_stream_answers_its_request_only(server, raw, stubs, monkeypatch) -> None:
+    service = server.server.inference
+    prepare, turn = service._prepare, service._turn
+
+    def failing_prepare(request, *args):
+        if request.id == "bug-reading":
+            raise RecursionError("a bug while reading")
+        return prepare(request, *args)
+
+    def failing_turn(job, tenant):
+        if job.request.id == "bug-running":
+            raise RuntimeError("a bug while running")
+        return turn(job, tenant)
+
+    monkeypatch.setattr(service, "_prepare", failing_prepare)
+    monkeypatch.setattr(service, "_turn", failing_turn)
+    by_id = streamed(raw, good_request("bug-reading"), good_request("bug-running"), good_request())
+    for request_id, bug in [("bug-reading", "a bug while reading"), ("bug-running", "a bug while running")]:
+        assert [r.error_message for r in by_id[request_id]] == [f"INTERNAL: internal error in ModelStreamInfer: {bug}"]
+    assert "".join(ip_text(r.infer_response) for r in by_id["good-1"]) == lstm_turns(stubs, ["hi"])[0]
+
+
+def both_contents(request: ip.ModelInferRequest) -> None:
+    request.inputs[0].contents.bytes_contents.append(b"hi")
+
+
+@pytest.mark.parametrize(
+    ("request_", "details"),
+    [
+        (raw_request(name="PROMPT"), bad_request("INVALID_INPUT", "inputs[0].name")),
+        (changed(raw_request(), lambda r: r.inputs.add(name="TEXT")), bad_request("INVALID_INPUT", "inputs")),
+        (raw_request(datatype="FP32"), bad_request("INVALID_INPUT", "inputs[0].datatype")),
+        (raw_request(shape=(2,)), bad_request("INVALID_INPUT", "inputs[0].shape")),
+        (changed(raw_request(), both_contents), bad_request("INVALID_INPUT", "inputs[0].contents")),
+        (raw_request(raw=b"\x09\x00\x00\x00hi"), bad_request("INVALID_INPUT", "raw_input_contents[0]")),
+        (changed(raw_request(), lambda r: r.outputs.add(name="X")), bad_request("INVALID_OUTPUT", "outputs[0].name")),
+        (raw_request(max_token=("int64_param", 3)), bad_request("UNKNOWN_PARAMETER", "parameters.max_token")),
+        (raw_request(temperature=("string_param", "hot")), bad_request("INVALID_PARAMETER", "parameters.temperature")),
+        (raw_request(sequence_id=("double_param", 1.5)), bad_request("INVALID_PARAMETER", "parameters.sequence_id")),
+        (raw_request(top_p=("double_param", 2.0)), bad_request("INVALID_SAMPLING", "parameters.top_p")),
+        (raw_request(model="sentiment", shape=(0,), raw=b""), bad_request("NO_TEXTS", "inputs[0]")),
+        (raw_request(model="nonesuch"), lstm_error("MODEL_NOT_FOUND", "model_name")),
+        (
+            changed(raw_request(), lambda r: setattr(r, "model_version", "7")),
+            lstm_error("MODEL_NOT_FOUND", "model_version"),
+        ),
+    ],
+)
+def test_errors_name_their_field_in_the_protocols_terms(raw, request_, details) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        raw.ModelInfer(request_)
+    assert details_of(error.value) == details, error.value.details()
+
+
+def test_a_request_with_both_raw_and_typed_contents_is_refused_not_half_read(raw) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        raw.ModelInfer(changed(raw_request(), both_contents))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input TEXT has both raw_input_contents and contents (bytes_contents): send one" in error.value.details()
+    request = raw_request(raw=b"")
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.fp32_contents.append(1.0)
+    with pytest.raises(grpc.RpcError) as error:
+        raw.ModelInfer(request)
+    assert "send its elements in contents.bytes_contents (or raw_input_contents), not fp32_contents" in (
+        error.value.details()
+    )
+
+
+UNSUPPORTED_RPCS = [
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+]
+
+
+def test_the_rpcs_not_offered_are_unimplemented_saying_what_to_do_instead(raw, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    methods = ip.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+    instead = {"Repository": "restart it to change them", "SharedMemory": "send tensors in the request"}
+    instead |= {"Trace": "--tracing", "Log": "--log-level"}
+    for name in UNSUPPORTED_RPCS:
+        with pytest.raises(grpc.RpcError) as error:
+            getattr(raw, name)(GetMessageClass(methods[name].input_type)())
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED, error.value.details()
+        (hint,) = [hint for key, hint in instead.items() if key in name]
+        assert error.value.details().startswith(f"{name} is not supported by this server: ")
+        assert hint in error.value.details()
+        assert details_of(error.value) == lstm_error("UNIMPLEMENTED")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 def ip_text(response: ip.ModelInferResponse) -> str:

@@ -1,11 +1,14 @@
-"""Cross-cutting concerns for every RPC of this server's own services (health and reflection pass untouched: load
-balancers call them without credentials): request ids, authentication, requests that do not parse, errors as
-gRPC statuses with ``google.rpc`` details, trace spans, metrics, logs, the replica's name."""
+"""Cross-cutting concerns for every RPC of this server's own services: request ids, authentication, requests that
+do not parse, errors as gRPC statuses with ``google.rpc`` details, trace spans, metrics, logs, the replica's name.
+Health, reflection and the Open Inference Protocol's liveness and readiness pass through without any of it (load
+balancers call them without credentials), except that a request that does not parse is INVALID_ARGUMENT there
+too."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import itertools
 import logging
 import os
@@ -28,8 +31,9 @@ from ..metrics import Metrics
 from .auth import Authenticator
 
 log = logging.getLogger("lstm_server.rpc")
-# open to anyone, untouched: health and reflection, and the Open Inference Protocol's liveness and readiness (which,
-# like health, say nothing of models or sessions: probes need no token; ModelReady names models, so it is checked)
+# open to anyone, untouched but for requests that do not parse: health and reflection, and the Open Inference
+# Protocol's liveness and readiness (which, like health, say nothing of models or sessions: probes need no token;
+# ModelReady names models, so it is checked)
 PASS_THROUGH = (
     "/grpc.health.",
     "/grpc.reflection.",
@@ -38,6 +42,7 @@ PASS_THROUGH = (
 )
 MAX_MESSAGE_CHARS = 2000  # status details travel in trailers, which a peer may cap at 8 KiB
 MAX_DESCRIPTION_CHARS = 500  # a field violation's description: the message says the rest
+MAX_FIELD_CHARS = 200  # a field's path (it may hold a caller's key, as parameters.<name>)
 REQUEST_ID = "x-request-id"
 REQUEST_ID_FORM = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces; anything else gets a new id
 # request fields put on the call's log lines (lstm.v1; the Open Inference Protocol's model_name, and name in its
@@ -83,14 +88,15 @@ def error_status(error: ServiceError) -> grpc.Status:
     INVALID_ARGUMENT, and a ``RetryInfo`` when a retry after a delay may succeed."""
     code = status_code(error.code)
     message = error.message[:MAX_MESSAGE_CHARS]
+    field = (error.field or "")[:MAX_FIELD_CHARS]
     details = [
         error_details_pb2.ErrorInfo(
-            reason=error.reason, domain=ERROR_DOMAIN, metadata={"field": error.field} if error.field else {}
+            reason=error.reason, domain=ERROR_DOMAIN, metadata={"field": field} if field else {}
         )
     ]
-    if error.field and error.code is Status.INVALID_ARGUMENT:
+    if field and error.code is Status.INVALID_ARGUMENT:
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=message[:MAX_DESCRIPTION_CHARS], reason=error.reason
+            field=field, description=message[:MAX_DESCRIPTION_CHARS], reason=error.reason
         )
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     if error.retry_after_s is not None:
@@ -137,6 +143,30 @@ def _check_parsed(request, method: str):
 async def _checked_stream(requests: AsyncIterator, method: str) -> AsyncIterator:
     async for request in requests:
         yield _check_parsed(request, method)
+
+
+def _parsed_only(behavior: Callable, method: str, streaming_requests: bool) -> Callable:
+    """``behavior`` (a coroutine or async generator function, as the aio server calls it) behind a check that its
+    requests parsed: one that does not is INVALID_ARGUMENT, with nothing else of the interceptor's."""
+    check = _checked_stream if streaming_requests else _check_parsed
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streamed(request, context):
+            try:
+                async for response in behavior(check(request, method), context):
+                    yield response
+            except ServiceError as error:
+                await context.abort_with_status(error_status(error))
+
+        return streamed
+
+    async def awaited(request, context):
+        try:
+            return await behavior(check(request, method), context)
+        except ServiceError as error:
+            await context.abort_with_status(error_status(error))
+
+    return awaited
 
 
 def _request_fields(request) -> dict[str, str]:
@@ -211,14 +241,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(PASS_THROUGH):
+        if handler is None:
             return handler
         streaming = handler.response_streaming
         behavior = (
             handler.unary_stream or handler.stream_stream if streaming else handler.unary_unary or handler.stream_unary
         )
-        wrap = self._wrap_stream if streaming else self._wrap_unary
-        wrapped = wrap(behavior, details.method, handler.request_streaming)
+        if details.method.startswith(PASS_THROUGH):
+            if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+                return handler  # not an aio behavior: nothing here can wrap it
+            wrapped = _parsed_only(behavior, details.method, handler.request_streaming)
+        else:
+            wrap = self._wrap_stream if streaming else self._wrap_unary
+            wrapped = wrap(behavior, details.method, handler.request_streaming)
         factory = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,

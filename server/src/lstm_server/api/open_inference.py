@@ -10,8 +10,11 @@ served beside lstm.v1 on the same port, on tritonclient's generated stubs.
   ``triton_enable_empty_final_response`` that last response is empty, after the text and the turn's end).
   ModelInfer answers the whole turn in one response.
 - In a stream every request runs in its own task (at most ``config.inference_stream_requests`` at once; more wait to be
-  read), so different sequences run concurrently; a request that fails answers ``error_message`` (its status
-  code's name, then the message) and the stream goes on.
+  read), so different sequences run concurrently; a request that fails, for whatever reason, answers
+  ``error_message`` (its status code's name, then the message) and the stream goes on.
+- Errors name their field in this protocol's terms (``inputs[0].datatype``, ``parameters.top_p``); the RPCs this
+  server does not offer (repository load and unload, shared memory, trace and log settings) are UNIMPLEMENTED,
+  saying what to do instead.
 - ModelStatistics counts this protocol's requests per tenant and model: a caller sees its own
   (``inference_statistics.py``).
 """
@@ -25,6 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import grpc
 from lstm.v1 import lstm_pb2 as pb
@@ -54,6 +58,7 @@ from .open_inference_models import (
     sampling_params,
     served,
     text_output,
+    v2_field,
 )
 from .requests import check_classify
 from .sequences import SEQUENCE_PARAMETERS, Place, SequenceFlags, SequenceQueue, sequence_flags, sequence_session_id
@@ -66,6 +71,19 @@ SERVICE_NAME = ip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["model_configuration", "sequence", "parameters"]
 GENERATION_PARAMETERS = (*SAMPLING_PARAMETERS, *SEQUENCE_PARAMETERS, EMPTY_FINAL)
 Context = grpc.aio.ServicerContext
+UNSUPPORTED = {  # the protocol's RPCs this server does not offer: why, and what to do instead
+    **dict.fromkeys(
+        ["RepositoryModelLoad", "RepositoryModelUnload"],
+        "it serves the models of its repository (--models, --model-versions) from its start and loads or unloads "
+        "none at run time: restart it to change them (RepositoryIndex lists those served)",
+    ),
+    **dict.fromkeys(
+        [f"{kind}SharedMemory{verb}" for kind in ("System", "Cuda") for verb in ("Status", "Register", "Unregister")],
+        "it has no shared memory: send tensors in the request (raw_input_contents or contents)",
+    ),
+    "TraceSetting": "its traces are OpenTelemetry spans, set at start (--tracing, --otlp-endpoint)",
+    "LogSettings": "its logs are JSON lines on stderr, their level set at start (--log-level)",
+}
 
 
 @dataclass
@@ -86,13 +104,25 @@ class Job:
     compute_ns: int | None = None  # the classification, or the turn to its last chunk
 
 
-def stream_error(request: ip.ModelInferRequest, code: Status, message: str) -> ip.ModelStreamInferResponse:
-    """A stream's answer to a request that failed: the code's name and the message; nothing more follows for it."""
+def stream_error(request: ip.ModelInferRequest, error: Exception) -> ip.ModelStreamInferResponse:
+    """A stream's answer to a request that failed: the code's name and the message (INTERNAL, logged, for anything
+    but a ``ServiceError``); nothing more follows for it."""
+    if not isinstance(error, ServiceError):
+        log.error("unexpected error in ModelStreamInfer", exc_info=error)
+        error = ServiceError(Status.INTERNAL, f"internal error in ModelStreamInfer: {error}")
     response = ip.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     response.parameters[FINAL].bool_param = True
     return ip.ModelStreamInferResponse(
-        error_message=f"{code.name}: {message}"[:MAX_MESSAGE_CHARS], infer_response=response
+        error_message=f"{error.code.name}: {error.message}"[:MAX_MESSAGE_CHARS], infer_response=response
     )
+
+
+def _unsupported(name: str, instead: str) -> Callable:
+    async def refuse(self, request, context: Context) -> NoReturn:
+        raise ServiceError(Status.UNIMPLEMENTED, f"{name} is not supported by this server: {instead}")
+
+    refuse.__name__ = name
+    return refuse
 
 
 class Outbox:
@@ -171,7 +201,8 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
     def _failed(self, request: ip.ModelInferRequest, tenant: str, arrival: Arrival) -> None:
         """Count a failed request against its model, if it names one that is served."""
         with contextlib.suppress(ServiceError):
-            self.statistics.failed(tenant, served(self.api.models, request.model_name, request.model_version), arrival)
+            model = served(self.api.models, request.model_name, request.model_version, "model_name")
+            self.statistics.failed(tenant, model, arrival)
 
     # -- inference ----------------------------------------------------------------------------------------------
 
@@ -185,8 +216,10 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
             finally:
                 if job.place is not None:
                     job.place.leave()
-        except Exception:
+        except Exception as error:
             self._failed(request, tenant, arrival)
+            if isinstance(error, ServiceError):
+                error.field = v2_field(error.field)
             raise
         self._succeeded(job, tenant)
         return response
@@ -223,10 +256,10 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 await slots.acquire()
                 try:
                     job = self._prepare(request, tenant, arrival)
-                except ServiceError as error:
+                except Exception as error:  # this request fails; the stream goes on
                     slots.release()
                     self._failed(request, tenant, arrival)
-                    await outbox.put(stream_error(request, error.code, error.message))
+                    await outbox.put(stream_error(request, error))
                     continue
                 task = loop.create_task(self._stream_one(job, tenant, outbox))
                 running.add(task)
@@ -244,19 +277,15 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 async for response in responses:
                     await outbox.put(ip.ModelStreamInferResponse(infer_response=response))
             self._succeeded(job, tenant)
-        except ServiceError as error:
+        except Exception as error:  # this request fails; the stream goes on
             self.statistics.failed(tenant, job.model, job.arrival)
-            await outbox.put(stream_error(request, error.code, error.message))
-        except Exception as error:  # a bug: this request fails, the stream goes on
-            log.exception("unexpected error in ModelStreamInfer")
-            self.statistics.failed(tenant, job.model, job.arrival)
-            await outbox.put(stream_error(request, Status.INTERNAL, f"internal error in ModelStreamInfer: {error}"))
+            await outbox.put(stream_error(request, error))
 
     def _prepare(self, request: ip.ModelInferRequest, tenant: str, arrival: Arrival | None = None) -> Job:
         """Check the request against its model; a sequence's request joins its sequence's queue (call in arrival
         order)."""
         arrival = arrival or Arrival()
-        model = served(self.api.models, request.model_name, request.model_version)
+        model = served(self.api.models, request.model_name, request.model_version, "model_name")
         if model.task == "classification":
             check_parameter_names(request.parameters, model, (EMPTY_FINAL,))
             texts = input_texts(request, model)
@@ -265,7 +294,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         check_parameter_names(request.parameters, model, GENERATION_PARAMETERS)
         texts = input_texts(request, model)
         outputs = requested_outputs(request, model)
-        sampling = sampling_params(request.parameters)
+        sampling = sampling_params(request.parameters, self.api.config.max_stop_strings)
         flags = sequence_flags(request.parameters)
         empty_final = bool_parameter(request.parameters, EMPTY_FINAL)
         session_id = "" if flags.id is None else sequence_session_id(self.sequence_key, tenant, model.name, flags.id)
@@ -367,3 +396,7 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 f"was idle longer than {self.api.config.idle_timeout_s:g} s; send its first request with "
                 "sequence_start",
             ) from None
+
+
+for _name, _instead in UNSUPPORTED.items():  # instead of the generated base's INTERNAL "Method not implemented!"
+    setattr(InferenceService, _name, _unsupported(_name, _instead))

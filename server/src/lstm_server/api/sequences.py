@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from tritonclient.grpc import service_pb2 as ip
 
-from ..errors import invalid, shown
-from .open_inference_models import bool_parameter, parameter
+from ..errors import shown
+from .open_inference_models import bad_parameter, bool_parameter, parameter
 
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
@@ -42,7 +42,7 @@ def sequence_flags(parameters: Mapping[str, ip.InferParameter]) -> SequenceFlags
     ``sequence_end``."""
     sequence_id = parameter(parameters, "sequence_id")
     if sequence_id is not None and (isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str)):
-        raise invalid(f"parameter sequence_id must be an integer or a string, got {sequence_id!r}")
+        raise bad_parameter("sequence_id", f"parameter sequence_id must be an integer or a string, got {sequence_id!r}")
     return SequenceFlags(
         sequence_id if sequence_id not in (None, 0, "") else None,
         bool_parameter(parameters, "sequence_start"),
