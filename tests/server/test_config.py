@@ -30,6 +30,10 @@ def test_unknown_file_option_and_bad_value_are_refused(tmp_path) -> None:
         load_config(["--config", str(tmp_path / "bad.toml")], {})
     with pytest.raises(ConfigError, match="--port: must be an integer, got 'many'"):
         load_config(["--port", "many"], {})
+    (tmp_path / "both.toml").write_text('max_sesions = 5\nport = "many"\n')  # both problems, in one line
+    with pytest.raises(ConfigError) as both:
+        load_config(["--config", str(tmp_path / "both.toml")], {})
+    assert "unknown options ['max_sesions']" in str(both.value) and "--port: must be an integer" in str(both.value)
 
 
 @pytest.mark.parametrize(

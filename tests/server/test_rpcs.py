@@ -81,6 +81,23 @@ def test_chat_keeps_the_session_across_turns(stubs, reference) -> None:
     assert turns[0] == expected
 
 
+def test_a_later_chat_message_without_text_continues_the_session(stubs, reference) -> None:
+    """Only the first message may come without a turn; every later one is a turn, and an empty text continues the
+    session where it stands (as Generate with an empty prompt does)."""
+
+    def requests():
+        yield pb.ChatRequest(
+            create=pb.CreateSessionRequest(model="charlm", prompt=PROMPT, defaults=pb.SamplingParams(seed=8))
+        )
+        yield pb.ChatRequest(sampling=pb.SamplingParams(max_tokens=7))
+
+    responses = list(stubs.generation.Chat(requests()))
+    text = "".join(r.text for r in responses[1:])
+    assert responses[0].end_of_turn and not responses[0].text  # the first message: no turn
+    assert responses[-1].end_of_turn and responses[-1].tokens_seen == len(PROMPT) + 7
+    assert text == reference.generate(PROMPT, 7, seed=8)[0]
+
+
 def test_a_session_a_chat_stream_opened_closes_with_the_stream_unless_kept(stubs) -> None:
     create = pb.CreateSessionRequest(model="charlm", prompt=PROMPT, defaults=pb.SamplingParams(max_tokens=3))
     finished = list(stubs.generation.Chat(iter([pb.ChatRequest(create=create), pb.ChatRequest(text="the ")])))

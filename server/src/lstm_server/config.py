@@ -445,17 +445,16 @@ def _build_parser() -> argparse.ArgumentParser:
     return made
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    """The options in the TOML file at ``path``; a ConfigError if it cannot be read or names an unknown option."""
+def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The options in the TOML file at ``path``, and the keys in it that name no option; a ConfigError if it cannot
+    be read."""
     try:
         with path.open("rb") as handle:
             values = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"--config {path}: cannot be read as TOML ({error})") from error
     unknown = sorted(set(values) - set(ServerConfig.model_fields))
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown options {unknown}")
-    return values
+    return {k: v for k, v in values.items() if k not in unknown}, unknown
 
 
 def load_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -465,9 +464,13 @@ def load_config(argv: list[str] | None = None, environ: Mapping[str, str] | None
     args = _build_parser().parse_args(argv)
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
+    problems: list[str] = []  # every one is reported, in one line
     if args.config:
-        values |= _read_file(args.config)
+        known, unknown = _read_file(args.config)
+        values |= known
         origins |= dict.fromkeys(values, f"in {args.config}")
+        if unknown:
+            problems.append(f"--config {args.config}: unknown options {unknown}")
     for name in ServerConfig.model_fields:
         if _env(name) in environ:
             values[name], origins[name] = environ[_env(name)], f"from {_env(name)}"
@@ -475,6 +478,9 @@ def load_config(argv: list[str] | None = None, environ: Mapping[str, str] | None
             values[name] = getattr(args, name)
             origins.pop(name, None)
     try:
-        return ServerConfig.model_validate(values)
+        config = ServerConfig.model_validate(values)
     except ValidationError as error:
-        raise ConfigError(_explain(error, origins)) from error
+        raise ConfigError("; ".join([*problems, _explain(error, origins)])) from error
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
