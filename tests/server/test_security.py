@@ -186,11 +186,16 @@ def test_a_second_server_on_a_port_in_use_refuses_to_start(server, capsys, monke
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # the CLI sets up its own; the test's stay
     with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{server.server.port}: the port is in use"):
         server.run(make_server(ServerThread.settings(server.config.models, port=server.server.port)))
+    capsys.readouterr()  # the in-process start's own lines
     argv = ["--models", server.config.models, "--port", str(server.server.port), "--metrics-port", "0"]
     assert server_main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines()[-1].startswith(f"lstm-server: cannot listen on 127.0.0.1:{server.server.port}: the port")
+    # the one clear line, and nothing before it: no warning, no model loaded, no line of gRPC's own
+    assert err.splitlines() == [
+        f"lstm-server: cannot listen on 127.0.0.1:{server.server.port}: the port is in use (or the address is not "
+        "this machine's); stop the other server or choose another --port"
+    ]
 
 
 class PeerWithCertificate:

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +53,35 @@ SERVICE_NAMES = [*(pb.DESCRIPTOR.services_by_name[name].full_name for name in LS
 
 class StartupError(RuntimeError):
     """The server cannot start as configured; the message says why in one line."""
+
+
+def port_taken(address: str) -> StartupError:
+    return StartupError(
+        f"cannot listen on {address}: the port is in use (or the address is not this machine's); stop the other "
+        "server or choose another --port"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """StartupError if ``host:port`` cannot be bound now: checked before anything else starts, so that a start
+    that fails for it says so in one line (nothing loaded, nothing logged, no gRPC message of its own)."""
+    if not port:
+        return
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as error:
+        raise port_taken(f"{host}:{port}") from error
+    with socket.socket(family, kind, proto) as probe:  # something listens there: another server
+        probe.settimeout(0.5)
+        listening = probe.connect_ex(sockaddr) == 0
+    if listening:
+        raise port_taken(f"{host}:{port}")
+    try:  # or the address cannot be bound at all (not this machine's, a privileged port)
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for gRPC too
+            probe.bind(sockaddr)
+    except OSError as error:
+        raise port_taken(f"{host}:{port}") from error
 
 
 def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> GenerationEngine | ClassifierEngine:
@@ -125,6 +155,7 @@ class LstmServer:
         tenant_limits = (config.tenant_max_sessions, config.tenant_max_turns) if config.authenticated else ()
         table = SessionTable(config.max_sessions, config.idle_timeout_s, *tenant_limits)
         states = StateMessages(self.signer, self.models, config)
+        self.metrics.serve_models({m.name: str(m.version) for m in self.models.all()})
         self.store = open_store(config, table, self.metrics)
         self.sessions = SessionManager(config, self.models, table, self.metrics, self.store, states)
         api = Api(config, self.sessions, self.models, states)
@@ -153,10 +184,7 @@ class LstmServer:
             else:
                 self.port = self.server.add_secure_port(address, tls.credentials())
         except RuntimeError as error:
-            raise StartupError(
-                f"cannot listen on {address}: the port is in use (or the address is not this machine's); stop the "
-                "other server or choose another --port"
-            ) from error
+            raise port_taken(address) from error
         self._http = None
         self._reaper: asyncio.Task | None = None
 
@@ -202,6 +230,7 @@ class LstmServer:
         await self.store.close()
         if self._http:
             self._http.shutdown()
+            self._http.server_close()
         log.info("stopped")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from .app import StartupError, serve
+from .app import StartupError, check_port_free, serve
 from .config import ConfigError, load_config
 from .logs import configure_logging
 from .runtime.model_repository import ModelRepositoryError
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM or SIGINT; 2 if it cannot start (the reason is one line on stderr)."""
     try:
         config = load_config(argv)
+        check_port_free(config.host, config.port)
         configure_logging(config.log_level, config.replica_name)
         setup_tracing(config)  # once per process, like the logs
         # the model thread needs the GIL back after every model call, while the event loop holds it for gRPC: with
