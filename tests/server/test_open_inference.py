@@ -728,7 +728,7 @@ def test_a_request_cancelled_while_its_response_waits_for_room_frees_its_sequenc
     async def scenario() -> ip.ModelInferResponse:
         outbox = Outbox(1)  # its client reads nothing: the second response waits for room
         job = service._prepare(start, ANONYMOUS)
-        task = asyncio.ensure_future(service._stream_one(job, ANONYMOUS, outbox))
+        task = asyncio.ensure_future(service._stream_one(job, ANONYMOUS, outbox, time.perf_counter()))
         while outbox._queue.empty():
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)

@@ -181,7 +181,7 @@ def test_prometheus_metrics_over_http(start_server) -> None:
             client.classify([])
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'lstm_tokens_generated_total{model="charlm"} 7.0' in text
-    assert 'lstm_requests_total{code="INVALID_ARGUMENT",method="Classify"} 1.0' in text
+    assert 'lstm_requests_total{code="INVALID_ARGUMENT",method="Classify",model="sentiment",version="1"} 1.0' in text
     for name in (
         "lstm_batch_size_bucket",
         "lstm_time_to_first_token_seconds_bucket",

@@ -1,5 +1,6 @@
 """Structured logs: one JSON object per line, with the fields of the call being served (``bind``: request id,
-method, tenant, session, model) and any ``extra=`` fields of the line."""
+method, tenant, session, model), the trace and span ids of the current span (with tracing on), and any ``extra=``
+fields of the line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import logging
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
+
+from opentelemetry import trace
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # Replaced, never changed in place: a task started by the call (a turn's lifecycle) keeps the fields it was started
@@ -28,6 +31,14 @@ def call_fields() -> Mapping[str, str]:
     return _call_fields.get()
 
 
+def trace_fields() -> dict[str, str]:
+    """The W3C trace id and span id of the current span (none with tracing off, or outside a call's task)."""
+    span = trace.get_current_span().get_span_context()
+    if not span.is_valid:
+        return {}
+    return {"trace_id": f"{span.trace_id:032x}", "span_id": f"{span.span_id:016x}"}
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, replica: str) -> None:
         super().__init__()
@@ -41,6 +52,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "replica": self.replica,
             **_call_fields.get(),
+            **trace_fields(),
         }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:

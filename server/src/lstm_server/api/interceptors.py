@@ -26,7 +26,7 @@ from opentelemetry.trace import StatusCode
 
 from .. import tracing
 from ..errors import ERROR_DOMAIN, SHOWN_ID_CHARS, ServiceError, Status
-from ..logs import bind
+from ..logs import bind, call_fields
 from ..metrics import Metrics
 from .auth import Authenticator
 
@@ -57,7 +57,11 @@ SERVER_FAULTS = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DATA_LOSS,
 }
+# counted per request, not per call: a stream's own failure is counted, its end otherwise not
+COUNTED_PER_REQUEST = {"ModelStreamInfer"}
+QUIET_CODES = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}  # the rpc line at DEBUG; errors at WARNING
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+_call: contextvars.ContextVar[_Call] = contextvars.ContextVar("lstm_call")
 # a made request id: this process's random 64 bits, then a counter (unique without a system call per request)
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count()
@@ -71,6 +75,15 @@ def status_code(status: Status) -> grpc.StatusCode:
 def caller() -> str:
     """The tenant of the call being served (set by the interceptor before the servicer runs)."""
     return _tenant.get()
+
+
+def count_request(model: str, started: float, code: str = "OK", reason: str = "") -> None:
+    """Count one request of the current call's stream (a method in ``COUNTED_PER_REQUEST``), which named
+    ``model``, arrived at ``started`` (``time.perf_counter()``) and ended now with ``code`` (``reason``: its
+    error's)."""
+    call = _call.get(None)
+    if call is not None:
+        call.interceptor.metrics.count_request(call.method, code, model, time.perf_counter() - started, reason)
 
 
 def request_id(metadata) -> str:
@@ -189,6 +202,7 @@ class _Call:
         metadata = context.invocation_metadata() or ()
         self.request_id = request_id(metadata)
         bind(request_id=self.request_id, method=self.method)
+        _call.set(self)
         self.span = tracing.start_call(full_method.lstrip("/"), metadata, self.request_id)
 
     def admit(self, request, context: grpc.aio.ServicerContext, streaming_requests: bool):
@@ -201,13 +215,13 @@ class _Call:
         bind(tenant=tenant, **_request_fields(request))  # a Malformed request names no fields
         return _check_parsed(request, self.method)
 
-    def finish(self, code: grpc.StatusCode, message: str = "") -> None:
-        """Count, time, log and end the span of the call, which ends with ``code``."""
+    def finish(self, code: grpc.StatusCode, message: str = "", reason: str = "") -> None:
+        """Count, time, log and end the span of the call, which ends with ``code`` (``reason``: its error's)."""
         seconds = time.perf_counter() - self.started
-        metrics = self.interceptor.metrics
-        metrics.requests.labels(self.method, code.name).inc()
-        metrics.request_duration.labels(self.method, code.name).observe(seconds)
-        level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) else logging.WARNING
+        if self.method not in COUNTED_PER_REQUEST or code not in QUIET_CODES:
+            model = call_fields().get("model", "")
+            self.interceptor.metrics.count_request(self.method, code.name, model, seconds, reason)
+        level = logging.DEBUG if code in QUIET_CODES else logging.WARNING
         extra = {"method": self.method, "code": code.name, "ms": round(1e3 * seconds, 2), "error": message}
         log.log(level, "rpc", extra=extra)
         if self.span is not None:
@@ -223,7 +237,7 @@ class _Call:
             log.error("unexpected error in %s", self.method, exc_info=error)
             error = ServiceError(Status.INTERNAL, f"internal error in {self.method}: {error}")
         status = error_status(error)
-        self.finish(status.code, status.details)
+        self.finish(status.code, status.details, error.reason)
         trailers = (*status.trailing_metadata, (REQUEST_ID, self.request_id))
         await context.abort_with_status(status._replace(trailing_metadata=trailers))
 
@@ -232,7 +246,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """For every call of this server's own services: a request id (``x-request-id``, echoed in the initial
     metadata and an error's trailers, on every log line), a server span, authentication (its tenant is
     ``caller()``), requests that do not parse refused, ``ServiceError`` answered as its status with details, the
-    call counted and timed by method and code and logged, and the replica's name as ``x-replica``."""
+    call counted and timed by method, code and model and logged, and the replica's name as ``x-replica``."""
 
     def __init__(self, metrics: Metrics, replica: str, authenticator: Authenticator) -> None:
         self.metrics = metrics

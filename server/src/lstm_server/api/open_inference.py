@@ -41,7 +41,7 @@ from ..errors import ServiceError, Status
 from ..metrics import build_versions
 from ..sessions.turn import TurnStream
 from .inference_statistics import Arrival, InferenceStatistics
-from .interceptors import MAX_MESSAGE_CHARS, caller
+from .interceptors import MAX_MESSAGE_CHARS, caller, count_request
 from .open_inference_models import (
     EMPTY_FINAL,
     FINAL,
@@ -104,12 +104,13 @@ class Job:
     compute_ns: int | None = None  # the classification, or the turn to its last chunk
 
 
-def stream_error(request: ip.ModelInferRequest, error: Exception) -> ip.ModelStreamInferResponse:
-    """A stream's answer to a request that failed: the code's name and the message (INTERNAL, logged, for anything
-    but a ``ServiceError``); nothing more follows for it."""
+def stream_error(request: ip.ModelInferRequest, error: Exception, started: float) -> ip.ModelStreamInferResponse:
+    """A stream's answer to a request (that arrived at ``started``) that failed: the code's name and the message
+    (INTERNAL, logged, for anything but a ``ServiceError``); nothing more follows for it. The request is counted."""
     if not isinstance(error, ServiceError):
         log.error("unexpected error in ModelStreamInfer", exc_info=error)
         error = ServiceError(Status.INTERNAL, f"internal error in ModelStreamInfer: {error}")
+    count_request(request.model_name, started, error.code.name, error.reason)
     response = ip.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
     response.parameters[FINAL].bool_param = True
     return ip.ModelStreamInferResponse(
@@ -252,16 +253,16 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
 
         try:
             async for request in requests:
-                arrival = Arrival()
+                arrival, started = Arrival(), time.perf_counter()
                 await slots.acquire()
                 try:
                     job = self._prepare(request, tenant, arrival)
                 except Exception as error:  # this request fails; the stream goes on
                     slots.release()
                     self._failed(request, tenant, arrival)
-                    await outbox.put(stream_error(request, error))
+                    await outbox.put(stream_error(request, error, started))
                     continue
-                task = loop.create_task(self._stream_one(job, tenant, outbox))
+                task = loop.create_task(self._stream_one(job, tenant, outbox, started))
                 running.add(task)
                 task.add_done_callback(functools.partial(finished, job))
             await asyncio.gather(*running)
@@ -270,16 +271,22 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             outbox.close()
 
-    async def _stream_one(self, job: Job, tenant: str, outbox: Outbox) -> None:
+    async def _stream_one(self, job: Job, tenant: str, outbox: Outbox, started: float) -> None:
+        """Run one request of a stream (that arrived at ``started``), its responses into the outbox; counted
+        alone, as if a call of its own."""
         request = job.request
         try:  # closed here, cancelled or not: the turn ends before the request's place in its sequence is left
             async with contextlib.aclosing(self._run(job, tenant, streaming=True)) as responses:
                 async for response in responses:
                     await outbox.put(ip.ModelStreamInferResponse(infer_response=response))
             self._succeeded(job, tenant)
+            count_request(job.model.name, started)
+        except asyncio.CancelledError:  # the stream ended first
+            count_request(job.model.name, started, "CANCELLED")
+            raise
         except Exception as error:  # this request fails; the stream goes on
             self.statistics.failed(tenant, job.model, job.arrival)
-            await outbox.put(stream_error(request, error))
+            await outbox.put(stream_error(request, error, started))
 
     def _prepare(self, request: ip.ModelInferRequest, tenant: str, arrival: Arrival | None = None) -> Job:
         """Check the request against its model; a sequence's request joins its sequence's queue (call in arrival

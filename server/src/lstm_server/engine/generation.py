@@ -87,6 +87,7 @@ class GenerationEngine:
         self.sizer = StepSizer(config.decode_budget_ms, config.max_decode_steps)  # decode thread
         self._vocab = np.array(codec.vocab, dtype=object)
         self._batch_size = metrics.batch_size.labels(name)  # labelled once, not on every step
+        self._current_batch = metrics.current_batch.labels(name)
         self._tokens = metrics.tokens_generated.labels(name)
         self._prompt_chars = metrics.prompt_characters.labels(name)
         self._queued = metrics.queue_depth.labels(name)
@@ -224,12 +225,16 @@ class GenerationEngine:
         name_os_thread(name)
         if self.config.decode_nice:
             try:  # per thread on Linux: the event loop and the prefill thread go first on a shared core
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.decode_nice)
+                tid = threading.get_native_id()
+                os.setpriority(
+                    os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.config.decode_nice)
+                )
             except OSError as error:
                 log.warning("could not lower the decode thread's priority: %s", error)
         while True:
             with self.lock:
                 while not self._stopping and not (batch := self._next_batch()):
+                    self._current_batch.set(0)
                     self.lock.wait()
                 if self._stopping:
                     return
@@ -370,6 +375,7 @@ class GenerationEngine:
     def _step(self, batch: list[Turn]) -> None:
         """One decode call for ``batch``: plan, execute, apply."""
         started = time.perf_counter()
+        self._current_batch.set(len(batch))
         with self.lock:  # a cancellation arriving after this is handled at the next call
             if self._joined:
                 self.sizer.joined()

@@ -419,6 +419,8 @@ class SessionManager:
             record_turn(turn, end, read, prompt)
         except Exception:  # tracing must not fail a settled turn
             log.exception("recording the turn's spans failed")
+        finished = "error" if error is not None else end.finish_reason or "cancelled"
+        self.metrics.count_turn(session.model, prompt, max(0, end.tokens_seen - read - prompt), finished)
         return TurnOutcome(end.finish_reason or LENGTH, error)
 
     async def _save_turn(self, session: Session, error: ServiceError | None) -> None:
