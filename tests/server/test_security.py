@@ -222,3 +222,42 @@ def test_a_certificate_name_is_the_tenant_and_never_cut_or_mended() -> None:
         with pytest.raises(ServiceError) as error:
             authenticator.tenant(PeerWithCertificate(refused))
         assert error.value.code == Status.UNAUTHENTICATED and "subject CN must be 1 to 128" in error.value.message
+
+
+def test_an_expired_certificate_is_warned_about_at_start(tmp_path, caplog) -> None:
+    """Clients refuse an expired certificate and see only that the socket closed: the server says so in its log."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from lstm_server.api.auth import ServerTls
+    from lstm_server.config import ServerConfig
+
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    for ended_days_ago, warned in ((1, True), (-30, False)):
+        cert = (
+            x509.CertificateBuilder(subject_name=name, issuer_name=name, public_key=key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=60))
+            .not_valid_after(now - datetime.timedelta(days=ended_days_ago))
+            .sign(key, hashes.SHA256())
+        )
+        cert_path, key_path = tmp_path / f"cert{ended_days_ago}.pem", tmp_path / f"key{ended_days_ago}.pem"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lstm_server"):
+            ServerTls(ServerConfig(models="unused", tls_cert=str(cert_path), tls_key=str(key_path)))
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert bool(messages) == warned, messages
+        if warned:
+            assert f"--tls-cert {cert_path} is expired" in messages[0] and "issue a new certificate" in messages[0]

@@ -15,11 +15,13 @@ TLS files (certificate, key, client CA) are re-read on change too: gRPC asks for
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 from ..config import ANONYMOUS, ServerConfig
 from ..errors import ServiceError, Status
@@ -136,6 +138,26 @@ def _read(path: str, option: str) -> bytes:
         raise AuthConfigError(f"{option} {path}: cannot be read ({error.strerror})") from error
 
 
+def warn_if_not_valid_now(chain: bytes, path: str) -> None:
+    """Log a warning when the first certificate of ``chain`` is expired or not yet valid: clients will refuse the
+    connection and see only that the socket closed."""
+    try:
+        cert = x509.load_pem_x509_certificate(chain)
+    except ValueError:
+        return  # gRPC refuses what it cannot use, with its own message
+    now = datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        state = "expired" if now > cert.not_valid_after_utc else "not yet valid"
+        log.warning(
+            "--tls-cert %s is %s (valid from %s to %s): clients will refuse to connect; issue a new certificate "
+            "(the server re-reads the file at the next connection)",
+            path,
+            state,
+            cert.not_valid_before_utc.isoformat(),
+            cert.not_valid_after_utc.isoformat(),
+        )
+
+
 class ServerTls:
     """The server's TLS credentials; the files are re-read at a new connection after any of them changed."""
 
@@ -157,6 +179,7 @@ class ServerTls:
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         data = {option: _read(path, option) for option, path in self.files.items()}
+        warn_if_not_valid_now(data["--tls-cert"], self.files["--tls-cert"])
         return grpc.ssl_server_certificate_configuration(
             [(data["--tls-key"], data["--tls-cert"])], root_certificates=data.get("--tls-client-ca")
         )
