@@ -31,6 +31,10 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 ENV_PREFIX = "LSTM_SERVER_"
 ANONYMOUS = "anonymous"  # the one tenant of a server that runs without authentication
+# A Classify request's characters at most (max_classify_texts x max_classify_chars): its texts and their token ids
+# (up to 4 tokens a character, 4 bytes each) stay within about 100 MB. The model calls are bounded on their own
+# (engine/classification.py's MAX_CALL_TOKENS).
+MAX_CLASSIFY_REQUEST_CHARS = 4 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -169,9 +173,24 @@ class ServerConfig(BaseModel):
         "loop and prompt reads get a shared core first; applied where a model runs on one intra-op thread",
     )
     # classification limits
-    max_classify_texts: Int = Field(256, ge=1, le=100_000, description="The most texts per Classify request")
-    max_classify_chars: Int = Field(4096, ge=1, le=100_000_000, description="Longest text to classify, in characters")
-    classify_max_batch: Int = Field(64, ge=1, le=100_000, description="Texts classified together in one model call")
+    max_classify_texts: Int = Field(
+        256,
+        ge=1,
+        le=4096,
+        description="The most texts per Classify request (times --max-classify-chars: 4194304 at most)",
+    )
+    max_classify_chars: Int = Field(
+        4096,
+        ge=1,
+        le=8192,
+        description="Longest text to classify, in characters (a text is read in one model call: up to 1 GB at 8192)",
+    )
+    classify_max_batch: Int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Texts classified together in one model call (fewer where they pass 16384 tokens)",
+    )
     classify_max_delay_ms: Number = Field(
         2.0, ge=0, le=60_000, description="How long a text waits for others to share its model call"
     )
@@ -259,6 +278,12 @@ class ServerConfig(BaseModel):
             raise ValueError("--tls-cert and --tls-key: give both (PEM files) to serve TLS, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca: client certificates need TLS: give --tls-cert and --tls-key too")
+        if self.max_classify_texts * self.max_classify_chars > MAX_CLASSIFY_REQUEST_CHARS:
+            raise ValueError(
+                f"--max-classify-texts x --max-classify-chars: a request of {self.max_classify_texts} texts of "
+                f"{self.max_classify_chars} characters is {self.max_classify_texts * self.max_classify_chars} "
+                f"characters; the most is {MAX_CLASSIFY_REQUEST_CHARS}: lower one of them"
+            )
         if self.list_page_size > self.list_max_page_size:
             raise ValueError(
                 f"--list-page-size: must be at most --list-max-page-size ({self.list_max_page_size}), "

@@ -10,6 +10,16 @@ tokens do not share a call. A batch's calls are queued on the worker together
 call get their results as soon as it ends. Padding never changes a result: the
 model reads ``lengths`` (see the export's verification).
 
+Memory is bounded per call, not per request. A call holds at most
+``max_call_tokens`` tokens (rows times the padded length; a text longer than
+that runs alone): onnxruntime's arena takes about 32 KB per token of a call at
+its peak and keeps it, so one call of 64 texts of 4,096 tokens used to take
+8 GB for good. Once a call over ``RELEASE_OVER_TOKENS`` has run, the arena
+hands back what no tensor holds (``release_memory``) after ``RELEASE_IDLE_S``
+without a text queued, so a large request leaves the server's RSS near where it
+was; the short calls of everyday traffic keep their memory from call to call.
+Queued texts wait as arrays of int32 token ids (4 bytes a token).
+
 Faults stay with their text. When a call raises, its texts are run again in
 halves, down to single texts (``faults.contain``), so only a text that
 fails alone gets the error (INTERNAL); the others get exactly the
@@ -24,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -49,30 +59,61 @@ B = TypeVar("B", bound=Backend)
 # classifier's batching).
 STEP_OVERHEAD_ROWS = 4
 CALL_OVERHEAD = 32
+# The most tokens (rows x padded length) of one call: about 260 MB of tensors at the peak of such a call, and 512 MB
+# of onnxruntime's arena (it grows by powers of two); a text of 4,096 characters has at most 16,384 tokens (NFKC
+# makes 4 tokens of some characters: U+2A0C is four integral signs), so the default max_classify_chars fits one call.
+# Texts of everyday length (64 x 200 tokens) never meet it; 256 texts of 4,096 tokens, in calls of 4, took 56-67 s
+# against 98 s in calls of 64 (whose arena growth cost more than the smaller calls): bench/results/2026-12-06-
+# classify-memory.md.
+MAX_CALL_TOKENS = 16_384
+# Once a call of more than this many tokens (about 64 MB of arena) has run, the arena's free memory is given back
+# after RELEASE_IDLE_S seconds without a text queued: steady traffic keeps its memory from call to call (allocating
+# it again costs page faults: a release after every call made calls of 64 x 200 tokens up to 2x slower in a probe),
+# and everyday calls (64 texts of up to 32 tokens) never ask for it.
+RELEASE_OVER_TOKENS = 2_048
+RELEASE_IDLE_S = 1.0
 
 
 def split_by_length(
-    lengths: list[int], step_overhead: float = STEP_OVERHEAD_ROWS, call_overhead: float = CALL_OVERHEAD
+    lengths: list[int],
+    step_overhead: float = STEP_OVERHEAD_ROWS,
+    call_overhead: float = CALL_OVERHEAD,
+    max_tokens: int | None = None,
 ) -> list[int]:
     """The calls that cover texts of ascending token ``lengths`` in the least model time by the cost model above:
     the end of each (exclusive; the last is ``len(lengths)``). Exact: dynamic programming over the runs of equal
-    lengths (cutting one never pays); a few dozen microseconds for 64 texts."""
+    lengths (cutting one never pays); a few dozen microseconds for 64 texts.
+
+    ``max_tokens``: no call holds more than this many tokens, its rows times its longest text (a text longer than
+    that has a call of its own). Each group of texts the dynamic programming considers is then costed as the
+    fewest calls that fit, rows shared out evenly (cut inside a run of equal lengths where need be), each call
+    padded to the group's longest text; the groups chosen are the least costly so (near the least model time, no
+    longer exact: a call of the group's shorter texts is padded less than costed)."""
     n = len(lengths)
+
+    def calls(rows: int, steps: int) -> int:  # calls needed for ``rows`` texts of at most ``steps`` tokens
+        return 1 if max_tokens is None else -(-rows // max(1, max_tokens // max(steps, 1)))
+
     starts = [0]  # where a call may start: 0 and the end of each run of equal lengths so far
     least = [0.0]  # the least cost of the texts before each start
-    cut = [0]  # for each start, where the last call before it starts
+    cut = [0]  # for each start, where the last group before it starts
     for end in range(1, n + 1):
         if end < n and lengths[end] == lengths[end - 1]:
             continue
         steps = lengths[end - 1]
-        cost, k = min((least[k] + steps * (end - start + step_overhead), k) for k, start in enumerate(starts))
+        cost, k = min(
+            (least[k] + steps * (end - start) + calls(end - start, steps) * (steps * step_overhead + call_overhead), k)
+            for k, start in enumerate(starts)
+        )
         starts.append(end)
-        least.append(cost + call_overhead)
+        least.append(cost)
         cut.append(k)
     ends = []
     k = len(starts) - 1
     while k:
-        ends.append(starts[k])
+        start, end = starts[cut[k]], starts[k]
+        pieces = calls(end - start, lengths[end - 1])
+        ends += [start + (end - start) * piece // pieces for piece in range(pieces, 0, -1)]
         k = cut[k]
     return ends[::-1]
 
@@ -91,6 +132,7 @@ class ClassifierEngine:
         max_batch: int,
         max_delay_ms: float,
         metrics: Metrics,
+        max_call_tokens: int = MAX_CALL_TOKENS,
     ) -> None:
         self.name = name
         self.backend = backend
@@ -100,6 +142,8 @@ class ClassifierEngine:
         self.pad_id = pad_id
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000
+        self.max_call_tokens = max_call_tokens
+        self._largest_call = 0  # tokens of the largest call since the arena last gave its memory back
         self._queue_wait = metrics.queue_wait.labels(name)
         self._batch_size = metrics.batch_size.labels(name)
         self._queued = metrics.queue_depth.labels(name)
@@ -109,7 +153,7 @@ class ClassifierEngine:
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"model-{name}", initializer=name_os_thread, initargs=(f"model-{name}",)
         )
-        self._queue: list[tuple[list[int], asyncio.Future, float]] = []
+        self._queue: list[tuple[np.ndarray, asyncio.Future, float]] = []
         self._wake = asyncio.Event()
         self._full = asyncio.Event()  # max_batch texts are queued: stop waiting for more
         self._task: asyncio.Task | None = None
@@ -138,7 +182,7 @@ class ClassifierEngine:
         futures = []
         for text in texts:
             future = loop.create_future()
-            self._queue.append((self.encode(text), future, time.perf_counter()))
+            self._queue.append((np.array(self.encode(text), np.int32), future, time.perf_counter()))
             futures.append(future)
         self._queued.inc(len(texts))
         self._prompt_chars.inc(sum(map(len, texts)))
@@ -156,9 +200,10 @@ class ClassifierEngine:
                 raise result
         return results
 
-    def _logits(self, batch: list[list[int]]) -> np.ndarray:
+    def _logits(self, batch: list[Sequence[int]]) -> np.ndarray:
         lengths = np.array([len(ids) for ids in batch], np.int64)
         tokens = np.full((len(batch), int(lengths.max())), self.pad_id, np.int64)
+        self._largest_call = max(self._largest_call, tokens.size)
         for row, ids in enumerate(batch):
             tokens[row, : len(ids)] = ids
         layers, hidden = self.state_shape
@@ -168,7 +213,7 @@ class ClassifierEngine:
         self._call_seconds.observe(time.perf_counter() - started)
         return logits
 
-    def classify_encoded(self, batch: list[list[int]]) -> list[np.ndarray | ServiceError]:
+    def classify_encoded(self, batch: list[Sequence[int]]) -> list[np.ndarray | ServiceError]:
         """Per text (token ids, as ``encode`` gives them), its label probabilities or the error of the model on
         that text alone: one batch as given, run in the calling thread (the batcher runs it on the model thread;
         tools call it to choose a batch themselves)."""
@@ -201,6 +246,15 @@ class ClassifierEngine:
         while True:
             if not self._queue:
                 self._wake.clear()
+                if self._largest_call > RELEASE_OVER_TOKENS:  # large calls ran: give their memory back once idle
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), RELEASE_IDLE_S)
+                    if not self._queue:
+                        try:
+                            await loop.run_in_executor(self._executor, self.release_memory)
+                        except Exception:  # the next batch runs all the same, on the memory the arena kept
+                            log.exception("classifier %s: giving memory back failed", self.name)
+                        continue
                 await self._wake.wait()
             oldest = self._queue[0][2]
             wait = self.max_delay - (time.perf_counter() - oldest)
@@ -220,7 +274,7 @@ class ClassifierEngine:
                     continue
                 calls = []
                 begin = 0
-                for end in split_by_length([len(ids) for ids, _, _ in chunk]):
+                for end in split_by_length([len(ids) for ids, _, _ in chunk], max_tokens=self.max_call_tokens):
                     part, begin = chunk[begin:end], end
                     self._batch_size.observe(len(part))
                     calls.append(
@@ -246,3 +300,16 @@ class ClassifierEngine:
                 finally:
                     for _, call in calls:  # the batcher is stopping: calls not started yet are not made
                         call.cancel()
+
+    def release_memory(self) -> None:
+        """Hand back to the system the memory the runtime holds for calls and no tensor uses now (onnxruntime's
+        arena keeps what its largest call took, otherwise): one call of one token that shrinks the arena after it.
+        A backend without ``run_releasing`` (TorchScript, which frees as it goes, or a wrapper) is left alone."""
+        self._largest_call = 0
+        run_releasing = getattr(self.backend, "run_releasing", None)
+        if run_releasing is None:
+            return
+        layers, hidden = self.state_shape
+        zeros = np.zeros((layers, 1, hidden), np.float32)
+        one = {"tokens": np.full((1, 1), self.pad_id, np.int64), "lengths": np.ones(1, np.int64)}
+        run_releasing({**one, "h0": zeros, "c0": zeros})
