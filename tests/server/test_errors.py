@@ -220,8 +220,14 @@ def test_classify_limits(stubs, server) -> None:
         pb.ClassifyRequest(model="sentiment", texts=["ok", "x" * (server.config.max_classify_chars + 1)]),
     )
     assert details_of(error) == bad_request("TEXT_TOO_LONG", "texts[1]")
-    empty = stubs.classification.Classify(pb.ClassifyRequest(model="sentiment", texts=["", "   "]))
-    assert len(empty.results) == 2  # empty text is read as one [UNK] token, not an error
+    for empty in ("", "   \n"):  # nothing to classify: refused, not read as one [UNK] token
+        error = expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "texts[1] is empty",
+            stubs.classification.Classify,
+            pb.ClassifyRequest(model="sentiment", texts=["fine", empty]),
+        )
+        assert details_of(error) == bad_request("EMPTY_TEXT", "texts[1]")
 
 
 def test_step_errors(stubs) -> None:

@@ -35,7 +35,7 @@ from .test_errors import bad_request, details_of, lstm_error
 from .test_session_store import store_settings
 
 PROMPTS = ["KING:\nthe ", "and ", "good "]
-TEXTS = ["a gorgeous film", "dull and lifeless", "", "the plot is thin but the actors shine"]
+TEXTS = ["a gorgeous film", "dull and lifeless", "meh", "the plot is thin but the actors shine"]
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
 INF = math.inf
 GREEDY = {"temperature": 0, "max_tokens": 12}

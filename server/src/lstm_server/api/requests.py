@@ -74,7 +74,7 @@ def page_size(requested: int, config: ServerConfig) -> int:
 
 
 def check_classify(texts: list[str], config: ServerConfig) -> None:
-    """A Classify call's texts: at least one, within the count and length limits."""
+    """A Classify call's texts: at least one, none empty, within the count and length limits."""
     if not texts:
         raise invalid("Classify needs at least one text", reason="NO_TEXTS", field="texts")
     if len(texts) > config.max_classify_texts:
@@ -85,6 +85,12 @@ def check_classify(texts: list[str], config: ServerConfig) -> None:
             field="texts",
         )
     for i, text in enumerate(texts):
+        if not text.strip():
+            raise invalid(
+                f"texts[{i}] is empty (or only whitespace): there is nothing to classify; leave it out",
+                reason="EMPTY_TEXT",
+                field=f"texts[{i}]",
+            )
         if len(text) > config.max_classify_chars:
             raise invalid(
                 f"texts[{i}] has {len(text)} characters; the limit is {config.max_classify_chars} (max_classify_chars)",
