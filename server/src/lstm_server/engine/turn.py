@@ -219,17 +219,19 @@ class Turn:
         if self._news is not None and not self._news.done():
             self._news.set_result(None)
 
-    def _taken(self) -> Chunk | None:
-        """The outbox as one chunk, emptied (None when there is nothing to take)."""
+    def _taken(self, due: bool) -> tuple[Chunk | None, bool]:
+        """(The outbox as one chunk, emptied, if there is news and it may go now, ``due`` or at the end; whether
+        there is news at all), under one hold of the lock."""
         with self.lock:
-            if not self.outbox and self.end is None:
-                return None
+            has_news = bool(self.outbox) or self.end is not None
+            if self.end is None and not (has_news and due):
+                return None, has_news
             text = "".join(self.outbox)
             self.outbox.clear()
             if self.buffered >= self.buffer_limit:
                 self.lock.notify()  # it sat out of the batch: it may run again
             self.buffered = 0
-            return Chunk(text, self.tokens_seen, self.end)
+            return Chunk(text, self.tokens_seen, self.end), True
 
     async def _wait(self) -> None:
         self._news = self._loop.create_future()
@@ -249,15 +251,10 @@ class Turn:
             self._due = self._loop.time() + self._pacer.interval()
             self._paced = False
         while True:
-            with self.lock:
-                has_news = bool(self.outbox) or self.end is not None
-                ended = self.end is not None
-            if ended or (has_news and self._pacer.due(self._due, self._loop.time())):
-                chunk = self._taken()
-                if chunk is not None:
-                    self._paced = chunk.end is None
-                    return chunk
-                continue
+            chunk, has_news = self._taken(self._pacer.due(self._due, self._loop.time()))
+            if chunk is not None:
+                self._paced = chunk.end is None
+                return chunk
             if has_news and self._timer is None:  # text waits for its time (a flush may let it go sooner)
                 self._timer = self._loop.call_at(self._due, self._ring)
             await self._wait()
