@@ -41,6 +41,10 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "deploy" / "nginx" / "gateway.conf.template"
 PACKAGES = {"redis-server": "redis-server", "nginx": "nginx"}  # binary: Debian package
 SBIN = ["/usr/sbin", "/usr/bin", "/sbin"]
+# How long the gateway skips a replica after a failed connection (nginx's fail_timeout, as entrypoint.sh's
+# default): short, because while every replica is skipped each call fails ("no live upstreams"), and a replica that
+# restarts (a few seconds) is then used again at once.
+FAIL_TIMEOUT = "1s"
 
 
 class ClusterError(RuntimeError):
@@ -226,7 +230,7 @@ def render_gateway(workdir: Path, listen: str, upstreams: list[str], tls_cert: P
     certificate."""
     prefix = workdir / "nginx"
     prefix.mkdir(parents=True, exist_ok=True)
-    block = "\n        ".join(f"server {address} max_fails=1 fail_timeout=5s;" for address in upstreams)
+    block = "\n        ".join(f"server {address} max_fails=1 fail_timeout={FAIL_TIMEOUT};" for address in upstreams)
     text = string.Template(TEMPLATE.read_text()).safe_substitute(
         GATEWAY_LISTEN=listen,
         GATEWAY_UPSTREAMS_BLOCK=block,

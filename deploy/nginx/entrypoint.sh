@@ -8,8 +8,9 @@
 #                             when they change (checked every GATEWAY_RESOLVE_INTERVAL_S)
 #   GATEWAY_PREFIX            writable folder for the rendered configuration, pid and temporary files (default /tmp/nginx)
 #   GATEWAY_RESOLVE_TIMEOUT_S how long to wait for the replicas' names to resolve (default 120)
-#   GATEWAY_MAX_FAILS, GATEWAY_FAIL_TIMEOUT  passive health of each upstream (default 1 and 5s): after that many
-#                             failed connections a replica is skipped for that long
+#   GATEWAY_MAX_FAILS, GATEWAY_FAIL_TIMEOUT  passive health of each upstream (default 1 and 1s): after that many
+#                             failed connections a replica is skipped for that long (while every replica is skipped,
+#                             calls fail: keep it short)
 #   GATEWAY_RESOLVE_INTERVAL_S how often to look the replicas' names up again (default 5; 0: never), see below
 set -eu
 
@@ -19,7 +20,7 @@ GATEWAY_UPSTREAMS="${GATEWAY_UPSTREAMS:?GATEWAY_UPSTREAMS must list the replicas
 timeout_s="${GATEWAY_RESOLVE_TIMEOUT_S:-120}"
 interval_s="${GATEWAY_RESOLVE_INTERVAL_S:-5}"
 max_fails="${GATEWAY_MAX_FAILS:-1}"
-fail_timeout="${GATEWAY_FAIL_TIMEOUT:-5s}"
+fail_timeout="${GATEWAY_FAIL_TIMEOUT:-1s}"
 template="${GATEWAY_TEMPLATE:-/etc/lstm-gateway/gateway.conf.template}"
 GATEWAY_TLS_CERT="${GATEWAY_TLS_CERT:-/run/secrets/tls-cert}"
 GATEWAY_TLS_KEY="${GATEWAY_TLS_KEY:-/run/secrets/tls-key}"

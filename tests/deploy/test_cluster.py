@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cluster as topology
@@ -16,7 +19,7 @@ import pytest
 import redis
 from lstm.v1 import lstm_pb2 as pb
 
-from lstm_client import LstmError, TlsConfig
+from lstm_client import LstmError, TlsConfig, Unavailable
 
 from .scenarios import (
     PROMPT,
@@ -36,9 +39,13 @@ def running(exported, cluster_binaries, tmp_path_factory):
     """The topology of ``make cluster``. redis-server and nginx must be installed: ``cluster_binaries`` looks them
     up, installs nothing, and skips naming ``make test-deps``."""
     workdir = tmp_path_factory.mktemp("cluster")
-    cluster = topology.up(workdir, exported, replicas=2, threads=1, drain_delay_s=0)
+    # max_tokens_limit: room for a turn that is surely still running when its replica is killed
+    cluster = topology.up(workdir, exported, replicas=2, threads=1, drain_delay_s=0, max_tokens_limit=LONG_TURN)
     yield cluster
     cluster.down()
+
+
+LONG_TURN = 1_000_000  # characters: seconds of generation for the tiny model
 
 
 def replace(cluster: topology.Cluster, name: str, process: topology.Process) -> None:
@@ -65,6 +72,99 @@ def test_kill_9_between_turns_continues_identically_on_another_replica(running):
         replace(running, name, topology.restart(running.replica(name)))
 
     assert_failover(running.client, kill, restart)
+
+
+def test_a_turn_right_after_kill_9_goes_to_the_next_replica_without_a_client_retry(running):
+    """nginx resends a call that no replica took; a replica that comes back is used again after fail_timeout (1 s),
+    so killing the other one then leaves a replica to serve (with 5 s, both were skipped: 502)."""
+    with running.client(retries=0) as client:
+        expected, expected_state = uninterrupted(client, "charlm")
+        session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
+        got = [run_turn(session, *TURNS[0])]
+        for turn in TURNS[1:]:
+            victim = session.last_replica
+            topology.stop(running.replica(victim), signal.SIGKILL)
+            killed_at = time.monotonic()
+            got.append(run_turn(session, *turn))
+            assert session.last_replica != victim
+            replace(running, victim, topology.restart(running.replica(victim)))
+            time.sleep(max(0.0, killed_at + 1.2 - time.monotonic()))  # past fail_timeout
+        assert got == expected
+        assert_same_state(session.export(), expected_state)
+
+
+def kill_holder_when(running, ready, victim: str, *, then=None) -> threading.Thread:
+    """In a thread: once ``ready()``, kill -9 the replica ``victim``, then call ``then``."""
+
+    def kill() -> None:
+        deadline = time.monotonic() + 20
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        topology.stop(running.replica(victim), signal.SIGKILL)
+        if then is not None:
+            then()
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+def test_a_replica_lost_before_the_first_character_is_resent_by_the_client(running, caplog):
+    """Through the gateway, a replica killed after the call's headers and before any character reaches the client
+    as a reset stream (RST_STREAM INTERNAL_ERROR, mapped to UNAVAILABLE); the session is unchanged, so the client
+    resends the turn, which continues exactly on the next replica. Redis is stopped meanwhile, so the replica's
+    first step of the turn (the revision check) holds it between the two."""
+    caplog.set_level(logging.INFO, logger="lstm_client")
+    with running.client() as client:
+        expected, expected_state = uninterrupted(client, "charlm")
+        session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
+        got = [run_turn(session, *TURNS[0])]
+        victim, session.last_replica = session.last_replica, None
+        os.kill(running.redis.pid, signal.SIGSTOP)
+        try:
+            killer = kill_holder_when(
+                running,
+                lambda: session.last_replica is not None,  # the replica's headers arrived
+                victim,
+                then=lambda: os.kill(running.redis.pid, signal.SIGCONT),
+            )
+            with ThreadPoolExecutor(1) as pool:
+                got.append(pool.submit(run_turn, session, *TURNS[1]).result(timeout=60))
+            killer.join()
+        finally:
+            os.kill(running.redis.pid, signal.SIGCONT)
+            replace(running, victim, topology.restart(running.replica(victim)))
+        resends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resending the turn")]
+        assert len(resends) == 1 and "RST_STREAM with error code 2" in resends[0], resends
+        assert session.last_replica != victim
+        got.append(run_turn(session, *TURNS[2]))
+        assert got == expected
+        assert_same_state(session.export(), expected_state)
+
+
+def test_a_replica_lost_after_characters_arrived_is_unavailable_and_not_resent(running, caplog):
+    """A turn whose characters began to arrive is never resent: the client gets UNAVAILABLE (the gateway's reset),
+    and the session keeps its last saved turn, so sending the turn again continues exactly."""
+    caplog.set_level(logging.INFO, logger="lstm_client")
+    with running.client() as client:
+        expected, expected_state = uninterrupted(client, "charlm")
+        session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
+        got = [run_turn(session, *TURNS[0])]
+        victim, received = session.last_replica, []
+        killer = kill_holder_when(running, lambda: received, victim)
+        try:
+            with pytest.raises(Unavailable) as lost:
+                for chunk in session.generate(TURNS[1][0], max_tokens=LONG_TURN):
+                    received.append(chunk.text)
+            killer.join()
+        finally:
+            replace(running, victim, topology.restart(running.replica(victim)))
+        assert "RST_STREAM with error code 2" in lost.value.details
+        assert not [r for r in caplog.records if r.getMessage().startswith("resending the turn")]
+        assert session.refresh().tokens_seen == len(PROMPT) + len(TURNS[0][0]) + TURNS[0][1]  # the saved turn
+        got += [run_turn(session, *turn) for turn in TURNS[1:]]
+        assert got == expected
+        assert_same_state(session.export(), expected_state)
 
 
 def test_graceful_restart_loses_no_turn(running):

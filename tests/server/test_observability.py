@@ -230,6 +230,7 @@ def test_metrics_of_real_calls(server, stubs) -> None:
         ("lstm_time_to_first_token_seconds_count", {"model": "charlm"}),
         ("lstm_inter_token_latency_seconds_count", {"model": "charlm"}),
     ]
+    stubs.models.ClearPrefixCache(pb.ClearPrefixCacheRequest(model="charlm"))  # every prompt below is read
     before = [value(name, **labels) for name, labels in names]
     session_id = stubs.sessions.CreateSession(pb.CreateSessionRequest(model="charlm", prompt=PROMPT)).session_id
     with pytest.raises(grpc.RpcError):

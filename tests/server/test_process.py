@@ -42,6 +42,8 @@ def test_sigterm_drains_streams_and_exits_zero(exported, tmp_path) -> None:
             str(port),
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--drain-delay-s",
             "2.0",
             "--grace-period-s",
@@ -83,7 +85,7 @@ def test_sigterm_drains_streams_and_exits_zero(exported, tmp_path) -> None:
 
 def test_server_reports_a_missing_repository(tmp_path) -> None:
     result = subprocess.run(
-        [str(BIN / "lstm-server"), "--models", str(tmp_path), "--port", "0", "--metrics-port", "0"],
+        [str(BIN / "lstm-server"), "--models", str(tmp_path), "--port", "0", "--metrics-port", "0", "--http-port", "0"],
         capture_output=True,
         text=True,
         timeout=60,

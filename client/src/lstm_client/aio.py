@@ -3,6 +3,7 @@ and ``Chat``: the same methods and results, awaited."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar
 
@@ -10,8 +11,9 @@ import grpc
 from lstm.v1 import lstm_pb2 as pb
 
 from .chat import ChatState, chat_opening
-from .client import Connection, PageTokens
+from .client import Connection, PageTokens, log
 from .errors import LstmError, from_rpc_error
+from .resend import Deadline, unchanged, wait_before, worth_resending
 from .results import (
     Chunk,
     ClassifyResult,
@@ -166,6 +168,7 @@ class AsyncSession:
         self.info = info
         self.id = info.session_id
         self.last_replica: str | None = client.last_replica
+        self.tokens_seen = info.tokens_seen  # as in ``Session``
         self.closed = False
 
     async def __aenter__(self) -> AsyncSession:
@@ -185,17 +188,43 @@ class AsyncSession:
     ) -> AsyncIterator[Chunk]:
         """See ``Session.generate``."""
         request = generate_request(self.id, prompt, unknown_characters, sampling)
-        call = self.client.generation.Generate(
-            request, timeout=self.client.deadline(timeout), metadata=self.client.metadata(session_metadata(self.id))
-        )
+        deadline, before, attempt = Deadline(self.client.deadline(timeout)), self.tokens_seen, 0
+        while True:
+            call = self.client.generation.Generate(
+                request, timeout=deadline.remaining(), metadata=self.client.metadata(session_metadata(self.id))
+            )
+            received = False
+            try:
+                self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
+                async for response in call:
+                    received = True
+                    chunk = chunk_of(response)
+                    self.tokens_seen = chunk.tokens_seen
+                    yield chunk
+                return
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+            finally:
+                call.cancel()
+            if not await self._may_resend(failure, received, attempt, deadline, before):
+                raise failure from None
+            attempt += 1
+
+    async def _may_resend(
+        self, failure: LstmError, received: bool, attempt: int, deadline: Deadline, before: int
+    ) -> bool:
+        """See ``Session._may_resend``."""
+        if not worth_resending(failure, received, attempt, self.client.retries, deadline):
+            return False
+        await asyncio.sleep(wait_before(attempt, self.client.backoff))
         try:
-            self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
-            async for response in call:
-                yield chunk_of(response)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+            info = await self.refresh()
+        except LstmError:
+            return False
+        if not unchanged(info, before) or deadline.passed():
+            return False
+        log.info("resending the turn on session %s (%s)", self.id, failure)
+        return True
 
     def chat(self, *, timeout: float | None = None) -> Opening[AsyncChat]:
         """See ``Session.chat``."""
@@ -203,6 +232,7 @@ class AsyncSession:
 
     async def refresh(self) -> pb.Session:
         self.info = await self._unary(self.client.sessions.GetSession, pb.GetSessionRequest(session_id=self.id))
+        self.tokens_seen = self.info.tokens_seen
         return self.info
 
     async def fork(self) -> AsyncSession:

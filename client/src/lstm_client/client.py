@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,6 +13,7 @@ from lstm.v1 import lstm_pb2_grpc as rpc
 
 from .chat import Chat, chat_opening
 from .errors import LstmError, from_rpc_error
+from .resend import Deadline, unchanged, wait_before, worth_resending
 from .results import (
     Chunk,
     ClassifyResult,
@@ -26,6 +29,8 @@ from .results import (
 )
 from .tensors import TensorLike
 from .transport import Metadata, TlsConfig, auth_metadata, check_timeout, merge_options, open_channel, retry_options
+
+log = logging.getLogger("lstm_client")
 
 
 class PageTokens:
@@ -66,6 +71,7 @@ class Connection:
         self._auth = auth_metadata(token)  # checked before the channel is made
         self.timeout = check_timeout(timeout)
         all_options = merge_options(options, retry_options(retries, backoff))
+        self.retries, self.backoff = retries, backoff  # also the resends of a generate turn (resend.py)
         self.channel = open_channel(target, tls=tls, token=token, options=all_options, asyncio=self.asyncio)
         self.sessions = rpc.SessionsStub(self.channel)
         self.generation = rpc.GenerationStub(self.channel)
@@ -95,9 +101,10 @@ class Client(Connection):
     override it for their call.
     ``retries`` (0 to 4) and ``backoff``: gRPC's own retry policy resends the idempotent calls (classify, step,
     models, describe, attach/refresh, list_sessions, export) when the server is UNAVAILABLE, up to ``retries``
-    more times after random waits of up to ``backoff`` seconds, doubling. ``options`` are gRPC channel options
-    (a ``grpc.service_config`` there replaces that policy). Failures raise ``LstmError`` subclasses.
-    """
+    more times after random waits of up to ``backoff`` seconds, doubling; a ``generate`` turn is resent as often,
+    only under ``resend.py``'s conditions (no character arrived, the session unchanged). ``options`` are gRPC
+    channel options (a ``grpc.service_config`` there replaces that policy). Failures raise ``LstmError``
+    subclasses."""
 
     def close(self) -> None:
         self.channel.close()
@@ -204,6 +211,7 @@ class Session:
         self.info = info
         self.id = info.session_id
         self.last_replica: str | None = client.last_replica
+        self.tokens_seen = info.tokens_seen  # the session's count as last heard: from its info or a turn's chunk
         self.closed = False
 
     def __enter__(self) -> Session:
@@ -222,20 +230,45 @@ class Session:
         self, prompt: str = "", *, timeout: float | None = None, unknown_characters: str = "reject", **sampling: Any
     ) -> Iterator[Chunk]:
         """Append ``prompt``, then stream the generated characters (sampling: temperature, top_k, top_p,
-        seed, max_tokens, stop). ``timeout`` (default: the client's) is the deadline of the whole turn. Leaving
-        the loop early cancels the turn."""
+        seed, max_tokens, stop). ``timeout`` (default: the client's) is the deadline of the whole turn, resends
+        included. Leaving the loop early cancels the turn. A turn that failed before its first message is resent
+        when ``resend.py`` says it is safe."""
         request = generate_request(self.id, prompt, unknown_characters, sampling)
-        call = self.client.generation.Generate(
-            request, timeout=self.client.deadline(timeout), metadata=self.client.metadata(session_metadata(self.id))
-        )
+        deadline, before, attempt = Deadline(self.client.deadline(timeout)), self.tokens_seen, 0
+        while True:
+            call = self.client.generation.Generate(
+                request, timeout=deadline.remaining(), metadata=self.client.metadata(session_metadata(self.id))
+            )
+            received = False
+            try:
+                self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
+                for response in call:
+                    received = True
+                    chunk = chunk_of(response)
+                    self.tokens_seen = chunk.tokens_seen
+                    yield chunk
+                return
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+            finally:
+                call.cancel()
+            if not self._may_resend(failure, received, attempt, deadline, before):
+                raise failure from None
+            attempt += 1
+
+    def _may_resend(self, failure: LstmError, received: bool, attempt: int, deadline: Deadline, before: int) -> bool:
+        """After a wait, whether the failed turn goes again (resend.py), its session checked by GetSession."""
+        if not worth_resending(failure, received, attempt, self.client.retries, deadline):
+            return False
+        time.sleep(wait_before(attempt, self.client.backoff))
         try:
-            self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
-            for response in call:
-                yield chunk_of(response)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+            info = self.refresh()
+        except LstmError:
+            return False
+        if not unchanged(info, before) or deadline.passed():
+            return False
+        log.info("resending the turn on session %s (%s)", self.id, failure)
+        return True
 
     def chat(self, *, timeout: float | None = None) -> Chat:
         """A Chat stream on this session (which outlives the stream); ``timeout`` is the whole stream's deadline."""
@@ -243,6 +276,7 @@ class Session:
 
     def refresh(self) -> pb.Session:
         self.info = self._unary(self.client.sessions.GetSession, pb.GetSessionRequest(session_id=self.id))
+        self.tokens_seen = self.info.tokens_seen
         return self.info
 
     def fork(self) -> Session:

@@ -127,8 +127,17 @@ def rich_details(trailing_metadata: Iterable[tuple[str, Any]] | None) -> dict[st
     return found
 
 
+#: What gRPC says when the peer ends a stream with RST_STREAM INTERNAL_ERROR (HTTP/2 error code 2) instead of a
+#: status: what nginx does when the replica behind it is lost after the call's headers went out.
+RESET_BY_PEER = "Received RST_STREAM with error code 2"
+
+
 def from_rpc_error(error: grpc.RpcError) -> LstmError:
-    """The typed error for a failed call (sync or asyncio), with its rich details."""
-    code = error.code()
+    """The typed error for a failed call (sync or asyncio), with its rich details. A stream reset by the peer
+    (``RESET_BY_PEER``, which gRPC reports as INTERNAL) is ``Unavailable``: no server answers with a reset, a
+    gateway does when it loses the replica serving the call."""
+    code, details = error.code(), error.details() or ""
     trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    return _BY_CODE.get(code, LstmError)(error.details() or "", code, **rich_details(trailers))
+    if code == grpc.StatusCode.INTERNAL and RESET_BY_PEER in details:
+        code, details = grpc.StatusCode.UNAVAILABLE, f"the connection to the server was lost mid-call ({details})"
+    return _BY_CODE.get(code, LstmError)(details, code, **rich_details(trailers))

@@ -25,6 +25,10 @@ from lstm.v1 import lstm_pb2_grpc as rpc
 from tritonclient.grpc import service_pb2_grpc as inference_rpc
 
 from .api.auth import AuthConfigError, Authenticator, ServerTls
+from .api.http.app import build_app
+from .api.http.front import Front
+from .api.http.server import HttpServer
+from .api.http.server import bind as bind_http
 from .api.interceptors import ServiceInterceptor
 from .api.open_inference import SERVICE_NAME as INFERENCE_SERVICE
 from .api.open_inference import InferenceService
@@ -42,7 +46,7 @@ from .metrics import Metrics
 from .runtime.decoding import load_decoder
 from .runtime.registry import LoadedModel, ModelRegistry
 from .sessions.manager import SessionManager
-from .sessions.redis_store import RedisSessionStore
+from .sessions.redis_store import RedisPrefixStore, RedisSessionStore
 from .sessions.store import MemoryStore, SessionStore
 from .sessions.table import SessionTable
 
@@ -55,14 +59,14 @@ class StartupError(RuntimeError):
     """The server cannot start as configured; the message says why in one line."""
 
 
-def port_taken(address: str) -> StartupError:
+def port_taken(address: str, option: str = "--port") -> StartupError:
     return StartupError(
         f"cannot listen on {address}: the port is in use (or the address is not this machine's); stop the other "
-        "server or choose another --port"
+        f"server or choose another {option}"
     )
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, option: str = "--port") -> None:
     """StartupError if ``host:port`` cannot be bound now: checked before anything else starts, so that a start
     that fails for it says so in one line (nothing loaded, nothing logged, no gRPC message of its own)."""
     if not port:
@@ -70,18 +74,18 @@ def check_port_free(host: str, port: int) -> None:
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except OSError as error:
-        raise port_taken(f"{host}:{port}") from error
+        raise port_taken(f"{host}:{port}", option) from error
     with socket.socket(family, kind, proto) as probe:  # something listens there: another server
         probe.settimeout(0.5)
         listening = probe.connect_ex(sockaddr) == 0
     if listening:
-        raise port_taken(f"{host}:{port}")
+        raise port_taken(f"{host}:{port}", option)
     try:  # or the address cannot be bound at all (not this machine's, a privileged port)
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for gRPC too
             probe.bind(sockaddr)
     except OSError as error:
-        raise port_taken(f"{host}:{port}") from error
+        raise port_taken(f"{host}:{port}", option) from error
 
 
 def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> GenerationEngine | ClassifierEngine:
@@ -105,7 +109,9 @@ def engine_for(model: LoadedModel, config: ServerConfig, metrics: Metrics) -> Ge
         # niced only where onnxruntime runs the decode call on this thread alone: with more threads its own workers
         # run at the usual priority, and every parallel section would wait for the niced one
         engine_config = dataclasses.replace(
-            EngineConfig.of(config), decode_nice=config.decode_nice if threads == 1 else 0
+            EngineConfig.of(config),
+            decode_nice=config.decode_nice if threads == 1 else 0,
+            prefix_cache_shared=config.prefix_cache_shared_by(entry.name),
         )
         return GenerationEngine(entry.name, model.backend, codec, slots, decoder, metrics, engine_config)
     from tokenizers import Tokenizer
@@ -128,6 +134,16 @@ def open_store(config: ServerConfig, table: SessionTable, metrics: Metrics) -> S
     if config.session_store == "redis":
         return RedisSessionStore(config.redis_url, config.idle_timeout_s, metrics)
     return MemoryStore(table, config.idle_timeout_s)
+
+
+def open_prefix_store(config: ServerConfig, models: ServedModels) -> RedisPrefixStore | None:
+    """The prefix cache's second level, if configured; the language models' reads then report their states."""
+    if not config.prefix_cache_store_ttl_s or not config.prefix_cache_bytes:
+        return None
+    for model in models.all():
+        if isinstance(model.engine, GenerationEngine):
+            model.engine.publish_reads = True
+    return RedisPrefixStore(config.redis_url, config.prefix_cache_store_ttl_s, config.prefix_cache_store_entries)
 
 
 class LstmServer:
@@ -157,7 +173,8 @@ class LstmServer:
         states = StateMessages(self.signer, self.models, config)
         self.metrics.serve_models({m.name: str(m.version) for m in self.models.all()})
         self.store = open_store(config, table, self.metrics)
-        self.sessions = SessionManager(config, self.models, table, self.metrics, self.store, states)
+        self.prefixes = open_prefix_store(config, self.models)
+        self.sessions = SessionManager(config, self.models, table, self.metrics, self.store, states, self.prefixes)
         api = Api(config, self.sessions, self.models, states)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -185,6 +202,14 @@ class LstmServer:
                 self.port = self.server.add_secure_port(address, tls.credentials())
         except RuntimeError as error:
             raise port_taken(address) from error
+        self.http: HttpServer | None = None
+        if config.http_port:
+            try:
+                http_socket = bind_http(config.host, config.http_port)
+            except OSError as error:
+                raise port_taken(f"{config.host}:{config.http_port}", "--http-port") from error
+            front = Front(api, self.inference, authenticator)
+            self.http = HttpServer(build_app(front, self.metrics, config.replica_name), config, http_socket)
         self._http = None
         self._reaper: asyncio.Task | None = None
 
@@ -201,6 +226,8 @@ class LstmServer:
             raise StartupError(error.message) from error
         self.models.start()
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         if self.config.metrics_port:
             try:
                 self._http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
@@ -213,7 +240,11 @@ class LstmServer:
         every = max(0.05, min(60.0, self.sessions.idle_limit_s / 4))
         self._reaper = asyncio.get_running_loop().create_task(self.sessions.reap_idle(every))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"address": f"{self.config.host}:{self.port}", "models": sorted(self.models.models)})
+        http = {"http": f"{self.config.host}:{self.http.port}"} if self.http is not None else {}
+        log.info(
+            "serving",
+            extra={"address": f"{self.config.host}:{self.port}", **http, "models": sorted(self.models.models)},
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, wait the drain delay, refuse new calls, let running ones finish within the grace
@@ -222,12 +253,14 @@ class LstmServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining", extra={"drain_delay_s": self.config.drain_delay_s, "grace_s": grace})
         await asyncio.sleep(self.config.drain_delay_s)  # load balancers see NOT_SERVING before calls are refused
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop()] if self.http is not None else []))
         if self._reaper:
             self._reaper.cancel()
         await self.sessions.stop()  # every turn saved and its session free
         await self.models.stop()
         await self.store.close()
+        if self.prefixes is not None:
+            await self.prefixes.close()
         if self._http:
             self._http.shutdown()
             self._http.server_close()

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv)
         check_port_free(config.host, config.port)
+        check_port_free(config.host, config.http_port, "--http-port")
         configure_logging(config.log_level, config.replica_name)
         setup_tracing(config)  # once per process, like the logs
         # the model thread needs the GIL back after every model call, while the event loop holds it for gRPC: with

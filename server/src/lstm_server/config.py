@@ -76,11 +76,20 @@ class ServerConfig(BaseModel):
     models: str = Field("models", description="Model repository: the folder of NAME/VERSION/ entries to serve")
     host: str = Field(
         "127.0.0.1",
-        description="Address to listen on (gRPC and metrics); one that is not loopback needs authentication or "
+        description="Address to listen on (gRPC, HTTP and metrics); one that is not loopback needs authentication or "
         "--insecure-no-auth",
     )
     port: Int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
     metrics_port: Int = Field(9090, ge=0, le=65535, description="Prometheus /metrics over HTTP on this port (0: off)")
+    http_port: Int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="HTTP port: KServe v2 REST, Triton's generate extension, OpenAI-compatible completions (0: off)",
+    )
+    http_body_timeout_s: Number = Field(
+        30.0, gt=0, le=3600, description="An HTTP request's body must arrive within this many seconds (else 408)"
+    )
     replica_name: str = Field(
         "",
         validate_default=True,
@@ -171,6 +180,38 @@ class ServerConfig(BaseModel):
         le=19,
         description="The decode thread's niceness over the server's other threads (0: the same), so that the event "
         "loop and prompt reads get a shared core first; applied where a model runs on one intra-op thread",
+    )
+    prefix_cache_bytes: Int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        le=1 << 40,
+        description="Memory per language model for the prefix cache: states after the openings read into fresh "
+        "states, so a repeated opening is not read again (least recently used evicted first; 0: off)",
+    )
+    prefix_cache_stride: Int = Field(
+        256,
+        ge=0,
+        le=100_000_000,
+        description="The prefix cache also keeps the state every this many characters along an opening (0: only "
+        "at its end)",
+    )
+    prefix_cache_store_ttl_s: Number = Field(
+        0.0,
+        ge=0,
+        le=30 * 86400,
+        description="With --session-store redis: the prefix cache's states also go to Redis for this long, so an "
+        "opening one replica read serves the others (0: off)",
+    )
+    prefix_cache_store_entries: Int = Field(
+        100_000,
+        ge=1,
+        le=100_000_000,
+        description="The most prefix cache states Redis keeps per model version (the oldest written go first)",
+    )
+    prefix_cache_shared: str = Field(
+        "",
+        description="Models whose prefix cache all tenants share, as charlm,other (by default each tenant has its "
+        "own: a hit's speed would tell one tenant what another sent)",
     )
     # classification limits
     max_classify_texts: Int = Field(
@@ -267,6 +308,17 @@ class ServerConfig(BaseModel):
             "a whole number of threads from 1 to 1024, as in charlm=1,sentiment=2",
         )
 
+    @field_validator("prefix_cache_shared")
+    @classmethod
+    def _check_prefix_cache_shared(cls, setting: str) -> str:
+        if setting and not all(name.strip() for name in setting.split(",")):
+            raise PydanticCustomError("model_names", "model names separated by commas, as charlm,other")
+        return setting
+
+    def prefix_cache_shared_by(self, model: str) -> bool:
+        """Whether ``model``'s prefix cache is shared by all tenants (``prefix_cache_shared``)."""
+        return model in {name.strip() for name in self.prefix_cache_shared.split(",")}
+
     @model_validator(mode="after")
     def _check_together(self) -> Self:
         if self.default_max_tokens > self.max_tokens_limit:
@@ -284,6 +336,8 @@ class ServerConfig(BaseModel):
                 f"{self.max_classify_chars} characters is {self.max_classify_texts * self.max_classify_chars} "
                 f"characters; the most is {MAX_CLASSIFY_REQUEST_CHARS}: lower one of them"
             )
+        if self.prefix_cache_store_ttl_s and self.session_store != "redis":
+            raise ValueError("--prefix-cache-store-ttl-s: the prefix cache's second level needs --session-store redis")
         if self.list_page_size > self.list_max_page_size:
             raise ValueError(
                 f"--list-page-size: must be at most --list-max-page-size ({self.list_max_page_size}), "

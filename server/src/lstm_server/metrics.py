@@ -78,8 +78,41 @@ class Metrics:
         self.prompt_characters = Counter(
             "lstm_prompt_characters",
             "Characters read as input: prompts of turns (Generate, Chat, ModelInfer, ModelStreamInfer) and of new "
-            "sessions (CreateSession), Step inputs, classified texts (Classify, ModelInfer, ModelStreamInfer)",
+            "sessions (CreateSession), Step inputs, classified texts (Classify, ModelInfer, ModelStreamInfer); "
+            "not the cached prefixes the prefix cache saved reading",
             ["model"],
+            registry=r,
+        )
+        fresh = "reads of a text into a fresh state (CreateSession, a new session's first turn, Step without a state)"
+        self.prefix_cache_lookups = Counter(
+            "lstm_prefix_cache_lookups", f"Prefix cache lookups: {fresh}", ["model"], registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "lstm_prefix_cache_hits", "Prefix cache lookups that found a cached prefix", ["model"], registry=r
+        )
+        self.prefix_cache_saved = Counter(
+            "lstm_prefix_cache_saved_characters",
+            "Characters not read thanks to the prefix cache (the cached prefixes found; not in lstm_prompt_characters)",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "lstm_prefix_cache_bytes", "Bytes the prefix cache holds (states, nodes and text)", ["model"], registry=r
+        )
+        self.prefix_cache_entries = Gauge(
+            "lstm_prefix_cache_entries", "Checkpoints (cached states) the prefix cache holds", ["model"], registry=r
+        )
+        self.prefix_cache_evictions = Counter(
+            "lstm_prefix_cache_evictions",
+            "Checkpoints evicted from the prefix cache to stay within --prefix-cache-bytes",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_store = Counter(
+            "lstm_prefix_cache_store_events",
+            "The prefix cache's second level in Redis (--prefix-cache-store-ttl-s): lookups that found a state "
+            "(hit) or none (miss), states written, lookups or writes Redis did not answer (failed)",
+            ["model", "event"],
             registry=r,
         )
         self.active_sessions = Gauge(

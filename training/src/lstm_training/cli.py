@@ -13,9 +13,10 @@ import torch
 from .checkpoint import CheckpointError, compact_checkpoint, load_checkpoint
 from .data import CharVocab, DataError, read_sst2, resolve_corpus, sha256_file, split_text
 from .models import CharLMConfig, ClassifierConfig
-from .tasks import ClassificationTask, LanguageModelTask
+from .tasks import ClassificationTask, DistillationTask, LanguageModelTask
 from .tokenizer import load_tokenizer, train_tokenizer
 from .trainer import TrainConfig, Trainer, TrainingDiverged, init_distributed
+from .transfer import AugmentConfig, TransferError, build_transfer, check_shapes, load_transfer
 
 SENTIMENT_LABELS = ["negative", "positive"]
 
@@ -92,6 +93,71 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-vocab-size", type=int, default=16000, help="tokens the BPE tokenizer learns (default: %(default)s)"
     )
     _add_dataclass_options(sentiment, ClassifierConfig, skip=("vocab_size", "num_labels", "pad_id"))
+    sentiment.add_argument(
+        "--transfer", help="learn from a teacher: the file 'lstm-train transfer' wrote (default: true labels only)"
+    )
+    sentiment.add_argument(
+        "--label-weight",
+        type=float,
+        default=0.5,
+        help="with --transfer: weight of the true labels' cross-entropy beside the logits' squared error "
+        "(default: %(default)s)",
+    )
+    sentiment.add_argument(
+        "--teacher-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --transfer: start the embeddings from the teacher's (default: %(default)s)",
+    )
+
+    transfer = commands.add_parser(
+        "transfer", help="the teacher's logits on SST-2 train and augmented sentences, for students (extra: teacher)"
+    )
+    transfer.add_argument("--teacher", required=True, help="the teacher's best.pt ('lstm-train teacher')")
+    transfer.add_argument("--train", required=True, help="SST-2 training TSV")
+    transfer.add_argument("--out", required=True, help="the transfer file to write (required)")
+    transfer.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    for field in fields(AugmentConfig):
+        flag = "--augment" if field.name == "count" else "--" + field.name.replace("_", "-")
+        transfer.add_argument(
+            flag,
+            type=type(field.default),
+            default=field.default,
+            help=f"{AUGMENT_HELP[field.name]} (default: %(default)s)",
+            dest=field.name,
+        )
+
+    teacher = commands.add_parser("teacher", help="fine-tune the pretrained English encoder on SST-2 (extra: teacher)")
+    teacher.add_argument("--train", required=True, help="SST-2 training TSV")
+    teacher.add_argument("--dev", required=True, help="SST-2 dev TSV (validation only)")
+    teacher.add_argument("--out", required=True, help="directory for best.pt and metrics.jsonl (required)")
+    teacher.add_argument(
+        "--max-len", type=int, default=64, help="WordPiece tokens kept per text (default: %(default)s)"
+    )
+    teacher.add_argument(
+        "--epochs", type=float, default=1.0, help="passes over the training set (default: %(default)s)"
+    )
+    teacher.add_argument("--batch-size", type=int, default=32, help="texts per step (default: %(default)s)")
+    teacher.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default: %(default)s)")
+    teacher.add_argument(
+        "--eval-every", type=int, default=500, help="validate every this many steps (default: %(default)s)"
+    )
+    teacher.add_argument(
+        "--max-train",
+        type=int,
+        default=0,
+        help="use a random sample of this many training texts; 0: all (default: %(default)s)",
+    )
+    teacher.add_argument(
+        "--seed", type=int, default=1337, help="random seed of the head, the batches and dropout (default: %(default)s)"
+    )
+    teacher.add_argument(
+        "--freeze-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the encoder's word-piece embeddings as pretrained (default: %(default)s)",
+    )
+    teacher.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     compact = commands.add_parser("compact", help="store a checkpoint's weights as float16 (half the size)")
     compact.add_argument("checkpoint", help="a best.pt")
@@ -113,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+AUGMENT_HELP = {
+    "count": "augmented sentences to make from the training texts",
+    "p_mask": "probability that a word becomes [MASK]",
+    "p_substitute": "probability that a word becomes another training word",
+    "p_ngram": "probability that only an n-gram of the sentence is kept",
+    "max_ngram": "the longest n-gram kept",
+    "seed": "random seed of the augmentation",
+}
+
+
 def make_task(args: argparse.Namespace, rank: int, world_size: int):
     """The task and the sha256 of its training data."""
     if args.model == "charlm":
@@ -126,6 +202,24 @@ def make_task(args: argparse.Namespace, rank: int, world_size: int):
         task = LanguageModelTask(train_ids, val_ids, vocab, config, args.batch_size, args.seq_len, rank, world_size)
         return task, sha256_file(path)
     train, dev = read_sst2(args.train), read_sst2(args.dev)
+    if args.transfer:
+        transfer = load_transfer(args.transfer)
+        check_shapes(transfer)
+        tokenizer = load_tokenizer(transfer["tokenizer"])
+        config = _pick(args, ClassifierConfig, vocab_size=tokenizer.get_vocab_size(), num_labels=len(SENTIMENT_LABELS))
+        task = DistillationTask(
+            transfer,
+            dev,
+            tokenizer,
+            SENTIMENT_LABELS,
+            config,
+            args.batch_size,
+            args.label_weight,
+            args.teacher_embeddings and not args.resume,
+            rank,
+            world_size,
+        )
+        return task, sha256_file(args.train)
     if args.resume:  # the weights belong to the checkpoint's token ids
         tokenizer = load_tokenizer(load_checkpoint(args.resume, expected_kind="sentiment")["tokenizer"])
     else:
@@ -135,8 +229,61 @@ def make_task(args: argparse.Namespace, rank: int, world_size: int):
     return task, sha256_file(args.train)
 
 
+def _teacher(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .teacher import TeacherConfig, TeacherTrainConfig, TeacherUnavailable, fine_tune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = shlex.join(["lstm-train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        train, dev = read_sst2(args.train), read_sst2(args.dev)
+        best = fine_tune(
+            train,
+            dev,
+            args.out,
+            TeacherConfig(max_len=args.max_len),
+            TeacherTrainConfig(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                eval_every=args.eval_every,
+                seed=args.seed,
+                max_train=args.max_train,
+                freeze_embeddings=args.freeze_embeddings,
+            ),
+            data_sha256=sha256_file(args.train),
+            command=command,
+        )
+    except (DataError, TeacherUnavailable) as error:
+        print(f"lstm-train: {error}", file=sys.stderr)
+        return 2
+    print(f"best: {best}")
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from .teacher import TeacherUnavailable
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    augment_config = AugmentConfig(**{f.name: getattr(args, f.name) for f in fields(AugmentConfig)})
+    try:
+        summary = build_transfer(
+            args.teacher, read_sst2(args.train), args.out, augment_config, data_sha256=sha256_file(args.train)
+        )
+    except (DataError, TeacherUnavailable, ValueError) as error:
+        print(f"lstm-train: {error}", file=sys.stderr)
+        return 2
+    print(f"transfer: {summary}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model == "teacher":
+        return _teacher(args, argv)
+    if args.model == "transfer":
+        return _transfer(args)
     if args.model == "compact":
         try:
             compact_checkpoint(args.checkpoint, args.out)
@@ -160,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             trainer.resume(args.resume)
         best = trainer.fit()
-    except (DataError, CheckpointError, TrainingDiverged, ValueError) as error:
+    except (DataError, CheckpointError, TransferError, TrainingDiverged, ValueError) as error:
         print(f"lstm-train: {error}", file=sys.stderr)
         return 3 if isinstance(error, TrainingDiverged) else 2
     finally:

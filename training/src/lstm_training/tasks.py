@@ -166,3 +166,59 @@ class ClassificationTask:
             correct += (logits.argmax(dim=1) == labels).sum().item()
         model.train()
         return {"val_accuracy": correct / len(order), "val_loss": total_loss / len(order)}
+
+
+class DistillationTask(ClassificationTask):
+    """Classification taught by a teacher (Tang et al., 2019): every training text has the teacher's logits,
+    and the labelled ones their true label. The loss is the mean squared error between the student's and the
+    teacher's logits plus ``label_weight`` times the cross-entropy on the labelled texts of the batch.
+    Validation is as for :class:`ClassificationTask` (dev accuracy against the true labels)."""
+
+    def __init__(
+        self,
+        transfer: dict[str, Any],
+        dev: list[tuple[str, int]],
+        tokenizer,
+        labels: list[str],
+        config: ClassifierConfig,
+        batch_size: int,
+        label_weight: float = 0.5,
+        teacher_embeddings: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        train = list(zip(transfer["texts"], transfer["labels"], strict=True))
+        super().__init__(train, dev, tokenizer, labels, config, batch_size, rank, world_size)
+        self.train_logits = transfer["logits"].float()
+        self.label_weight = label_weight
+        self.embeddings = transfer["embeddings"] if teacher_embeddings else None
+        if self.embeddings is not None and tuple(self.embeddings.shape) != (config.vocab_size, config.embedding_dim):
+            raise ValueError(
+                f"the teacher's embeddings are {tuple(self.embeddings.shape)}, the student's "
+                f"({config.vocab_size}, {config.embedding_dim}): pass --embedding-dim {self.embeddings.shape[1]} "
+                "or --no-teacher-embeddings"
+            )
+
+    def build_model(self) -> nn.Module:
+        model = SentimentClassifier(self.config)
+        if self.embeddings is not None:
+            with torch.no_grad():
+                model.embedding.weight.copy_(self.embeddings)
+                model.embedding.weight[self.config.pad_id].zero_()
+        return model
+
+    def _batch(self, indices: list[int], ids: list[list[int]], labels: list[int]):
+        tokens, lengths, label_tensor = super()._batch(indices, ids, labels)
+        if ids is self.dev_ids:
+            return tokens, lengths, label_tensor
+        return tokens, lengths, label_tensor, self.train_logits[indices]
+
+    def loss(self, model: nn.Module, batch, device: torch.device) -> Tensor:
+        tokens, lengths, labels, teacher = batch
+        state = self._zero_state(tokens.shape[0], device)
+        logits, _, _ = model(tokens.to(device), lengths, *state)
+        loss = F.mse_loss(logits, teacher.to(device))
+        labelled = labels >= 0
+        if self.label_weight and labelled.any():
+            loss = loss + self.label_weight * F.cross_entropy(logits[labelled.to(device)], labels[labelled].to(device))
+        return loss

@@ -313,3 +313,41 @@ class ModelInfo(_message.Message):
     device: str
     quality: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., task: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_directions: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., quality: _Optional[str] = ...) -> None: ...
+
+class ListPrefixCacheRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class PrefixCacheEntry(_message.Message):
+    __slots__ = ("characters", "preview", "bytes", "hits", "idle_seconds")
+    CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    characters: int
+    preview: str
+    bytes: int
+    hits: int
+    idle_seconds: float
+    def __init__(self, characters: _Optional[int] = ..., preview: _Optional[str] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+
+class ListPrefixCacheResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[PrefixCacheEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[PrefixCacheEntry, _Mapping]]] = ...) -> None: ...
+
+class ClearPrefixCacheRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ClearPrefixCacheResponse(_message.Message):
+    __slots__ = ("cleared",)
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    cleared: int
+    def __init__(self, cleared: _Optional[int] = ...) -> None: ...

@@ -604,6 +604,16 @@ class ModelsStub:
                 request_serializer=lstm_dot_v1_dot_lstm__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=lstm_dot_v1_dot_lstm__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListPrefixCache = channel.unary_unary(
+                '/lstm.v1.Models/ListPrefixCache',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.ListPrefixCacheRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.ListPrefixCacheResponse.FromString,
+                _registered_method=True)
+        self.ClearPrefixCache = channel.unary_unary(
+                '/lstm.v1.Models/ClearPrefixCache',
+                request_serializer=lstm_dot_v1_dot_lstm__pb2.ClearPrefixCacheRequest.SerializeToString,
+                response_deserializer=lstm_dot_v1_dot_lstm__pb2.ClearPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -621,6 +631,18 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPrefixCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearPrefixCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -633,6 +655,16 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=lstm_dot_v1_dot_lstm__pb2.DescribeModelRequest.FromString,
                     response_serializer=lstm_dot_v1_dot_lstm__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrefixCache,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.ListPrefixCacheRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.ListPrefixCacheResponse.SerializeToString,
+            ),
+            'ClearPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearPrefixCache,
+                    request_deserializer=lstm_dot_v1_dot_lstm__pb2.ClearPrefixCacheRequest.FromString,
+                    response_serializer=lstm_dot_v1_dot_lstm__pb2.ClearPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -689,6 +721,60 @@ class Models:
             '/lstm.v1.Models/DescribeModel',
             lstm_dot_v1_dot_lstm__pb2.DescribeModelRequest.SerializeToString,
             lstm_dot_v1_dot_lstm__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.Models/ListPrefixCache',
+            lstm_dot_v1_dot_lstm__pb2.ListPrefixCacheRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.ListPrefixCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm.v1.Models/ClearPrefixCache',
+            lstm_dot_v1_dot_lstm__pb2.ClearPrefixCacheRequest.SerializeToString,
+            lstm_dot_v1_dot_lstm__pb2.ClearPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
@@ -101,33 +102,42 @@ class Authenticator:
         self.enabled = config.authenticated
 
     def tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant of a gRPC call: its bearer token, else its verified client certificate's subject CN."""
         if not self.enabled:
             return ANONYMOUS
-        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        names = ((context.auth_context() or {}).get("x509_common_name") or []) if self.certificates else []
+        return self.tenant_of(context.invocation_metadata() or (), names, "metadata")
+
+    def tenant_of(self, headers: Iterable[tuple[str, str]], common_names: list[bytes], carrier: str) -> str:
+        """The tenant of a call with these (lowercase-keyed) headers and verified certificate CNs; ``carrier``
+        names where headers travel in the caller's protocol ("metadata", "header")."""
+        if not self.enabled:
+            return ANONYMOUS
+        header = next((v for k, v in headers if k == "authorization"), None)
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise _unauthenticated("the authorization metadata must be 'Bearer <token>'")
+                raise _unauthenticated(f"the authorization {carrier} must be 'Bearer <token>'")
             tenant = self.tokens.tenant(token.strip()) if self.tokens is not None else None
             if tenant is None:
                 raise _unauthenticated("unknown bearer token: check the token, or ask the operator for one")
             return tenant
-        if self.certificates:
-            names = (context.auth_context() or {}).get("x509_common_name") or []
-            if names:
-                try:
-                    name = names[0].decode("utf-8")
-                except UnicodeDecodeError:
-                    name = ""
-                if not 0 < len(name) <= MAX_TENANT_CHARS:  # never cut or mend a name: two would become one
-                    raise _unauthenticated(
-                        f"the client certificate's subject CN must be 1 to {MAX_TENANT_CHARS} characters of UTF-8: "
-                        "it names the tenant"
-                    )
-                return name
-        how = "send 'authorization: Bearer <token>' metadata"
-        if self.certificates:
+        if common_names:
+            try:
+                name = common_names[0].decode("utf-8")
+            except UnicodeDecodeError:
+                name = ""
+            if not 0 < len(name) <= MAX_TENANT_CHARS:  # never cut or mend a name: two would become one
+                raise _unauthenticated(
+                    f"the client certificate's subject CN must be 1 to {MAX_TENANT_CHARS} characters of UTF-8: "
+                    "it names the tenant"
+                )
+            return name
+        how = f"send 'authorization: Bearer <token>' {carrier}"
+        if self.certificates and carrier == "metadata":
             how += " or connect with a client certificate"
+        elif self.certificates:  # TLS verifies it, but the ASGI server does not pass it on to name a tenant
+            how += " (over HTTP a client certificate is verified but names no tenant)"
         raise _unauthenticated(f"this server needs authentication: {how}")
 
 

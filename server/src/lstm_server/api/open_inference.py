@@ -187,13 +187,15 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelStatistics(self, request: ip.ModelStatisticsRequest, context: Context) -> ip.ModelStatisticsResponse:
+        return self.model_statistics(request, caller())
+
+    def model_statistics(self, request: ip.ModelStatisticsRequest, tenant: str) -> ip.ModelStatisticsResponse:
         """The named model's statistics (NOT_FOUND like ModelMetadata), or with name "" every served model's
-        whose served version is ``version`` ("": every one)."""
+        whose served version is ``version`` ("": every one), as ``tenant`` sees them."""
         if request.name:
             models = [served(self.api.models, request.name, request.version)]
         else:
             models = [m for m in self.api.models.all() if request.version in ("", str(m.version))]
-        tenant = caller()
         return ip.ModelStatisticsResponse(model_stats=[self.statistics.message(tenant, model) for model in models])
 
     def _succeeded(self, job: Job, tenant: str) -> None:
@@ -208,12 +210,25 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------------------------------
 
     async def ModelInfer(self, request: ip.ModelInferRequest, context: Context) -> ip.ModelInferResponse:
-        tenant = caller()
+        return await self.infer(request, caller())
+
+    async def infer(self, request: ip.ModelInferRequest, tenant: str) -> ip.ModelInferResponse:
+        """One request of ``tenant``, answered whole (ModelInfer, and the HTTP binding's infer and generate)."""
+        (response,) = [response async for response in self.infer_pieces(request, tenant, streaming=False)]
+        return response
+
+    async def infer_pieces(
+        self, request: ip.ModelInferRequest, tenant: str, streaming: bool = True
+    ) -> AsyncIterator[ip.ModelInferResponse]:
+        """One request of ``tenant``, counted in the statistics; ``streaming``: a language model's text in pieces as
+        it is made (the HTTP generate_stream), else one response. Errors name fields in this protocol's terms."""
         arrival = Arrival()
         try:
             job = self._prepare(request, tenant, arrival)
             try:
-                (response,) = [response async for response in self._run(job, tenant, streaming=False)]
+                async with contextlib.aclosing(self._run(job, tenant, streaming)) as responses:
+                    async for response in responses:
+                        yield response
             finally:
                 if job.place is not None:
                     job.place.leave()
@@ -223,7 +238,6 @@ class InferenceService(ip_grpc.GRPCInferenceServiceServicer):
                 error.field = v2_field(error.field)
             raise
         self._succeeded(job, tenant)
-        return response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[ip.ModelInferRequest], context: Context

@@ -66,11 +66,15 @@ class Api:
     async def start_turn(
         self, session_id: str, tenant: str, prompt: str, sampling: pb.SamplingParams, policy: int
     ) -> TurnStream:
-        """Find the session, check and encode the prompt with its model's codec, and start the turn."""
+        """Find the session, check and encode the prompt with its model's codec, and start the turn. A session
+        still settling a turn whose caller left (cancelled) is waited for, not refused as busy."""
         session = await self.sessions.resolve(session_id, tenant)
+        if session.turn is not None and await session.turn.settled_after_caller_left():
+            session = await self.sessions.resolve(session_id, tenant)  # as that turn left it
         engine = self.models.get(session.model).engine
         check_prompt(prompt, self.config)
         tokens = engine.codec.encode(prompt, unknown_policy(policy))
+        await self.sessions.fetch_prefix(session, tokens)
         return self.sessions.start_turn(session, tokens, sampling_dict(sampling))
 
     async def stream(self, turn: TurnStream, close: tuple[str, str] | None = None) -> AsyncIterator[Chunk]:
@@ -225,12 +229,11 @@ class GenerationService(rpc.GenerationServicer):
                 reason="PARTIAL_STATE",
                 field="h" if request.HasField("c") else "c",
             )
+        h = c = None  # a fresh state: read through the caller's prefix cache
         if request.HasField("h"):
             h, c = from_tensor(request.h, shape, "h"), from_tensor(request.c, shape, "c")
-        else:
-            h, c = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         try:
-            probabilities, h, c = await engine.step(tokens, h, c)
+            probabilities, h, c = await engine.step(tokens, h, c, caller())
         except RowFailed as failed:
             raise step_error(failed.failure) from failed.failure.cause
         return pb.StepResponse(h=to_tensor(h), c=to_tensor(c), probabilities=probabilities.tolist())
@@ -278,3 +281,27 @@ class ModelsService(rpc.ModelsServicer):
 
     async def DescribeModel(self, request: pb.DescribeModelRequest, context: Context) -> pb.ModelInfo:
         return self._info(self.api.models.get(request.model))
+
+    async def ListPrefixCache(self, request: pb.ListPrefixCacheRequest, context: Context) -> pb.ListPrefixCacheResponse:
+        """The caller's own prefix cache entries of a language model, shortest opening first."""
+        engine = self.api.models.of_task(request.model, "generation").engine
+        entries = await engine.cache_entries(caller())
+        return pb.ListPrefixCacheResponse(
+            entries=[
+                pb.PrefixCacheEntry(
+                    characters=e.characters,
+                    preview=engine.codec.decode(e.preview),
+                    bytes=e.bytes,
+                    hits=e.hits,
+                    idle_seconds=e.idle_s,
+                )
+                for e in entries
+            ]
+        )
+
+    async def ClearPrefixCache(
+        self, request: pb.ClearPrefixCacheRequest, context: Context
+    ) -> pb.ClearPrefixCacheResponse:
+        """Forget the caller's own prefix cache entries of a language model."""
+        engine = self.api.models.of_task(request.model, "generation").engine
+        return pb.ClearPrefixCacheResponse(cleared=await engine.clear_cache(caller()))

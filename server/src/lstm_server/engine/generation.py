@@ -36,7 +36,8 @@ from .execute import Send, StepOutputs, execute, sends
 from .faults import DECODE, ENGINE, MODEL_FAILED, NON_FINITE, SAMPLE, STEP, RowFailed, RowFailure
 from .pause import hold
 from .plan import StepPlan, StepSizer, plan
-from .prefill import Admission, PromptJob, PromptRead, PromptState, draw_first, read_prompts
+from .prefill import Admission, CacheUse, PromptJob, PromptRead, PromptState, draw_first, read_prompts
+from .prefix_cache import CachedState, CacheEntry, PrefixCache
 from .sampling import Sampling, softmax
 from .slots import StateSlots, all_finite
 from .threads import name_os_thread
@@ -44,6 +45,7 @@ from .turn import Pacer, Turn
 
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=Backend)
+T = TypeVar("T")
 D = TypeVar("D", bound=Decoder)
 
 
@@ -58,10 +60,14 @@ class EngineConfig:
     max_decode_steps: int = 32
     decode_budget_ms: float = 25.0
     decode_nice: int = 10
+    prefix_cache_bytes: int = 0
+    prefix_cache_stride: int = 256
+    prefix_cache_shared: bool = False  # all tenants share the model's prefix cache
 
     @classmethod
     def of(cls, config: ServerConfig) -> EngineConfig:
-        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+        fields = set(cls.__dataclass_fields__) - {"prefix_cache_shared"}
+        return cls(**{name: getattr(config, name) for name in fields})
 
 
 class GenerationEngine:
@@ -94,6 +100,20 @@ class GenerationEngine:
         self._prefill_seconds = metrics.model_call.labels(name, "prefill")
         self._decode_seconds = metrics.model_call.labels(name, "decode")
         self._step_seconds = metrics.model_call.labels(name, "step")
+        self.cache = PrefixCache(config.prefix_cache_bytes, config.prefix_cache_stride)  # the prefill thread's
+        self._cache_metrics = tuple(
+            m.labels(name)
+            for m in (
+                metrics.prefix_cache_lookups,
+                metrics.prefix_cache_hits,
+                metrics.prefix_cache_saved,
+                metrics.prefix_cache_bytes,
+                metrics.prefix_cache_entries,
+                metrics.prefix_cache_evictions,
+            )
+        )
+        self._evicted = 0  # the cache's evictions counted so far (prefill thread)
+        self.publish_reads = False  # reads report the states they read, for a second level (set before start)
         mutex = threading.Lock()  # guards the fields below, and what a turn's threads share
         self.lock = threading.Condition(mutex)  # the decode thread waits on it: a turn may run
         self._admit = threading.Condition(mutex)  # the prefill thread waits on it: a job was posted
@@ -160,37 +180,93 @@ class GenerationEngine:
         """Free a slot on the prefill thread, once the work submitted before (a read in flight) is done."""
         self._post(lambda: self.slots.release(slot))
 
-    async def read(self, slot: int, tokens: np.ndarray) -> None:
+    def cache_use(self, tenant: str | None) -> CacheUse | None:
+        """How a read into a fresh state goes through the prefix cache for ``tenant`` (None: the state is not
+        fresh, or the cache is off): in the tenant's own scope, or the model's shared one."""
+        if tenant is None or not self.cache.enabled:
+            return None
+        return CacheUse(self.cache_scope(tenant), self.publish_reads)
+
+    def offer(self, scope: str, tokens: np.ndarray, state: CachedState) -> None:
+        """Put ``state``, the state after ``tokens`` (from a second level), in the prefix cache of ``scope``, before
+        the reads submitted after this."""
+
+        def keep() -> None:
+            self.cache.insert(scope, tokens, state)
+            self._cache_sizes()
+
+        self._post(keep)
+
+    def cache_scope(self, tenant: str) -> str:
+        """The prefix cache scope of ``tenant``'s reads (never one tenant's name for another's)."""
+        return "shared" if self.config.prefix_cache_shared else f"tenant:{tenant}"
+
+    async def read(self, slot: int, tokens: np.ndarray, fresh_for: str | None = None) -> CacheUse | None:
         """Feed ``tokens`` to the slot's state (the caller holds the slot and counts them); ``RowFailed`` if the
-        read failed alone (the slot keeps its state)."""
+        read failed alone (the slot keeps its state). ``fresh_for``: the slot holds a fresh state, read for this
+        tenant through the prefix cache (what it did is returned)."""
+        use = None
         if len(tokens):
             future: Future = Future()
+            use = self.cache_use(fresh_for)
             self.slots.lend(slot)  # the prefill thread gives it back, cancelled or not
-            self._post(PromptRead(slot, tokens, future))
+            self._post(PromptRead(slot, tokens, future, use))
             await asyncio.wrap_future(future)
+        return use
 
-    async def step(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Explicit-state call: (next-character probabilities, hn, cn); nothing is kept. ``RowFailed`` if it fails."""
+    async def step(
+        self, tokens: np.ndarray, h: np.ndarray | None, c: np.ndarray | None, tenant: str = ""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Explicit-state call: (next-character probabilities, hn, cn); nothing is kept but, from a fresh state
+        (``h`` and ``c`` None), ``tenant``'s prefix cache entries. ``RowFailed`` if it fails."""
+        if h is None or c is None:
+            use = self.cache_use(tenant)
+            if use is not None:
+                logits, h, c = await self._on_prefill(lambda: self._fresh_step(tokens, use))
+                return softmax(logits), h, c
+            h, c = np.zeros(self.slots.slot_shape, np.float32), np.zeros(self.slots.slot_shape, np.float32)
+        logits, h, c = await self._on_prefill(lambda: self._explicit(tokens, h, c))
+        return softmax(logits), h, c
+
+    async def cache_entries(self, tenant: str) -> list[CacheEntry]:
+        """The prefix cache's checkpoints in ``tenant``'s own scope."""
+        return await self._on_prefill(lambda: self.cache.entries(f"tenant:{tenant}"))
+
+    async def clear_cache(self, tenant: str) -> int:
+        """Forget the prefix cache's checkpoints in ``tenant``'s own scope; how many there were."""
+
+        def clear() -> int:
+            cleared = self.cache.clear(f"tenant:{tenant}")
+            self._cache_sizes()
+            return cleared
+
+        return await self._on_prefill(clear)
+
+    async def _on_prefill(self, call: Callable[[], T]) -> T:
+        """``call()`` run on the prefill thread, between two jobs."""
         future: Future = Future()
 
         def job() -> None:
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(self._explicit(tokens, h, c))
+                    future.set_result(call())
                 except BaseException as error:
                     future.set_exception(error)
 
         self._post(job)
-        logits, h, c = await asyncio.wrap_future(future)
-        return softmax(logits), h, c
+        return await asyncio.wrap_future(future)
 
-    def submit(self, slot: int, tokens: np.ndarray, sampling: Sampling, position: int) -> Turn:
+    def submit(
+        self, slot: int, tokens: np.ndarray, sampling: Sampling, position: int, fresh_for: str | None = None
+    ) -> Turn:
         """Start a turn on ``slot``, whose state has read ``position`` characters, reading ``tokens`` first. The
-        slot is the model threads' until the turn's ``end`` is set."""
+        slot is the model threads' until the turn's ``end`` is set. ``fresh_for``: the slot holds a fresh state
+        (``position`` 0), read for this tenant through the prefix cache (``turn.cache`` says what it did)."""
         self.slots.lend(slot)
-        turn = Turn(slot, position, sampling, self.lock, self.pacer, self.config.stream_buffer_chars)
+        use = self.cache_use(fresh_for) if len(tokens) else None
+        turn = Turn(slot, position, sampling, self.lock, self.pacer, self.config.stream_buffer_chars, use)
         self._queued.inc()
-        self._post(Admission(turn, tokens))
+        self._post(Admission(turn, tokens, turn.cache))
         return turn
 
     def _flush_notifications(self) -> None:
@@ -307,8 +383,8 @@ class GenerationEngine:
         slots = np.fromiter((job.slot for job in reading), np.intp, len(reading))
         h, c = self.slots.gather(slots)
         prompts = [job.tokens for job in reading]
-        results = read_prompts(self.backend, h, c, self.slots.vocab_size, prompts, self._prefill_seconds.observe)
-        self._prompt_chars.inc(sum(len(p) for p, r in zip(prompts, results, strict=True) if isinstance(r, tuple)))
+        keep: list[tuple[str, np.ndarray, int, list[tuple[int, PromptState]]]] = []
+        results = self._read(prompts, [job.cache for job in reading], h, c, self._prefill_seconds.observe, keep)
         results = iter(results)
         for job in live:
             read = next(results) if len(job.tokens) else None
@@ -321,6 +397,85 @@ class GenerationEngine:
                 self.slots.scatter(np.array([job.slot]), read.h, read.c, read.logits)
                 self.slots.give_back(job.slot)
                 job.future.set_result(None)
+        self._keep(keep)  # after the turns began: never before their first character
+
+    def _read(
+        self,
+        prompts: list[np.ndarray],
+        uses: list[CacheUse | None],
+        h: np.ndarray,
+        c: np.ndarray,
+        observe: Callable[[float], None],
+        keep: list[tuple[str, np.ndarray, int, list[tuple[int, PromptState]]]],
+    ) -> list[PromptState | RowFailure]:
+        """``read_prompts`` from ``h``, ``c`` [layers x directions, n, hidden], counted; a row with a ``CacheUse``
+        (a fresh state) starts from the longest cached prefix of its prompt instead, and what it should leave in
+        the cache is added to ``keep`` (for ``_keep``)."""
+        starts = [0] * len(prompts)
+        diverged = [0] * len(prompts)
+        done: dict[int, PromptState] = {}
+        lookups = hits = saved = 0
+        for r, use in enumerate(uses):
+            if use is None:
+                continue
+            use.started = time.perf_counter()
+            found, state, diverged[r] = self.cache.lookup(use.scope, prompts[r])
+            use.saved, use.ended = found, time.perf_counter()
+            lookups, hits, saved, starts[r] = lookups + 1, hits + (found > 0), saved + found, found
+            if state is not None and found == len(prompts[r]):
+                done[r] = PromptState(*state)
+            elif state is not None:
+                h[:, r], c[:, r] = state.h[:, 0], state.c[:, 0]
+        if lookups:
+            for metric, count in zip(self._cache_metrics[:3], (lookups, hits, saved), strict=True):
+                metric.inc(count)
+        todo = [r for r in range(len(prompts)) if r not in done]
+        results: dict[int, PromptState | RowFailure] = dict(done)
+        if todo:
+            rest = [prompts[r][starts[r] :] for r in todo]
+            cuts = [
+                [p - starts[r] for p in self.cache.cuts(starts[r], len(prompts[r]), diverged[r])[:-1]]
+                if uses[r]
+                else []
+                for r in todo
+            ]
+            read, kept = read_prompts(self.backend, h[:, todo], c[:, todo], self.slots.vocab_size, rest, observe, cuts)
+            results.update(zip(todo, read, strict=True))
+            self._prompt_chars.inc(sum(len(p) for p, out in zip(rest, read, strict=True) if isinstance(out, tuple)))
+            for r, out, states in zip(todo, read, kept, strict=True):
+                if uses[r] is not None and isinstance(out, PromptState):
+                    states = [*states, (len(prompts[r]) - starts[r], out)]
+                    keep.append((uses[r].scope, prompts[r], starts[r], states))
+                    if uses[r].publish:
+                        uses[r].read = self._published(starts[r], len(prompts[r]), states)
+        return [results[r] for r in range(len(prompts))]
+
+    def _keep(self, keep: list[tuple[str, np.ndarray, int, list[tuple[int, PromptState]]]]) -> None:
+        """Write the checkpoints of the reads just done into the prefix cache (each: its scope, its prompt, where
+        the read started, and its states by position from there), then publish the cache's size."""
+        for scope, prompt, start, states in keep:
+            for position, state in states:
+                if all_finite(*state):
+                    self.cache.insert(scope, prompt[: start + position], CachedState(*state))
+        if keep:
+            self._cache_sizes()
+
+    def _published(self, start: int, end: int, states: list[tuple[int, PromptState]]) -> list[tuple[int, CachedState]]:
+        """Of a read's states (by position from ``start``), those a second level keeps: at the stride's multiples
+        and at the end (``end``), where a lookup that knows only the text looks."""
+        stride = self.cache.stride
+        return [
+            (start + p, CachedState(*state))
+            for p, state in states
+            if start + p == end or (stride and (start + p) % stride == 0)
+        ]
+
+    def _cache_sizes(self) -> None:
+        """Publish the prefix cache's bytes, entries and evictions (prefill thread)."""
+        self._cache_metrics[3].set(self.cache.bytes)
+        self._cache_metrics[4].set(len(self.cache))
+        self._cache_metrics[5].inc(self.cache.evictions - self._evicted)
+        self._evicted = self.cache.evictions
 
     def _begin(self, turn: Turn, tokens: np.ndarray, read: PromptState | RowFailure | None) -> None:
         """Draw a turn's first character after its prompt (``read``: its state after the prompt, None without
@@ -355,6 +510,17 @@ class GenerationEngine:
         """Count and log a row's failure (the layers above word it for the caller)."""
         self.metrics.row_failures.labels(self.name, "non_finite" if failure.cause is None else "exception").inc()
         log.error("row failed: %s in %s", failure.kind, failure.phase, exc_info=failure.cause, extra=turn.log_fields)
+
+    def _fresh_step(self, tokens: np.ndarray, use: CacheUse):
+        """A Step call's (last logits [vocab], h, c) after ``tokens`` from a fresh state, through the prefix cache."""
+        layers, _, hidden = self.slots.slot_shape
+        h, c = np.zeros((layers, 1, hidden), np.float32), np.zeros((layers, 1, hidden), np.float32)
+        keep: list[tuple[str, np.ndarray, int, list[tuple[int, PromptState]]]] = []
+        (read,) = self._read([tokens], [use], h, c, self._step_seconds.observe, keep)
+        if isinstance(read, RowFailure):
+            raise RowFailed(replace(read, phase=STEP, chars=len(tokens))) from read.cause
+        self._keep(keep)
+        return read.logits[0], read.h, read.c
 
     def _explicit(self, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
         """A Step call's (last logits [vocab], h, c) after one sequence ``tokens``, timed."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
 
@@ -22,6 +22,7 @@ import numpy as np
 from ..runtime.backends import Backend
 from ..runtime.decoding import Decoder
 from .faults import MODEL_FAILED, NON_FINITE, PROMPT, RowFailure, contain
+from .prefix_cache import CachedState
 from .sampling import Sampling, as_uint64, uniforms
 from .slots import finite_rows
 from .turn import Turn
@@ -35,12 +36,28 @@ class PromptState(NamedTuple):
     c: np.ndarray
 
 
+@dataclass
+class CacheUse:
+    """A read into a fresh state through the prefix cache (``prefix_cache.py``) of ``scope``: the prefill thread
+    fills in the cached prefix it started from (``saved`` characters), when it looked, and (with ``publish``) the
+    states it read at the stride's multiples and at the end, as (position, state), before the read's result is
+    visible."""
+
+    scope: str
+    publish: bool = False
+    saved: int = 0
+    started: float = 0.0
+    ended: float = 0.0
+    read: list[tuple[int, CachedState]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Admission:
     """A prompt job: a turn waiting for its prompt to be read and its first character drawn."""
 
     turn: Turn
     tokens: np.ndarray
+    cache: CacheUse | None = None  # the slot holds a fresh state: read through the prefix cache
 
     @property
     def slot(self) -> int:
@@ -54,6 +71,7 @@ class PromptRead:
     slot: int
     tokens: np.ndarray
     future: Future
+    cache: CacheUse | None = None  # the slot holds a fresh state: read through the prefix cache
 
 
 PromptJob = Admission | PromptRead
@@ -66,15 +84,24 @@ def read_prompts(
     vocab: int,
     prompts: list[np.ndarray],
     observe: Callable[[float], None],
-) -> list[PromptState | RowFailure]:
+    cuts: list[list[int]] | None = None,
+) -> tuple[list[PromptState | RowFailure], list[list[tuple[int, PromptState]]]]:
     """Per prompt, the state after it from ``h``, ``c`` [layers x directions, n, hidden] (read in shared calls,
-    each timed through ``observe``), or how it failed alone (``kept`` left None: the caller knows it)."""
+    each timed through ``observe``), or how it failed alone (``kept`` left None: the caller knows it); and per
+    prompt, its states after the positions ``cuts`` names for it (each before its end; the calls end there too),
+    as (position, state), for a prompt that read to its end."""
     n = len(prompts)
     logits = np.zeros((n, vocab), np.float32)
     lengths = np.fromiter(map(len, prompts), np.int64, n)
+    cuts = cuts or [[] for _ in range(n)]
     failed: dict[int, RowFailure] = {}
+    kept: list[list[tuple[int, PromptState]]] = [[] for _ in range(n)]
+    wanted: dict[int, list[int]] = {}  # rows by the position after which their state is kept
+    for r, positions in enumerate(cuts):
+        for position in positions:
+            wanted.setdefault(position, []).append(r)
     start = 0
-    for end in np.unique(lengths).tolist():
+    for end in np.unique(np.concatenate([lengths, list(wanted)])).astype(np.int64).tolist():
         rows = np.flatnonzero(lengths >= end)
         rows = rows[[r not in failed for r in rows.tolist()]]
         if len(rows):
@@ -85,6 +112,9 @@ def read_prompts(
             for i, error in raised.items():
                 r = int(rows[i])
                 failed[r] = RowFailure(MODEL_FAILED, PROMPT, None, int(lengths[r]), error)
+            for r in wanted.get(end, []):
+                if r not in failed:
+                    kept[r].append((end, PromptState(logits[[r]].copy(), h[:, [r]].copy(), c[:, [r]].copy())))
         start = end
     finite = finite_rows(h, c, logits)
     return [
@@ -94,7 +124,7 @@ def read_prompts(
         if finite[r]
         else RowFailure(NON_FINITE, PROMPT, None, int(lengths[r]))
         for r in range(n)
-    ]
+    ], [kept[r] if r not in failed and finite[r] else [] for r in range(n)]
 
 
 def _read_part(

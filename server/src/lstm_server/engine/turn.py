@@ -20,10 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..logs import call_fields
 from .faults import RowFailure
 from .sampling import Sampling
+
+if TYPE_CHECKING:
+    from .prefill import CacheUse
 
 LENGTH, STOP = "length", "stop"
 
@@ -87,6 +91,7 @@ class Turn:
         lock: threading.Condition,
         pacer: Pacer,
         buffer_limit: int,
+        cache: CacheUse | None = None,
     ) -> None:
         self.slot = slot
         self.sampling = sampling
@@ -101,6 +106,7 @@ class Turn:
         self.first_at: float | None = None  # its prompt read and first character drawn
         self.ended_at: float | None = None  # its last character fed, or it failed
         self.model_calls = 0  # the decode calls its row ran in
+        self.cache = cache  # its prompt read through the prefix cache: the prefill thread fills it in
         self.tokens_seen = position  # counted the moment a character is handed to the outbox
         self.remaining = sampling.max_tokens
         self.pending: int | None = None  # generated, delivered, not yet fed

@@ -45,11 +45,14 @@ from ..config import ServerConfig
 from ..engine.faults import RowFailed
 from ..engine.generation import GenerationEngine
 from ..engine.models import ServedModel, ServedModels
+from ..engine.prefill import CacheUse
+from ..engine.prefix_cache import CachedState
 from ..engine.turn import LENGTH, Turn, TurnEnd
 from ..errors import ServiceError, Status, invalid
 from ..logs import bind
 from ..metrics import Metrics
 from .failures import SessionStepError, read_error, turn_error
+from .redis_store import RedisPrefixStore
 from .session import Phase, Session, SessionState, new_seed, new_session_id, resolve_sampling, session_options
 from .store import SessionStore, SessionSummary, StateCodec, StoredSession
 from .table import SessionTable
@@ -58,11 +61,22 @@ from .turn import TurnOutcome, TurnStream
 log = logging.getLogger(__name__)
 
 
+def key_bytes(tokens: np.ndarray) -> bytes:
+    """Token ids as the second level's keys take them: 4 bytes each, little-endian."""
+    return np.ascontiguousarray(tokens, "<u4").tobytes()
+
+
 def check_not_closed(session: Session) -> None:
     if session.closed:
         raise ServiceError(
             Status.ABORTED, f"session {session.id} was closed while it was being made", reason="SESSION_CLOSED"
         )
+
+
+def record_lookup(use: CacheUse | None) -> None:
+    """The trace span of a prefix cache lookup (timed by the prefill thread): the cached characters it found."""
+    if use is not None and use.ended:
+        tracing.record("lstm.prefix_cache.lookup", use.started, use.ended, {"lstm.cached_characters": use.saved})
 
 
 def record_turn(turn: Turn, end: TurnEnd, read: int, prompt: int) -> None:
@@ -77,6 +91,7 @@ def record_turn(turn: Turn, end: TurnEnd, read: int, prompt: int) -> None:
         prefilled = turn.first_at or turn.ended_at
         failed = error if turn.first_at is None else None
         tracing.record("lstm.prefill", turn.admitted_at, prefilled, {"lstm.characters": prompt}, failed)
+        record_lookup(turn.cache)
     if turn.first_at is not None:
         attributes = {
             "lstm.characters": max(0, end.tokens_seen - read - prompt),
@@ -96,6 +111,7 @@ class SessionManager:
     metrics: Metrics
     store: SessionStore
     codec: StateCodec  # the states a store keeps, as bytes (the api layer's StateMessages)
+    prefixes: RedisPrefixStore | None = None  # the prefix cache's second level (--prefix-cache-store-ttl-s)
     _settling: set[asyncio.Task] = field(default_factory=set, init=False, repr=False)  # turns being settled
 
     def _move(self, session: Session, phase: Phase) -> None:
@@ -311,11 +327,16 @@ class SessionManager:
     ) -> Session:
         """A new session of ``model`` that has read ``tokens``, saved."""
         session = self.new_session(model, defaults, tenant, session_id=session_id)
+        session.fresh = True
         self._move(session, Phase.BUSY)
         try:
             if len(tokens):
+                await self.fetch_prefix(session, tokens)
                 with tracing.span("lstm.prefill", {"lstm.characters": len(tokens)}):
-                    await model.engine.read(session.slot, tokens)
+                    session.fresh = False
+                    use = await model.engine.read(session.slot, tokens, fresh_for=tenant)
+                    record_lookup(use)
+                self._publish(model, tokens, use)
                 session.tokens_seen += len(tokens)
                 session.has_logits = True
         except RowFailed as failed:
@@ -371,15 +392,18 @@ class SessionManager:
         self.table.idle(session.id)
         self.table.start_turn(session.tenant)
         try:
-            turn = engine.submit(session.slot, tokens, resolved, session.tokens_seen)
+            fresh_for = session.tenant if session.fresh else None
+            turn = engine.submit(session.slot, tokens, resolved, session.tokens_seen, fresh_for)
         except BaseException:
             self.table.end_turn(session.tenant)
             raise
+        session.fresh = session.fresh and not len(tokens)
         self._move(session, Phase.RUNNING)
         session.touch()
         read = session.tokens_seen
 
         async def settle(end: TurnEnd) -> TurnOutcome:
+            self._publish(self.models.get(session.model), tokens, turn.cache)
             return await self._settle(session, turn, end, read, len(tokens))
 
         session.turn = TurnStream(turn, settle, self._track, self.metrics, session.model)
@@ -437,6 +461,64 @@ class SessionManager:
                 raise
         if self.store.durable:
             self.evict(session)  # a failed turn's state is not trusted: reload the last saved one
+
+    # -- the prefix cache's second level ------------------------------------------------------
+
+    async def fetch_prefix(self, session: Session, tokens: np.ndarray) -> None:
+        """Before a fresh session reads ``tokens`` (its prompt at creation, or its first turn's): the longest of
+        their prefixes the second level holds (at the stride's multiples and at their end) goes into the engine's
+        prefix cache first. A miss, or a store that does not answer, changes nothing."""
+        model = self.models.get(session.model)
+        engine = model.engine
+        if self.prefixes is None or not session.fresh or not len(tokens) or not engine.cache.enabled:
+            return
+        scope = engine.cache_scope(session.tenant)
+        stride = engine.cache.stride
+        positions = [len(tokens), *range((len(tokens) - 1) // stride * stride, 0, -stride)][:64] if stride else []
+        positions = positions or [len(tokens)]
+        ids = key_bytes(tokens)
+        keys = [self.prefixes.key(model.name, model.version, scope, ids[: 4 * p]) for p in positions]
+        events = self.metrics.prefix_cache_store
+        with tracing.span("lstm.prefix_cache.store", {"lstm.keys": len(keys)}):
+            found = await self.prefixes.find(keys)
+        if found is None:
+            events.labels(model.name, "miss").inc()
+            return
+        at, data = found
+        try:
+            state = self.codec.decode(data, scope, f"prefix cache entry {keys[at]}")
+        except ServiceError as error:
+            log.warning("prefix cache entry refused: %s", error.message)
+            events.labels(model.name, "failed").inc()
+            return
+        if state.tokens_seen != positions[at] or state.next_logits is None:
+            events.labels(model.name, "failed").inc()
+            return
+        events.labels(model.name, "hit").inc()
+        engine.offer(scope, tokens[: positions[at]], CachedState(state.next_logits[None], state.h, state.c))
+
+    def _publish(self, model: ServedModel, tokens: np.ndarray, use: CacheUse | None) -> None:
+        """After a fresh read: the states it read at the stride's multiples and at its end go to the second level
+        (in the background, signed like session states, for the read's scope)."""
+        if self.prefixes is None or use is None or not use.read:
+            return
+        ids = key_bytes(tokens)
+        entries = [
+            (
+                self.prefixes.key(model.name, model.version, use.scope, ids[: 4 * p]),
+                self.codec.encode(
+                    SessionState(model.name, model.version, p, s.h, s.c, s.logits[0], {"seed": 0}, use.scope)
+                ),
+            )
+            for p, s in use.read
+        ]
+        use.read = []
+
+        async def write() -> None:
+            kept = await self.prefixes.keep(model.name, model.version, entries)
+            self.metrics.prefix_cache_store.labels(model.name, "written" if kept else "failed").inc(len(entries))
+
+        self._track(asyncio.create_task(write()))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel the turns still running and wait (at most ``timeout_s``) until each is saved and its session

@@ -18,6 +18,7 @@ UNAVAILABLE with a message that names the store.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -210,3 +211,66 @@ def redacted(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+PREFIX_KEY = "lstm:prefix:"
+
+# KEYS[1]: the entry, KEYS[2]: its model version's index (a sorted set of entries by time written); ARGV: the
+# signed state, ttl (ms), now (ms), the most entries of the index. Writes the entry, forgets the index's entries
+# older than the ttl, and deletes the oldest beyond the bound.
+_KEEP_PREFIX = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[3]) - tonumber(ARGV[2]))
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if over > 0 then
+  for _, key in ipairs(redis.call('ZPOPMIN', KEYS[2], over)) do
+    if key ~= KEYS[1] and string.sub(key, 1, 12) == 'lstm:prefix:' then redis.call('DEL', key) end
+  end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class RedisPrefixStore:
+    """The prefix cache's second level: states after openings (signed like session states, by the caller),
+    shared by the replicas, under ``lstm:prefix:<model>:<version>:<digest of scope and text>``; each for
+    ``ttl_s``, at most ``entries`` per model version (the oldest written go first). Failures are the caller's
+    misses, never its errors."""
+
+    def __init__(self, url: str, ttl_s: float, entries: int, timeout_s: float = 0.5) -> None:
+        self.url = redacted(url)
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.entries = entries
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._keep = self._redis.register_script(_KEEP_PREFIX)
+
+    @staticmethod
+    def key(model: str, version: int, scope: str, tokens: bytes) -> str:
+        digest = hashlib.sha256(scope.encode() + b"\0" + tokens).hexdigest()
+        return f"{PREFIX_KEY}{model}:{version}:{digest}"
+
+    async def find(self, keys: list[str]) -> tuple[int, bytes] | None:
+        """The first of ``keys`` held: (its index, its value); None if none is (or Redis does not answer)."""
+        try:
+            values = await self._redis.mget(keys)
+        except RedisError as error:
+            log.warning("prefix cache store unavailable: %s", error, extra={"store": self.url})
+            return None
+        return next(((i, v) for i, v in enumerate(values) if v is not None), None)
+
+    async def keep(self, model: str, version: int, entries: list[tuple[str, bytes]]) -> bool:
+        """Write ``entries`` (key, signed state) of one model version; False if Redis did not take them."""
+        index = f"{PREFIX_KEY}{model}:{version}:index"
+        now = int(time.time() * 1000)
+        try:
+            for key, state in entries:
+                await self._keep(keys=[key, index], args=[state, self.ttl_ms, now, self.entries])
+        except RedisError as error:
+            log.warning("prefix cache store unavailable: %s", error, extra={"store": self.url})
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._redis.aclose()

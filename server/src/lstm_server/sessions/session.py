@@ -65,6 +65,7 @@ class Session:
     options: Mapping[str, Any]  # the sampling defaults the client set, but the seed (shared and empty if none)
     tokens_seen: int = 0  # characters the state has read, as of the last turn's end
     has_logits: bool = False  # False until the session has read at least one character
+    fresh: bool = False  # made by create and nothing read yet: its slot holds the initial state
     phase: Phase = Phase.IDLE
     turn: TurnStream | None = None  # the running turn, from its start until the session is saved and free
     revision: int = 0

@@ -5,11 +5,15 @@ task of its own reads the channel to the end. Either way, at the end the session
 the state read, save it, free the session) runs exactly once, in a task the caller's cancellation cannot stop, and
 only then does the last chunk go out. One reader at a time: ``close`` starts its task only once the caller's
 reading has stopped.
+
+A turn whose caller left (cancelled or closed) settles at the engine's next model call and one save; a new turn on
+its session waits for that (``settled_after_caller_left``) rather than being refused as busy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +22,10 @@ from dataclasses import dataclass
 from ..engine.turn import Chunk, Turn, TurnEnd
 from ..errors import ServiceError
 from ..metrics import Metrics
+
+# The longest a new turn waits for the turn its caller left to settle: the next model call and one store save (a
+# Redis call times out after 2 s).
+LEFT_TURN_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class TurnStream:
         self._settle = settle
         self._track = track  # the session manager keeps every settling task until it is done
         self._settling: asyncio.Task[TurnOutcome] | None = None  # created once, when the end is read
+        self._settled = asyncio.Event()  # set once ``settle`` is done: the session is free
+        self._left = False  # the caller left (``close``)
         self._reading = False  # the caller is waiting in ``take``
         self._first_token = metrics.time_to_first_token.labels(model)
         self._between_tokens = metrics.inter_token_latency.labels(model)
@@ -60,13 +70,24 @@ class TurnStream:
         """The caller leaves: stop generating, and read the rest of the channel in a task of its own (unless the
         end was read already). Returns the task that settles the turn (None while the caller is still waiting for
         a chunk: it settles the turn itself, or calls this again as it leaves)."""
+        self._left = True
         self.turn.cancel()
         if self._settling is None and not self._reading:
             self._begin_settling(self._drain())
         return self._settling
 
+    async def settled_after_caller_left(self, timeout_s: float = LEFT_TURN_WAIT_S) -> bool:
+        """If the caller left (the turn was cancelled or closed), wait until the turn is settled, at most
+        ``timeout_s``; whether it is. A turn whose caller still reads is not waited for."""
+        if not (self._left or self.turn.cancelled):
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), timeout_s)
+        return self._settled.is_set()
+
     def _begin_settling(self, work: Awaitable[TurnOutcome]) -> asyncio.Task[TurnOutcome]:
         self._settling = asyncio.ensure_future(work)
+        self._settling.add_done_callback(lambda _: self._settled.set())
         self._track(self._settling)
         return self._settling
 
