@@ -10,6 +10,7 @@ import re
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -196,6 +197,19 @@ def test_openai_models_and_completions_match_lstm_v1(client, lstm):
     assert chunks[-1].usage.completion_tokens == 50 and chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_openai_completion_continues_a_server_held_session(client, lstm):
+    session = lstm.sessions.CreateSession(pb.CreateSessionRequest(model="charlm", prompt="ROMEO:"))
+    headers = {"x-session-id": session.session_id}
+    result = client.completions.create(
+        model="charlm", prompt=" and", max_tokens=20, temperature=0, extra_headers=headers
+    )
+    assert result.choices[0].text == lstm_text(lstm, "ROMEO: and", temperature=0, max_tokens=20)
+    after = lstm.sessions.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+    assert after.tokens_seen == len("ROMEO: and") + 20  # the session kept the turn
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="charlm", prompt="x", n=2, extra_headers=headers)
+
+
 def test_openai_logprobs_are_the_models_own(client, lstm):
     """Each character's log probability is the log of lstm.v1 Step's probability after the text before it."""
     result = client.completions.create(model="charlm", prompt="ROMEO:", max_tokens=12, seed=3, logprobs=3)
@@ -280,6 +294,26 @@ def test_a_body_over_the_limit_is_413_and_a_slow_body_408(start_server, exported
     assert answer.startswith("HTTP/1.1 408") and time.monotonic() - started < 5
 
 
+def test_http_drains_with_grpc(exported):
+    """On stop: not ready during the drain delay, a running stream finishes, then the port refuses."""
+    port = cluster.free_port()
+    running = ServerThread(exported, http_port=port, drain_delay_s=1.0)
+    base = f"http://127.0.0.1:{port}"
+    body = {"text_input": "a", "max_tokens": 3000, "temperature": 0}
+    stream = requests.post(f"{base}/v2/models/charlm/generate_stream", json=body, stream=True, timeout=60)
+    stopping = threading.Thread(target=running.stop, kwargs={"grace": 30})
+    stopping.start()
+    deadline = time.monotonic() + 10
+    while requests.get(f"{base}/v2/health/ready", timeout=10).status_code == 200:
+        assert time.monotonic() < deadline, "readiness never turned false"
+        time.sleep(0.05)
+    events = sse(stream)
+    assert events[-1]["finish_reason"] == "length" and events[-1]["tokens_seen"] == 3001
+    stopping.join(30)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{base}/v2/health/live", timeout=10)
+
+
 def test_statuses_follow_grpc_gateway():
     from lstm_server.api.http.errors import HTTP_STATUS
     from lstm_server.errors import Status
@@ -312,6 +346,12 @@ def test_tenants_are_apart_over_http(start_server, tmp_path):
     own = requests.post(f"{base}/v2/models/charlm/generate", json=body, headers=as_alice, timeout=30)
     assert own.status_code == 200 and stolen.status_code == 404
     assert stolen.json()["reason"] == "SESSION_NOT_FOUND"
+    sequence = {"text_input": "a", "max_tokens": 3, "sequence_id": 5}
+    alice_token, bob_token = {"authorization": "Bearer alice-token"}, {"authorization": "Bearer bob-token"}
+    url = f"{base}/v2/models/charlm/generate"
+    started = requests.post(url, json={**sequence, "sequence_start": True}, headers=alice_token, timeout=30)
+    bobs = requests.post(url, json=sequence, headers=bob_token, timeout=30)  # the same id is another sequence
+    assert started.status_code == 200 and bobs.status_code == 404 and "sequence_start" in bobs.json()["error"]
     anonymous = requests.get(f"{base}/v1/models", timeout=30)
     assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer"
     assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200  # probes need no token
