@@ -22,6 +22,11 @@ log = logging.getLogger("lstm_server.http")
 JSON_TYPES = ("application/json", "application/octet-stream")  # octet-stream: the binary tensor extension
 
 
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """An endpoint's OpenAPI description of a required JSON body (for routes that read their body themselves)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 class HttpRefusal(ServiceError):
     """A refusal that only HTTP has (a body too large or too slow, a content type): its own status."""
 

@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as ip
 from ...errors import ServiceError, Status, invalid
 from ..open_inference_models import BYTES, SAMPLING_PARAMETERS, check_parameter_names, sampling_params, v2_field
 from ..requests import check_proposed_id
-from .calls import read_body, set_model
+from .calls import json_body, read_body, set_model
 from .errors import error_fields
 from .front import Front
 from .v2 import VERSION_PARAMETER, version_of
@@ -32,30 +32,23 @@ from .v2_json import named_outputs, parse_json, set_parameter
 
 log = logging.getLogger(__name__)
 TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
-GENERATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": [TEXT_INPUT],
-                    "properties": {
-                        TEXT_INPUT: {"type": "string"},
-                        "parameters": {"type": "object"},
-                        "id": {"type": "string"},
-                        "max_tokens": {"type": "integer"},
-                        "temperature": {"type": "number"},
-                        "top_k": {"type": "integer"},
-                        "top_p": {"type": "number"},
-                        "seed": {"type": "integer"},
-                        "stop": {"type": "array", "items": {"type": "string"}},
-                    },
-                }
-            }
+GENERATE_BODY = json_body(
+    {
+        "type": "object",
+        "required": [TEXT_INPUT],
+        "properties": {
+            TEXT_INPUT: {"type": "string"},
+            "parameters": {"type": "object"},
+            "id": {"type": "string"},
+            "max_tokens": {"type": "integer"},
+            "temperature": {"type": "number"},
+            "top_k": {"type": "integer"},
+            "top_p": {"type": "number"},
+            "seed": {"type": "integer"},
+            "stop": {"type": "array", "items": {"type": "string"}},
         },
     }
-}
+)
 
 
 def generate_request(model: str, version: str, document: Any) -> ip.ModelInferRequest:

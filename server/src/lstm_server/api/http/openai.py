@@ -31,7 +31,7 @@ from ...engine.sampling import softmax
 from ...engine.turn import Chunk
 from ...errors import ServiceError, Status, invalid
 from ..requests import check_proposed_id
-from .calls import read_body, set_model
+from .calls import json_body, read_body, set_model
 from .errors import openai_error
 from .front import Front
 from .v2_json import parse_json
@@ -298,12 +298,7 @@ def router(front: Front) -> APIRouter:
         "/v1/completions",
         name="openai.completions",
         summary="Text completions (stream: server-sent events ending with [DONE])",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": CompletionRequest.model_json_schema()}},
-            }
-        },
+        openapi_extra=json_body(CompletionRequest.model_json_schema()),
     )
     async def completions(request: Request) -> Response:
         tenant = front.tenant(request)

@@ -18,42 +18,35 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as ip
 
 from ..open_inference import EXTENSIONS
-from .calls import read_body, set_model
+from .calls import json_body, read_body, set_model
 from .front import Front
 from .v2_json import HEADER_LENGTH, binary_outputs, infer_request, response_body, split_body
 
-INFER_BODY = {  # the OpenAPI description of an infer body (read by hand: it may carry binary data after the JSON)
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
+INFER_BODY = json_body(  # read by hand: binary data may follow the JSON
+    {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {
+                "type": "array",
+                "items": {
                     "type": "object",
+                    "required": ["name", "shape", "datatype"],
                     "properties": {
-                        "id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "shape": {"type": "array", "items": {"type": "integer"}},
+                        "datatype": {"type": "string"},
                         "parameters": {"type": "object"},
-                        "inputs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["name", "shape", "datatype"],
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "shape": {"type": "array", "items": {"type": "integer"}},
-                                    "datatype": {"type": "string"},
-                                    "parameters": {"type": "object"},
-                                    "data": {"type": "array"},
-                                },
-                            },
-                        },
-                        "outputs": {"type": "array", "items": {"type": "object"}},
+                        "data": {"type": "array"},
                     },
-                    "required": ["inputs"],
-                }
-            }
+                },
+            },
+            "outputs": {"type": "array", "items": {"type": "object"}},
         },
+        "required": ["inputs"],
     }
-}
+)
 
 
 VERSION_PARAMETER = {"parameters": [{"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}]}

@@ -14,7 +14,6 @@ a REST request is checked and served by exactly the code that serves the same gR
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -210,7 +209,3 @@ def named_outputs(response: ip.ModelInferResponse) -> Iterable[tuple[str, list[A
     """Each output's name, values and shape."""
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         yield tensor.name, output_values(tensor.datatype, raw), list(tensor.shape)
-
-
-def element_count(shape: list[int]) -> int:
-    return math.prod(shape)
