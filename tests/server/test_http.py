@@ -314,6 +314,16 @@ def test_http_drains_with_grpc(exported):
         requests.get(f"{base}/v2/health/live", timeout=10)
 
 
+def test_a_completion_over_the_session_limit_is_429_and_leaves_no_session(start_server):
+    port = cluster.free_port()
+    start_server(http_port=port, max_sessions=3)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"model": "charlm", "prompt": "a", "max_tokens": 5}
+    refused = requests.post(url, json={**body, "n": 5}, timeout=30)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "SESSION_LIMIT"
+    assert requests.post(url, json={**body, "n": 3}, timeout=30).status_code == 200  # its sessions were closed
+
+
 def test_statuses_follow_grpc_gateway():
     from lstm_server.api.http.errors import HTTP_STATUS
     from lstm_server.errors import Status

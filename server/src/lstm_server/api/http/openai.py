@@ -160,9 +160,10 @@ class Completion:
     async def choices(self) -> AsyncIterator[tuple[int, Chunk, dict | None]]:
         """Every choice's chunks as they come: (choice index, chunk, its logprobs)."""
         queue: asyncio.Queue = asyncio.Queue()
-        starts = await self._start()
-        tasks = [asyncio.create_task(self._run(i, *start, queue)) for i, start in enumerate(starts)]
+        tasks: list[asyncio.Task] = []
         try:
+            starts = await self._start()  # sessions it opened are closed below, even if a later one fails
+            tasks = [asyncio.create_task(self._run(i, *start, queue)) for i, start in enumerate(starts)]
             for _ in range(len(tasks)):
                 while (item := await queue.get()) is not None:
                     if isinstance(item, BaseException):
