@@ -324,6 +324,21 @@ def test_a_completion_over_the_session_limit_is_429_and_leaves_no_session(start_
     assert requests.post(url, json={**body, "n": 3}, timeout=30).status_code == 200  # its sessions were closed
 
 
+def test_https_with_the_grpc_ports_certificate(start_server, tmp_path):
+    import certs
+
+    ca = certs.make_ca()
+    server_cert = certs.make_server_cert(ca, ["localhost"])
+    server_cert.write(tmp_path / "cert.pem", tmp_path / "key.pem")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
+    port = cluster.free_port()
+    start_server(http_port=port, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"))
+    secure = requests.get(f"https://localhost:{port}/v1/models", verify=str(tmp_path / "ca.pem"), timeout=30)
+    assert secure.status_code == 200 and {m["id"] for m in secure.json()["data"]} == {"charlm", "sentiment"}
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://localhost:{port}/v1/models", timeout=30)
+
+
 def test_statuses_follow_grpc_gateway():
     from lstm_server.api.http.errors import HTTP_STATUS
     from lstm_server.errors import Status
