@@ -25,10 +25,16 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 from auth_overhead import cpu_seconds
 from lstm.v1 import lstm_pb2 as pb
 from lstm.v1 import lstm_pb2_grpc as rpc
 from serve_generation import cluster, start_server
+
+from lstm_server.app import engine_for
+from lstm_server.config import ServerConfig
+from lstm_server.metrics import Metrics
+from lstm_server.runtime.registry import ModelRegistry
 
 PASSAGE = (
     "You are a player in a company of actors. Answer in verse, as the characters of the plays would, and keep "
@@ -126,6 +132,42 @@ async def bench(args: argparse.Namespace, servers: dict[str, cluster.Process]) -
         await channel.close()
 
 
+def miss_in_process(args: argparse.Namespace) -> None:
+    """A miss as the prefill thread does it, in this process: one engine with the cache, one without, each reading
+    fresh random 2,000-character prompts (the lookup, the read with its stops, the checkpoint writes, against the
+    read alone), alternating, medians of wall time and of this thread's CPU time (one intra-op thread: the reads
+    run on this thread, and its CPU time moves little with the neighbours' load)."""
+    config = ServerConfig(models=str(args.models), threads=1, port=0, metrics_port=0, http_port=0)
+    loaded = ModelRegistry(config).models["charlm"]
+    engines = {
+        "on": engine_for(loaded, config, Metrics()),
+        "off": engine_for(loaded, config.model_copy(update={"prefix_cache_bytes": 0}), Metrics()),
+    }
+    rng = np.random.default_rng(22)
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    for r in range(args.in_process_reads):
+        tokens = rng.integers(1, len(engines["on"].codec), OPENING_CHARS)
+        for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            engine = engines[name]
+            h, c = engine.slots.gather(np.array([0]))
+            keep: list = []
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            engine._read([tokens], [engine.cache_use("bench")], h, c, lambda _: None, keep)
+            engine._keep(keep)
+            cpu[name].append(time.thread_time() - started_cpu)
+            times[name].append(time.perf_counter() - started)
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    on_cpu, off_cpu = statistics.median(cpu["on"]), statistics.median(cpu["off"])
+    print(
+        f"miss in process, one thread ({args.in_process_reads} reads each, alternating): read alone {off * 1000:.1f} "
+        f"ms wall, {off_cpu * 1000:.1f} ms CPU; with lookup, stops and checkpoint writes {on * 1000:.1f} ms wall, "
+        f"{on_cpu * 1000:.1f} ms CPU: on / off {on / off:.4f} wall, {on_cpu / off_cpu:.4f} CPU; "
+        f"{len(engines['on'].cache)} checkpoints, {engines['on'].cache.bytes / len(engines['on'].cache):.0f} bytes "
+        "each with their nodes and text"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=Path("models"))
@@ -133,7 +175,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--miss-sessions", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--in-process-reads", type=int, default=40)
     args = parser.parse_args()
+    miss_in_process(args)
     servers = {
         "on": start_server(args.models, args.threads),
         "off": start_server(args.models, args.threads, extra=("--prefix-cache-bytes", "0")),

@@ -93,7 +93,18 @@ def start_server(
     port = cluster.free_port()
     script = str(Path(python or sys.executable).parent / "lstm-server")
     command = [*([python] if python else []), script, "--models", str(models), "--port", str(port)]
-    command += ["--metrics-port", "0", "--http-port", "0", "--threads", str(threads), "--log-level", "WARNING", "--drain-delay-s", "0"]
+    command += [
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "0",
+        "--threads",
+        str(threads),
+        "--log-level",
+        "WARNING",
+        "--drain-delay-s",
+        "0",
+    ]
     command += ["--model-versions", versions, *extra]
     server = cluster.spawn(
         "bench-server", [*prefix, *command], port, Path(tempfile.mkdtemp(prefix="bench-server-")), env

@@ -64,7 +64,14 @@ class ServerThread:
     @staticmethod
     def settings(models: Path | str, **overrides) -> ServerConfig:
         """A test server's configuration: loopback, an ephemeral port, no metrics port, one thread."""
-        settings = {"port": 0, "metrics_port": 0, "http_port": 0, "replica_name": "test-replica", "threads": 1, "drain_delay_s": 0}
+        settings = {
+            "port": 0,
+            "metrics_port": 0,
+            "http_port": 0,
+            "replica_name": "test-replica",
+            "threads": 1,
+            "drain_delay_s": 0,
+        }
         return ServerConfig(models=str(models), **{**settings, **overrides})
 
     async def _start(self) -> LstmServer:

@@ -17,8 +17,11 @@ import grpc
 import numpy as np
 import pytest
 from lstm.v1 import lstm_pb2 as pb
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lstm_client import InsecureTokenWarning
+from lstm_server import tracing
+from lstm_server.config import ServerConfig
 from lstm_server.runtime.model_repository import list_entries
 
 from ..serving import ServerThread, Stubs, array_of
@@ -166,3 +169,20 @@ def test_a_shared_model_serves_every_tenant_from_one_cache(tokens_file) -> None:
         assert entries(stubs, "alice") == entries(stubs, "bob") == []  # shared entries are no tenant's own
     finally:
         running.stop()
+
+
+def test_each_fresh_read_has_a_lookup_span() -> None:
+    exporter = InMemorySpanExporter()
+    tracing.setup_tracing(ServerConfig(), exporter)
+    running = ServerThread(MODELS)
+    try:
+        stubs = Stubs(running.address)
+        serve(stubs, "create", BASE[:120], 1)  # a miss
+        serve(stubs, "turn", BASE[:150], 1)  # a new session's first turn: a hit of 120 characters
+        lookups = [s for s in exporter.get_finished_spans() if s.name == "lstm.prefix_cache.lookup"]
+        assert [s.attributes["lstm.cached_characters"] for s in lookups] == [0, 120]
+        parents = {s.context.span_id: s.name for s in exporter.get_finished_spans()}
+        assert [parents[s.parent.span_id] for s in lookups] == ["lstm.prefill", "lstm.v1.Generation/Generate"]
+    finally:
+        running.stop()
+        tracing.setup_tracing(ServerConfig())  # off again

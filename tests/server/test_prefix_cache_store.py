@@ -101,15 +101,32 @@ def test_an_opening_read_on_one_replica_is_served_on_another(replicas) -> None:
     assert read(two, "bob", OPENING)[1:] == first[1:]  # bob's read is his own: no entry of alice's serves it
     assert events(two, "miss") == 1 and hits(two)[0] == 2
     assert client.zcard("lstm:prefix:charlm:2:index") <= 6
-    assert len([k for k in client.scan_iter("lstm:prefix:charlm:2:*") if not k.endswith(b":index")]) <= 6
+    assert len(list(client.scan_iter("lstm:prefix:charlm:2:state:*"))) <= 6
 
 
 def test_a_damaged_entry_is_a_miss(replicas) -> None:
     (one, two), client = replicas
     first = read(one, "alice", OPENING)
     written(one, 4)
-    for key in client.scan_iter("lstm:prefix:charlm:2:*"):
-        if not key.endswith(b":index"):
-            client.set(key, b"not a signed state")
+    for key in client.scan_iter("lstm:prefix:charlm:2:state:*"):
+        client.set(key, b"not a signed state")
     assert read(two, "alice", OPENING) == first
     assert events(two, "failed") == 1 and events(two, "hit") == 0 and hits(two)[0] == 0
+
+
+def test_clearing_a_tenants_entries_clears_them_in_redis_too(replicas) -> None:
+    (one, two), client = replicas
+    read(one, "bob", OPENING)
+    written(one, 4)
+    read(one, "alice", OPENING)
+    written(one, 8)  # 6 kept at most: two of bob's went
+    stubs = Stubs(two.address)
+    request = pb.ClearPrefixCacheRequest(model="charlm")
+    cleared = stubs.models.ClearPrefixCache(request, metadata=bearer("alice"))
+    assert (cleared.cleared, cleared.cleared_store) == (0, 4)  # replica 2 held none of alice's; Redis held 4
+    assert len(list(client.scan_iter("lstm:prefix:charlm:2:state:*"))) == 2
+    read(two, "alice", OPENING)
+    assert events(two, "miss") == 1 and hits(two) == (0, 0)
+    read(two, "bob", OPENING)  # bob's are still there
+    assert events(two, "hit") == 1 and hits(two)[0] == 1
+    stubs.channel.close()

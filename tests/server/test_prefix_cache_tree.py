@@ -21,7 +21,7 @@ def tokens(text: str) -> np.ndarray:
 
 def held(cache: PrefixCache, scope: str) -> set[str]:
     """The openings ``scope`` holds checkpoints after."""
-    return {"".join(chr(i + ord("a")) for i in entry.preview) for entry in cache.entries(scope)}
+    return {"".join(chr(i + ord("a")) for i in entry.preview) for entry in cache.entries(scope, 1 << 20)}
 
 
 def shared(a: str, b: str) -> int:
@@ -52,7 +52,7 @@ def test_random_inserts_and_lookups_match_a_plain_reference() -> None:
         else:
             assert got is None
     assert cache.evictions > 0, "the bound was never reached: the test did not test eviction"
-    assert len(cache) == len(cache.entries("tenant:a")) + len(cache.entries("tenant:b"))
+    assert len(cache) == len(cache.entries("tenant:a", 1 << 20)) + len(cache.entries("tenant:b", 1 << 20))
     assert cache.clear("tenant:a") + cache.clear("tenant:b") > 0
     assert cache.bytes == 0 and len(cache) == 0  # every byte counted in was counted out
 
@@ -76,7 +76,7 @@ def test_scopes_do_not_see_each_other() -> None:
     cache = PrefixCache(max_bytes=1 << 20, stride=0)
     cache.insert("tenant:a", tokens("abab"), state(1))
     assert cache.lookup("tenant:b", tokens("ababab")) == (0, None, 0)
-    assert cache.entries("tenant:b") == [] and cache.clear("tenant:b") == 0
+    assert cache.entries("tenant:b", 10) == [] and cache.clear("tenant:b") == 0
     assert cache.lookup("tenant:a", tokens("ababab"))[0] == 4
 
 
@@ -90,7 +90,8 @@ def test_split_edges_keep_both_branches_and_their_states() -> None:
     assert cache.lookup("s", tokens("abcq"))[1].logits[0, 0] == 3
     assert cache.lookup("s", tokens("a")) == (0, None, 1)
     assert cache.lookup("s", tokens("abcdxx")).diverged == 4  # inside the edge "def": a read may leave a state there
-    assert [e.characters for e in cache.entries("s")] == [2, 6, 6]
+    assert [e.characters for e in cache.entries("s", 10)] == [2, 6, 6]
+    assert [e.characters for e in cache.entries("s", 2)] == [2, 6]
 
 
 def test_cuts_every_stride_after_the_start_and_at_the_end() -> None:

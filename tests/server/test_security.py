@@ -187,7 +187,16 @@ def test_a_second_server_on_a_port_in_use_refuses_to_start(server, capsys, monke
     with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{server.server.port}: the port is in use"):
         server.run(make_server(ServerThread.settings(server.config.models, port=server.server.port)))
     capsys.readouterr()  # the in-process start's own lines
-    argv = ["--models", server.config.models, "--port", str(server.server.port), "--metrics-port", "0", "--http-port", "0"]
+    argv = [
+        "--models",
+        server.config.models,
+        "--port",
+        str(server.server.port),
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "0",
+    ]
     assert server_main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

@@ -347,7 +347,9 @@ class ClearPrefixCacheRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ClearPrefixCacheResponse(_message.Message):
-    __slots__ = ("cleared",)
+    __slots__ = ("cleared", "cleared_store")
     CLEARED_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_STORE_FIELD_NUMBER: _ClassVar[int]
     cleared: int
-    def __init__(self, cleared: _Optional[int] = ...) -> None: ...
+    cleared_store: int
+    def __init__(self, cleared: _Optional[int] = ..., cleared_store: _Optional[int] = ...) -> None: ...

@@ -283,9 +283,10 @@ class ModelsService(rpc.ModelsServicer):
         return self._info(self.api.models.get(request.model))
 
     async def ListPrefixCache(self, request: pb.ListPrefixCacheRequest, context: Context) -> pb.ListPrefixCacheResponse:
-        """The caller's own prefix cache entries of a language model, shortest opening first."""
+        """The caller's own prefix cache entries of a language model, shortest opening first (at most
+        ``list_max_page_size``)."""
         engine = self.api.models.of_task(request.model, "generation").engine
-        entries = await engine.cache_entries(caller())
+        entries = await engine.cache_entries(caller(), self.api.config.list_max_page_size)
         return pb.ListPrefixCacheResponse(
             entries=[
                 pb.PrefixCacheEntry(
@@ -303,5 +304,6 @@ class ModelsService(rpc.ModelsServicer):
         self, request: pb.ClearPrefixCacheRequest, context: Context
     ) -> pb.ClearPrefixCacheResponse:
         """Forget the caller's own prefix cache entries of a language model."""
-        engine = self.api.models.of_task(request.model, "generation").engine
-        return pb.ClearPrefixCacheResponse(cleared=await engine.clear_cache(caller()))
+        model = self.api.models.of_task(request.model, "generation")
+        cleared, stored = await self.api.sessions.clear_prefixes(model, caller())
+        return pb.ClearPrefixCacheResponse(cleared=cleared, cleared_store=stored)

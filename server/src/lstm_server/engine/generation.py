@@ -228,9 +228,9 @@ class GenerationEngine:
         logits, h, c = await self._on_prefill(lambda: self._explicit(tokens, h, c))
         return softmax(logits), h, c
 
-    async def cache_entries(self, tenant: str) -> list[CacheEntry]:
-        """The prefix cache's checkpoints in ``tenant``'s own scope."""
-        return await self._on_prefill(lambda: self.cache.entries(f"tenant:{tenant}"))
+    async def cache_entries(self, tenant: str, limit: int) -> list[CacheEntry]:
+        """The prefix cache's checkpoints in ``tenant``'s own scope, shortest first, at most ``limit``."""
+        return await self._on_prefill(lambda: self.cache.entries(f"tenant:{tenant}", limit))
 
     async def clear_cache(self, tenant: str) -> int:
         """Forget the prefix cache's checkpoints in ``tenant``'s own scope; how many there were."""

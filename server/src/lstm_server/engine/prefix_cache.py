@@ -152,20 +152,19 @@ class PrefixCache:
             self._drop(next(iter(self._lru)))
             self.evictions += 1
 
-    def entries(self, scope: str) -> list[CacheEntry]:
-        """The checkpoints of ``scope``, shortest text first."""
+    def entries(self, scope: str, limit: int) -> list[CacheEntry]:
+        """The checkpoints of ``scope``, shortest text first, at most ``limit``."""
         now = time.monotonic()
         found: list[CacheEntry] = []
-        stack = [(child, "") for child in self._roots[scope].children.values()] if scope in self._roots else []
+        root = self._roots.get(scope)
+        stack = [(child, 0, "") for child in root.children.values()] if root is not None else []
         while stack:
-            node, before = stack.pop()
-            text = before + node.label
+            node, before, preview = stack.pop()
+            length, preview = before + len(node.label), (preview + node.label[:PREVIEW])[:PREVIEW]
             if node.state is not None:
-                found.append(
-                    CacheEntry(scope, len(text), _ids(text[:PREVIEW]), node.bytes, node.hits, now - node.used_at)
-                )
-            stack.extend((child, text) for child in node.children.values())
-        return sorted(found, key=lambda e: (e.characters, e.preview))
+                found.append(CacheEntry(scope, length, _ids(preview), node.bytes, node.hits, now - node.used_at))
+            stack.extend((child, length, preview) for child in node.children.values())
+        return sorted(found, key=lambda e: (e.characters, e.preview))[:limit]
 
     def clear(self, scope: str) -> int:
         """Forget every checkpoint of ``scope``; how many there were."""
@@ -243,9 +242,15 @@ class PrefixCache:
 
 
 def _common(label: str, key: str, at: int) -> int:
-    """How many characters ``label`` and ``key[at:]`` share at their start."""
-    n = min(len(label), len(key) - at)
-    i = 0
-    while i < n and label[i] == key[at + i]:
-        i += 1
-    return i
+    """How many characters ``label`` and ``key[at:]`` share at their start (string compares in C: a whole edge
+    at once, else a binary search)."""
+    if key.startswith(label, at):
+        return len(label)
+    low, high = 0, min(len(label), len(key) - at)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if key.startswith(label[:middle], at):
+            low = middle
+        else:
+            high = middle - 1
+    return low

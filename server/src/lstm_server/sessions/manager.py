@@ -497,6 +497,14 @@ class SessionManager:
         events.labels(model.name, "hit").inc()
         engine.offer(scope, tokens[: positions[at]], CachedState(state.next_logits[None], state.h, state.c))
 
+    async def clear_prefixes(self, model: ServedModel, tenant: str) -> tuple[int, int]:
+        """Forget ``tenant``'s own prefix cache entries of ``model``: in this replica's engine, then in the second
+        level; how many each held."""
+        cleared = await model.engine.clear_cache(tenant)
+        if self.prefixes is None:
+            return cleared, 0
+        return cleared, await self.prefixes.clear(model.name, model.version, f"tenant:{tenant}")
+
     def _publish(self, model: ServedModel, tokens: np.ndarray, use: CacheUse | None) -> None:
         """After a fresh read: the states it read at the stride's multiples and at its end go to the second level
         (in the background, signed like session states, for the read's scope)."""
@@ -515,7 +523,7 @@ class SessionManager:
         use.read = []
 
         async def write() -> None:
-            kept = await self.prefixes.keep(model.name, model.version, entries)
+            kept = await self.prefixes.keep(model.name, model.version, use.scope, entries)
             self.metrics.prefix_cache_store.labels(model.name, "written" if kept else "failed").inc(len(entries))
 
         self._track(asyncio.create_task(write()))

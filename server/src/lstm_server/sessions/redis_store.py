@@ -215,11 +215,13 @@ def redacted(url: str) -> str:
 
 PREFIX_KEY = "lstm:prefix:"
 
-# KEYS[1]: the entry, KEYS[2]: its model version's index (a sorted set of entries by time written); ARGV: the
-# signed state, ttl (ms), now (ms), the most entries of the index. Writes the entry, forgets the index's entries
-# older than the ttl, and deletes the oldest beyond the bound.
+# KEYS[1]: the entry, KEYS[2]: its model version's index (a sorted set of entries by time written), KEYS[3]: its
+# scope's set of entries; ARGV: the signed state, ttl (ms), now (ms), the most entries of the index. Writes the
+# entry, forgets the index's entries older than the ttl, and deletes the oldest beyond the bound.
 _KEEP_PREFIX = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[3], KEYS[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[3]) - tonumber(ARGV[2]))
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
@@ -233,9 +235,22 @@ return 1
 """
 
 
+# KEYS[1]: a scope's set of entries, KEYS[2]: the model version's index. Deletes the scope's entries; how many
+# there were.
+_CLEAR_PREFIXES = """
+local cleared = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  cleared = cleared + redis.call('DEL', key)
+  redis.call('ZREM', KEYS[2], key)
+end
+redis.call('DEL', KEYS[1])
+return cleared
+"""
+
+
 class RedisPrefixStore:
     """The prefix cache's second level: states after openings (signed like session states, by the caller),
-    shared by the replicas, under ``lstm:prefix:<model>:<version>:<digest of scope and text>``; each for
+    shared by the replicas, under ``lstm:prefix:<model>:<version>:state:<digest of scope and text>``; each for
     ``ttl_s``, at most ``entries`` per model version (the oldest written go first). Failures are the caller's
     misses, never its errors."""
 
@@ -245,11 +260,12 @@ class RedisPrefixStore:
         self.entries = entries
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._keep = self._redis.register_script(_KEEP_PREFIX)
+        self._clear = self._redis.register_script(_CLEAR_PREFIXES)
 
     @staticmethod
     def key(model: str, version: int, scope: str, tokens: bytes) -> str:
         digest = hashlib.sha256(scope.encode() + b"\0" + tokens).hexdigest()
-        return f"{PREFIX_KEY}{model}:{version}:{digest}"
+        return f"{PREFIX_KEY}{model}:{version}:state:{digest}"
 
     async def find(self, keys: list[str]) -> tuple[int, bytes] | None:
         """The first of ``keys`` held: (its index, its value); None if none is (or Redis does not answer)."""
@@ -260,17 +276,39 @@ class RedisPrefixStore:
             return None
         return next(((i, v) for i, v in enumerate(values) if v is not None), None)
 
-    async def keep(self, model: str, version: int, entries: list[tuple[str, bytes]]) -> bool:
-        """Write ``entries`` (key, signed state) of one model version; False if Redis did not take them."""
-        index = f"{PREFIX_KEY}{model}:{version}:index"
+    @staticmethod
+    def _sets(model: str, version: int, scope: str) -> list[str]:
+        """The model version's index, and ``scope``'s set of entries."""
+        digest = hashlib.sha256(scope.encode()).hexdigest()
+        return [f"{PREFIX_KEY}{model}:{version}:index", f"{PREFIX_KEY}{model}:{version}:scope:{digest}"]
+
+    async def keep(self, model: str, version: int, scope: str, entries: list[tuple[str, bytes]]) -> bool:
+        """Write ``entries`` (key, signed state) of one model version and scope; False if Redis did not take
+        them."""
+        index, members = self._sets(model, version, scope)
         now = int(time.time() * 1000)
         try:
             for key, state in entries:
-                await self._keep(keys=[key, index], args=[state, self.ttl_ms, now, self.entries])
+                await self._keep(keys=[key, index, members], args=[state, self.ttl_ms, now, self.entries])
         except RedisError as error:
             log.warning("prefix cache store unavailable: %s", error, extra={"store": self.url})
             return False
         return True
+
+    async def clear(self, model: str, version: int, scope: str) -> int:
+        """Delete ``scope``'s entries of one model version; how many there were (UNAVAILABLE if Redis does not
+        answer: the caller asked for exactly this)."""
+        index, members = self._sets(model, version, scope)
+        try:
+            return int(await self._clear(keys=[members, index]))
+        except RedisError as error:
+            raise ServiceError(
+                Status.UNAVAILABLE,
+                f"prefix cache store unavailable (redis at {self.url}): {error}; this replica's entries were "
+                "cleared, retry to clear the store's",
+                reason="STORE_UNAVAILABLE",
+                retry_after_s=RETRY_AFTER_S,
+            ) from error
 
     async def close(self) -> None:
         await self._redis.aclose()
