@@ -1,12 +1,12 @@
 # make install | test | test-deps | serve | lint | proto | train-charlm | train-sentiment | export-models
-#      cluster | cluster-down | compose-test
+#      cluster | cluster-down | compose-test | checkov
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIECES := training export server client
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-deps serve lint proto train-charlm train-sentiment export-models cluster cluster-down compose-test clean
+.PHONY: install test test-deps checkov serve lint proto train-charlm train-sentiment export-models cluster cluster-down compose-test clean
 
 install: $(STAMP)
 
@@ -15,8 +15,17 @@ $(STAMP): constraints.txt requirements-dev.txt $(foreach p,$(PIECES),$(p)/pyproj
 	$(BIN)/pip install --quiet -c constraints.txt -r requirements-dev.txt $(foreach p,$(PIECES),-e ./$(p))
 	touch $@
 
-test: install test-deps
+test: install test-deps checkov
 	$(BIN)/python -m pytest
+
+# checkov, the Kubernetes manifests' policy linter, in its own venv (its pins conflict with the project's):
+# deploy/kubernetes/checkov-requirements.txt. Without it tests/deploy/test_kubernetes.py skips its checkov test.
+CHECKOV_VENV := $(VENV)/tools/checkov
+checkov: $(CHECKOV_VENV)/.installed
+$(CHECKOV_VENV)/.installed: deploy/kubernetes/checkov-requirements.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --no-deps -r deploy/kubernetes/checkov-requirements.txt
+	touch $@
 
 # redis-server and nginx for the Redis store's and the loopback cluster's tests (the fixtures never install them:
 # without them those tests skip). Installed from Debian's packages when missing and apt-get is there (as root, or
@@ -86,6 +95,41 @@ train-sentiment: install
 	  --embedding-dim 256 --hidden-size 256 --dropout 0.5 --batch-size 64 --lr 2e-3 --lr-decay 0.8 \
 	  --epochs 12 --patience 4
 	$(BIN)/lstm-train compact runs/sentiment/best.pt --out models/checkpoints/sentiment/best.pt
+
+# The sentiment LSTM taught by a pretrained English model (issue 24, docs/training.md): the teacher extra, the
+# fine-tuned teacher, its transfer data (logits on SST-2 train and augmented sentences), student seeds, then the
+# best seed on dev compacted and exported as fp32 and int8 entries. Each stage writes under runs/ and is reused.
+TEACHER_ARGS ?= --epochs 1 --max-len 64 --batch-size 32 --lr 5e-5 --eval-every 200
+AUGMENT ?= 60000
+SEEDS ?= 1 2 3
+STUDENT_ARGS ?= --embedding-dim 384 --hidden-size 256 --dropout 0.3 --batch-size 64 --lr 2e-3 --lr-decay 0.8 \
+  --epochs 8 --patience 3 --label-weight 0.5
+STUDENT_VERSION ?= 3
+STUDENT_INT8_VERSION ?= 4
+.PHONY: install-teacher train-teacher transfer-data train-student export-student
+install-teacher: install
+	$(BIN)/pip install --quiet -c constraints.txt -e './training[teacher]'
+
+train-teacher: install-teacher
+	$(BIN)/lstm-train teacher --train $(DATA)/sst2/train.tsv --dev $(DATA)/sst2/dev.tsv --out runs/teacher $(TEACHER_ARGS)
+
+transfer-data: install-teacher
+	$(BIN)/lstm-train transfer --teacher runs/teacher/best.pt --train $(DATA)/sst2/train.tsv --out runs/transfer.pt \
+	  --augment $(AUGMENT)
+
+train-student: install
+	for seed in $(SEEDS); do \
+	  $(BIN)/lstm-train sentiment --train $(DATA)/sst2/train.tsv --dev $(DATA)/sst2/dev.tsv --transfer runs/transfer.pt \
+	    --out runs/student-$$seed --seed $$seed $(STUDENT_ARGS) || exit 1; \
+	done
+	$(BIN)/lstm-train summary $(foreach s,$(SEEDS),runs/student-$(s)/best.pt) \
+	  --compact-best models/checkpoints/sentiment/student.pt
+
+export-student: install
+	$(BIN)/lstm-export models/checkpoints/sentiment/student.pt --out models/sentiment/$(STUDENT_VERSION) \
+	  --eval-data $(DATA)/sst2/dev.tsv
+	$(BIN)/lstm-export models/checkpoints/sentiment/student.pt --out models/sentiment/$(STUDENT_INT8_VERSION) \
+	  --quantize --eval-data $(DATA)/sst2/dev.tsv
 
 export-models: install
 	$(BIN)/lstm-export models/checkpoints/charlm/best.pt --out models/charlm/1 --force \

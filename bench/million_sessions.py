@@ -211,7 +211,8 @@ async def measure(args: argparse.Namespace, server: cluster.Process, redis: clus
         state_bytes = int(redis_command(redis.address, "hstrlen", f"lstm:session:{sample}", "state"))
         key_bytes = int(redis_command(redis.address, "memory", "usage", f"lstm:session:{sample}"))
         keys = int(redis_command(redis.address, "dbsize"))
-        print(f"\nRedis keys {keys:,}; one session's hash: state field {state_bytes:,} bytes, MEMORY USAGE {key_bytes:,}")
+        usage = f"state field {state_bytes:,} bytes, MEMORY USAGE {key_bytes:,}"
+        print(f"\nRedis keys {keys:,}; one session's hash: {usage}")
 
         # Sessions the replica evicted long ago: all but the last `cache` opened (the table holds at most that many).
         evicted = held[: max(1, len(held) - args.cache)]
@@ -233,7 +234,8 @@ async def measure(args: argparse.Namespace, server: cluster.Process, redis: clus
         picked = set(picks)
         checks = rng.sample([i for i in evicted if i not in picked], min(args.verify, len(evicted) - len(picks)))
         mismatches = await verify(client, checks, ids, args.tokens)
-        print(f"\nexactness: {len(checks) - mismatches} of {len(checks)} evicted sessions continued exactly as fresh ones")
+        exact = len(checks) - mismatches
+        print(f"\nexactness: {exact} of {len(checks)} evicted sessions continued exactly as fresh ones")
         used = int(redis_info(redis.address, "info", "memory")["used_memory"])
         print(
             f"final: Redis used {used / 2**20:,.0f} MiB, replica RSS {rss_mib(server.pid):,.0f} MiB, "
