@@ -42,8 +42,8 @@ TEMPLATE = REPO / "deploy" / "nginx" / "gateway.conf.template"
 PACKAGES = {"redis-server": "redis-server", "nginx": "nginx"}  # binary: Debian package
 SBIN = ["/usr/sbin", "/usr/bin", "/sbin"]
 # How long the gateway skips a replica after a failed connection (nginx's fail_timeout, as entrypoint.sh's
-# default): short, because while every replica is skipped each call fails ("no live upstreams"), and a replica that
-# restarts (a few seconds) is then used again at once.
+# default; 1 to 2 s on nginx's clock of whole seconds): short, because while every replica is skipped each call
+# fails ("no live upstreams"), and a replica that restarts (a few seconds) is then used again at once.
 FAIL_TIMEOUT = "1s"
 
 
@@ -197,6 +197,7 @@ def start_replica(
         "LSTM_SERVER_PORT": str(port),
         "LSTM_SERVER_MODELS": str(models),
         "LSTM_SERVER_METRICS_PORT": "0",
+        "LSTM_SERVER_HTTP_PORT": "0",  # off: the gateway routes gRPC only (replicas on one machine would share 8000)
         "LSTM_SERVER_SESSION_STORE": "redis",
         **{f"LSTM_SERVER_{key.upper()}": str(value) for key, value in settings.items()},
     }

@@ -14,6 +14,14 @@ redis-server and nginx are looked up, never installed: their tests skip, naming 
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports gRPC: tests fork the test process while gRPC runs in it (pexpect starts lstm-client on a
+# pseudo-terminal), and gRPC's fork handlers then restart its poller in the child, which can die (SIGABRT,
+# "Epoll1Poller ... epoll_wait error: Bad file descriptor") before it execs: grpc/grpc#43055. Without fork support
+# the child just execs the command.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import shutil
 from pathlib import Path
 

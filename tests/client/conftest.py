@@ -60,7 +60,18 @@ def serve(workdir: Path, *options: str, **client_settings) -> cluster.Process:
     with ``client_settings`` (TLS, a token) lists the models."""
     port = cluster.free_port()
     command = [lstm_server_command(), "--models", str(MODELS), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--metrics-port", "0", "--http-port", "0", "--threads", "1", "--replica-name", "test-replica", "--drain-delay-s", "0"]
+    command += [
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "0",
+        "--threads",
+        "1",
+        "--replica-name",
+        "test-replica",
+        "--drain-delay-s",
+        "0",
+    ]
     process = cluster.spawn("lstm-server", [*command, *options], port, workdir)
 
     def ready() -> bool:

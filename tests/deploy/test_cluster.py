@@ -48,8 +48,27 @@ def running(exported, cluster_binaries, tmp_path_factory):
 LONG_TURN = 1_000_000  # characters: seconds of generation for the tiny model
 
 
+# nginx skips a replica whose connection failed for fail_timeout (1 s, up to 2 on its clock of whole seconds), also
+# once it is back: a replica restarted less than that ago may still be skipped, and killing the other one then
+# leaves none (502, "no live upstreams": docs/deployment.md). Kills wait for that.
+SKIPPED_FOR_S = 2.1
+skipped_until = [0.0]  # monotonic time when the last restarted replica is surely taken back
+
+
 def replace(cluster: topology.Cluster, name: str, process: topology.Process) -> None:
+    """Put the restarted ``process`` in place of the replica ``name``."""
     cluster.replicas = [process if r.name == name else r for r in cluster.replicas]
+    skipped_until[0] = time.monotonic() + SKIPPED_FOR_S
+
+
+def every_replica_taken_back() -> None:
+    time.sleep(max(0.0, skipped_until[0] - time.monotonic()))
+
+
+def kill_replica(cluster: topology.Cluster, name: str) -> None:
+    """kill -9 the replica ``name``, once the gateway uses every replica again."""
+    every_replica_taken_back()
+    topology.stop(cluster.replica(name), signal.SIGKILL)
 
 
 def redis_password(cluster: topology.Cluster) -> str:
@@ -66,7 +85,7 @@ def test_calls_of_a_session_reach_one_replica(running):
 
 def test_kill_9_between_turns_continues_identically_on_another_replica(running):
     def kill(name: str) -> None:
-        topology.stop(running.replica(name), signal.SIGKILL)
+        kill_replica(running, name)
 
     def restart(name: str) -> None:
         replace(running, name, topology.restart(running.replica(name)))
@@ -75,20 +94,21 @@ def test_kill_9_between_turns_continues_identically_on_another_replica(running):
 
 
 def test_a_turn_right_after_kill_9_goes_to_the_next_replica_without_a_client_retry(running):
-    """nginx resends a call that no replica took; a replica that comes back is used again after fail_timeout (1 s),
-    so killing the other one then leaves a replica to serve (with 5 s, both were skipped: 502)."""
+    """nginx resends a call that no replica took; a replica that comes back is used again after fail_timeout (1 s,
+    at most 2 on nginx's clock), so killing the other one then leaves a replica to serve (with 5 s, both were
+    skipped: 502)."""
     with running.client(retries=0) as client:
         expected, expected_state = uninterrupted(client, "charlm")
         session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
         got = [run_turn(session, *TURNS[0])]
-        for turn in TURNS[1:]:
+        for turn in TURNS[1:]:  # the second kill is of the replica that took over, once the first is back
             victim = session.last_replica
-            topology.stop(running.replica(victim), signal.SIGKILL)
-            killed_at = time.monotonic()
-            got.append(run_turn(session, *turn))
+            kill_replica(running, victim)
+            try:
+                got.append(run_turn(session, *turn))
+            finally:
+                replace(running, victim, topology.restart(running.replica(victim)))
             assert session.last_replica != victim
-            replace(running, victim, topology.restart(running.replica(victim)))
-            time.sleep(max(0.0, killed_at + 1.2 - time.monotonic()))  # past fail_timeout
         assert got == expected
         assert_same_state(session.export(), expected_state)
 
@@ -100,7 +120,7 @@ def kill_holder_when(running, ready, victim: str, *, then=None) -> threading.Thr
         deadline = time.monotonic() + 20
         while not ready() and time.monotonic() < deadline:
             time.sleep(0.005)
-        topology.stop(running.replica(victim), signal.SIGKILL)
+        topology.stop(running.replica(victim), signal.SIGKILL)  # callers wait for every_replica_taken_back first
         if then is not None:
             then()
 
@@ -115,6 +135,7 @@ def test_a_replica_lost_before_the_first_character_is_resent_by_the_client(runni
     resends the turn, which continues exactly on the next replica. Redis is stopped meanwhile, so the replica's
     first step of the turn (the revision check) holds it between the two."""
     caplog.set_level(logging.INFO, logger="lstm_client")
+    every_replica_taken_back()
     with running.client() as client:
         expected, expected_state = uninterrupted(client, "charlm")
         session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
@@ -142,10 +163,50 @@ def test_a_replica_lost_before_the_first_character_is_resent_by_the_client(runni
         assert_same_state(session.export(), expected_state)
 
 
+def redis_has_unread_requests(cluster: topology.Cluster) -> bool:
+    """Whether a connection to Redis holds bytes Redis has not read (/proc/net/tcp: a replica asked a stopped
+    Redis)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if int(local.split(":")[1], 16) == cluster.redis.port and state != "0A" and int(queues.split(":")[1], 16):
+            return True  # 0A: the listening socket
+    return False
+
+
+def test_an_idempotent_call_lost_mid_call_is_resent_by_the_client(running, caplog):
+    """GetSession's replica is killed while it waits for a stopped Redis (after its headers went out): the gateway
+    resets the stream, which gRPC's retry policy cannot resend; the client does, and the next replica answers."""
+    caplog.set_level(logging.INFO, logger="lstm_client")
+    every_replica_taken_back()
+    with running.client() as client:
+        session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)
+        victim = session.last_replica
+        os.kill(running.redis.pid, signal.SIGSTOP)
+        try:
+            killer = kill_holder_when(
+                running,
+                lambda: redis_has_unread_requests(running),
+                victim,
+                then=lambda: os.kill(running.redis.pid, signal.SIGCONT),
+            )
+            with ThreadPoolExecutor(1) as pool:
+                info = pool.submit(session.refresh).result(timeout=60)
+            killer.join()
+        finally:
+            os.kill(running.redis.pid, signal.SIGCONT)
+            replace(running, victim, topology.restart(running.replica(victim)))
+        assert info.session_id == session.id and info.tokens_seen == len(PROMPT)
+        assert session.last_replica != victim
+        resends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resending a call")]
+        assert len(resends) == 1 and "RST_STREAM with error code 2" in resends[0], resends
+
+
 def test_a_replica_lost_after_characters_arrived_is_unavailable_and_not_resent(running, caplog):
     """A turn whose characters began to arrive is never resent: the client gets UNAVAILABLE (the gateway's reset),
     and the session keeps its last saved turn, so sending the turn again continues exactly."""
     caplog.set_level(logging.INFO, logger="lstm_client")
+    every_replica_taken_back()
     with running.client() as client:
         expected, expected_state = uninterrupted(client, "charlm")
         session = client.session(model="charlm", prompt=PROMPT, **SAMPLING)

@@ -78,14 +78,21 @@ class AsyncClient(Connection):
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Any:
-        """One unary call with the token, the deadline and typed errors; records the replica."""
-        call = method(request, timeout=self.deadline(timeout), metadata=self.metadata(metadata))
-        try:
-            response = await call
-            self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        return response
+        """One unary call with the token, the deadline and typed errors; records the replica. An idempotent call
+        lost mid-call is resent (resend.py)."""
+        deadline, attempt = Deadline(self.deadline(timeout)), 0
+        while True:
+            call = method(request, timeout=deadline.remaining(), metadata=self.metadata(metadata))
+            try:
+                response = await call
+                self.last_replica = replica_of(await call.initial_metadata()) or self.last_replica
+                return response
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+            if not self._may_resend_call(method, failure, attempt, deadline):
+                raise failure from None
+            await asyncio.sleep(wait_before(attempt, self.backoff))
+            attempt += 1
 
     async def classify(
         self, texts: list[str], model: str = "sentiment", timeout: float | None = None

@@ -13,7 +13,7 @@ from lstm.v1 import lstm_pb2_grpc as rpc
 
 from .chat import Chat, chat_opening
 from .errors import LstmError, from_rpc_error
-from .resend import Deadline, unchanged, wait_before, worth_resending
+from .resend import Deadline, lost_mid_call, unchanged, wait_before, worth_resending
 from .results import (
     Chunk,
     ClassifyResult,
@@ -28,7 +28,16 @@ from .results import (
     step_result,
 )
 from .tensors import TensorLike
-from .transport import Metadata, TlsConfig, auth_metadata, check_timeout, merge_options, open_channel, retry_options
+from .transport import (
+    IDEMPOTENT,
+    Metadata,
+    TlsConfig,
+    auth_metadata,
+    check_timeout,
+    merge_options,
+    open_channel,
+    retry_options,
+)
 
 log = logging.getLogger("lstm_client")
 
@@ -77,6 +86,14 @@ class Connection:
         self.generation = rpc.GenerationStub(self.channel)
         self.classification = rpc.ClassificationStub(self.channel)
         self.models_stub = rpc.ModelsStub(self.channel)
+        stubs = {
+            "lstm.v1.Classification": self.classification,
+            "lstm.v1.Generation": self.generation,
+            "lstm.v1.Models": self.models_stub,
+            "lstm.v1.Sessions": self.sessions,
+        }
+        # resent by ``call`` when lost mid-call (resend.py)
+        self._idempotent = {getattr(stubs[service], name) for service, names in IDEMPOTENT.items() for name in names}
         self.last_replica: str | None = None
 
     def metadata(self, extra: Metadata | None = None) -> Metadata:
@@ -87,6 +104,16 @@ class Connection:
     def deadline(self, timeout: float | None) -> float | None:
         """A call's deadline in seconds: its own ``timeout`` if given, else the client's (``None``: none)."""
         return self.timeout if timeout is None else check_timeout(timeout)
+
+    def _may_resend_call(
+        self, method: Callable[..., Any], failure: LstmError, attempt: int, deadline: Deadline
+    ) -> bool:
+        """Whether a unary call that failed with ``failure`` goes again (resend.py), before the wait."""
+        resend = method in self._idempotent and lost_mid_call(failure) and attempt < self.retries
+        if resend and not deadline.passed():
+            log.info("resending a call that was lost mid-call (%s)", failure)
+            return True
+        return False
 
 
 class Client(Connection):
@@ -123,11 +150,21 @@ class Client(Connection):
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Any:
-        """One unary call with the token, the deadline and typed errors; records the replica."""
-        try:
-            response, call = method.with_call(request, timeout=self.deadline(timeout), metadata=self.metadata(metadata))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        """One unary call with the token, the deadline and typed errors; records the replica. An idempotent call
+        lost mid-call is resent (resend.py)."""
+        deadline, attempt = Deadline(self.deadline(timeout)), 0
+        while True:
+            try:
+                response, call = method.with_call(
+                    request, timeout=deadline.remaining(), metadata=self.metadata(metadata)
+                )
+                break
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+            if not self._may_resend_call(method, failure, attempt, deadline):
+                raise failure from None
+            time.sleep(wait_before(attempt, self.backoff))
+            attempt += 1
         self.last_replica = replica_of(call.initial_metadata()) or self.last_replica
         return response
 

@@ -7,6 +7,9 @@ fewer than ``retries`` resends were made; time is left before the turn's deadlin
 saves a turn's state only when the turn ends (a cancelled one included), so an unchanged count means no state of
 that turn was saved: a replica that died with it lost it, and a save it might still attempt fails the store's
 revision check once the resent turn has saved.
+
+The idempotent unary calls (``transport.IDEMPOTENT``) are also resent by the client when they were lost mid-call
+(``lost_mid_call``), up to ``retries`` times after the same waits; gRPC's policy resends the rest of their failures.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 import grpc
 from lstm.v1 import lstm_pb2 as pb
 
-from .errors import LstmError
+from .errors import RESET_BY_PEER, LstmError
 
 
 class Deadline:
@@ -32,6 +35,12 @@ class Deadline:
     def passed(self) -> bool:
         remaining = self.remaining()
         return remaining is not None and remaining <= 0
+
+
+def lost_mid_call(failure: LstmError) -> bool:
+    """The call reached a server and the connection was lost during it (``errors.RESET_BY_PEER``): what gRPC's own
+    retry policy never resends, since the server's headers had arrived."""
+    return failure.code == grpc.StatusCode.UNAVAILABLE and RESET_BY_PEER in failure.details
 
 
 def worth_resending(failure: LstmError, received: bool, attempt: int, retries: int, deadline: Deadline) -> bool:
