@@ -8,7 +8,8 @@
 certificate, a bearer token for the tenant ``dev``, the replicas' shared state keys, the Redis password), then
 starts redis-server with that password, the replicas (``lstm-server`` with the Redis session store,
 ``--auth-tokens`` and ``--state-keys-file``) and the nginx gateway rendered from
-``deploy/nginx/gateway.conf.template`` (TLS, HTTP/2), each on a free loopback port, waits until each answers,
+``deploy/nginx/gateway.conf.template`` (TLS: gRPC over HTTP/2, and the HTTP port), each on a free loopback port,
+waits until each answers,
 and writes ``<dir>/state.json`` (mode 0600): the gateway address, the CA file, the tenant and its token, and each
 process's name, address, pid and log file. ``down`` stops what ``state.json`` names and removes it (the secrets
 stay, so the token does not change from one ``up`` to the next). nginx and redis-server come from Debian's
@@ -197,7 +198,7 @@ def start_replica(
         "LSTM_SERVER_PORT": str(port),
         "LSTM_SERVER_MODELS": str(models),
         "LSTM_SERVER_METRICS_PORT": "0",
-        "LSTM_SERVER_HTTP_PORT": "0",  # off: the gateway routes gRPC only (replicas on one machine would share 8000)
+        "LSTM_SERVER_HTTP_PORT": str(free_port()),  # one machine: each replica its own
         "LSTM_SERVER_SESSION_STORE": "redis",
         **{f"LSTM_SERVER_{key.upper()}": str(value) for key, value in settings.items()},
     }
@@ -226,15 +227,27 @@ def wait_until_serving(process: Process, timeout_s: float = 60) -> None:
     )
 
 
-def render_gateway(workdir: Path, listen: str, upstreams: list[str], tls_cert: Path, tls_key: Path) -> Path:
-    """The gateway's nginx.conf: the compose gateway's template with loopback upstreams and the cluster's
-    certificate."""
+def http_address(replica: Process) -> str:
+    """A replica's HTTP address (its --http-port)."""
+    return f"127.0.0.1:{replica.env['LSTM_SERVER_HTTP_PORT']}"
+
+
+def _upstreams(addresses: list[str]) -> str:
+    return "\n        ".join(f"server {address} max_fails=1 fail_timeout={FAIL_TIMEOUT};" for address in addresses)
+
+
+def render_gateway(
+    workdir: Path, listen: str, replicas: list[Process], tls_cert: Path, tls_key: Path, http_listen: str
+) -> Path:
+    """The gateway's nginx.conf: the compose gateway's template with loopback upstreams (gRPC and HTTP) and the
+    cluster's certificate."""
     prefix = workdir / "nginx"
     prefix.mkdir(parents=True, exist_ok=True)
-    block = "\n        ".join(f"server {address} max_fails=1 fail_timeout={FAIL_TIMEOUT};" for address in upstreams)
     text = string.Template(TEMPLATE.read_text()).safe_substitute(
         GATEWAY_LISTEN=listen,
-        GATEWAY_UPSTREAMS_BLOCK=block,
+        GATEWAY_UPSTREAMS_BLOCK=_upstreams([r.address for r in replicas]),
+        GATEWAY_HTTP_LISTEN=http_listen,
+        GATEWAY_HTTP_UPSTREAMS_BLOCK=_upstreams([http_address(r) for r in replicas]),
         GATEWAY_PREFIX=str(prefix),
         GATEWAY_TLS_CERT=str(tls_cert),
         GATEWAY_TLS_KEY=str(tls_key),
@@ -245,13 +258,14 @@ def render_gateway(workdir: Path, listen: str, upstreams: list[str], tls_cert: P
 
 
 def start_gateway(
-    workdir: Path, port: int, upstreams: list[str], binary: str, tls_cert: Path, tls_key: Path
+    workdir: Path, port: int, replicas: list[Process], binary: str, tls_cert: Path, tls_key: Path, http_port: int
 ) -> Process:
-    """nginx terminating TLS on ``port`` (loopback) in front of ``upstreams``."""
-    conf = render_gateway(workdir, f"127.0.0.1:{port}", upstreams, tls_cert, tls_key)
-    process = spawn("gateway", [binary, "-c", str(conf), "-g", "daemon off;"], port, workdir)
+    """nginx terminating TLS on ``port`` (gRPC) and ``http_port`` (HTTP), loopback, in front of ``replicas``."""
+    conf = render_gateway(workdir, f"127.0.0.1:{port}", replicas, tls_cert, tls_key, f"127.0.0.1:{http_port}")
+    command = [binary, "-c", str(conf), "-g", "daemon off;"]
+    process = spawn("gateway", command, port, workdir, {"GATEWAY_HTTP_PORT": str(http_port)})
     try:
-        wait_for(lambda: accepts(port), "nginx gateway", 20, Path(process.log))
+        wait_for(lambda: accepts(port) and accepts(http_port), "nginx gateway", 20, Path(process.log))
     except BaseException:
         stop(process)
         raise
@@ -271,6 +285,11 @@ class Cluster:
     @property
     def processes(self) -> list[Process]:
         return [self.gateway, *self.replicas, self.redis]
+
+    @property
+    def http(self) -> str:
+        """The gateway's HTTPS base URL (docs/http.md's endpoints, the cluster's CA)."""
+        return f"https://127.0.0.1:{self.gateway.env['GATEWAY_HTTP_PORT']}"
 
     def replica(self, name: str) -> Process:
         return next(r for r in self.replicas if r.name == name)
@@ -333,10 +352,11 @@ def up(workdir: Path, models: Path, replicas: int = 2, gateway_port: int = 0, **
         gateway = start_gateway(
             workdir,
             gateway_port or free_port(),
-            [r.address for r in started[1:]],
+            started[1:],
             binaries["nginx"],
             made.server_cert,
             made.server_key,
+            free_port(),
         )
     except BaseException:
         for process in started:
@@ -385,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as error:
         print(f"cluster: {error}", file=sys.stderr)
         return 1
-    print(f"cluster: gateway at {cluster.gateway.address} (TLS, CA {cluster.ca}); state in {state}", file=sys.stderr)
+    print(
+        f"cluster: gateway at {cluster.gateway.address} (gRPC, TLS) and {cluster.http} (HTTP), CA {cluster.ca}; "
+        f"state in {state}",
+        file=sys.stderr,
+    )
     print(f"cluster: tenant {cluster.tenant!r}, token in {state}; for lstm-client:", file=sys.stderr)
     print(f'  eval "$(python3 deploy/cluster.py env --dir {args.dir})"', file=sys.stderr)
     for process in cluster.processes:

@@ -5,7 +5,7 @@
 # Builds the stack's images on the Dockerfiles' base images (the official ones by default, pulled as any
 # `docker compose build` would), makes this run's secrets with deploy/credentials.py (CA and gateway certificate,
 # token, state keys, Redis password), brings up redis, replica-1, replica-2 and the gateway under a project name of
-# its own and a free GATEWAY_PORT, waits until every container's own health check passes (the replicas'
+# its own and free GATEWAY_PORT and GATEWAY_HTTP_PORT, waits until every container's own health check passes (the replicas'
 # `python -m lstm_server.healthcheck`, the gateway's healthcheck.sh, redis-cli ping), then runs
 # tests/deploy/test_compose.py through the gateway's published port. On exit it removes what it started, its
 # secrets and the images it built.
@@ -328,8 +328,10 @@ trap teardown EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-GATEWAY_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-export GATEWAY_PORT
+free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+GATEWAY_PORT="$(free_port)"
+GATEWAY_HTTP_PORT="$(free_port)"
+export GATEWAY_PORT GATEWAY_HTTP_PORT
 GATEWAY="127.0.0.1:$GATEWAY_PORT"
 
 # This run's secrets (an absolute path: podman-compose 1.0.3 hands secret files to podman as they are written).
@@ -388,6 +390,7 @@ log "healthy after $((SECONDS - up_start))s: ${containers[*]}"
 
 log "running tests/deploy/test_compose.py"
 test_start=$SECONDS
-LSTM_COMPOSE_GATEWAY="$GATEWAY" LSTM_COMPOSE_PROJECT="$PROJECT" LSTM_COMPOSE_SECRETS="$SECRETS_DIR" \
+LSTM_COMPOSE_GATEWAY="$GATEWAY" LSTM_COMPOSE_HTTP="https://127.0.0.1:$GATEWAY_HTTP_PORT" \
+    LSTM_COMPOSE_PROJECT="$PROJECT" LSTM_COMPOSE_SECRETS="$SECRETS_DIR" \
     LSTM_COMPOSE_ENGINE="$ENGINE" "$PYTHON" -m pytest -p no:cacheprovider tests/deploy/test_compose.py
 log "tests took $((SECONDS - test_start))s; total $((SECONDS - START))s"

@@ -23,11 +23,12 @@ COPY deploy/nginx/entrypoint.sh deploy/nginx/healthcheck.sh /usr/local/lib/lstm-
 # Not root: the listen port is above 1024 and everything nginx writes goes to GATEWAY_PREFIX.
 USER 10002:10002
 ENV GATEWAY_LISTEN=0.0.0.0:8080 \
+    GATEWAY_HTTP_LISTEN=0.0.0.0:8443 \
     GATEWAY_PREFIX=/tmp/nginx \
     GATEWAY_TLS_CERT=/run/secrets/tls-cert \
     GATEWAY_TLS_KEY=/run/secrets/tls-key \
     GATEWAY_TLS_CA=/run/secrets/tls-ca
-EXPOSE 8080
+EXPOSE 8080 8443
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["sh", "/usr/local/lib/lstm-gateway/healthcheck.sh"]
 

@@ -57,8 +57,9 @@ USER 10001:10001
 ENV LSTM_SERVER_HOST=0.0.0.0 \
     LSTM_SERVER_PORT=50051 \
     LSTM_SERVER_MODELS=/models \
-    LSTM_SERVER_METRICS_PORT=9090
-EXPOSE 50051 9090
+    LSTM_SERVER_METRICS_PORT=9090 \
+    LSTM_SERVER_HTTP_PORT=8000
+EXPOSE 50051 8000 9090
 
 # grpc.health.v1 on the server's own port: healthy once the models are loaded and until SIGTERM (drain).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

@@ -3,6 +3,8 @@
 #
 #   GATEWAY_LISTEN            address to listen on (default 0.0.0.0:8080)
 #   GATEWAY_UPSTREAMS         the replicas, space-separated host:port (required), e.g. "replica-1:50051 replica-2:50051"
+#   GATEWAY_HTTP_LISTEN       address to listen on for HTTP over TLS (default 0.0.0.0:8443)
+#   GATEWAY_REPLICA_HTTP_PORT the replicas' HTTP port (default 8000: lstm-server's --http-port)
 #   GATEWAY_TLS_CERT, GATEWAY_TLS_KEY  the gateway's certificate chain and private key, PEM (default
 #                             /run/secrets/tls-cert and /run/secrets/tls-key: docker-compose.yml's secrets); reloaded
 #                             when they change (checked every GATEWAY_RESOLVE_INTERVAL_S)
@@ -15,6 +17,8 @@
 set -eu
 
 GATEWAY_LISTEN="${GATEWAY_LISTEN:-0.0.0.0:8080}"
+GATEWAY_HTTP_LISTEN="${GATEWAY_HTTP_LISTEN:-0.0.0.0:8443}"
+http_port="${GATEWAY_REPLICA_HTTP_PORT:-8000}"
 GATEWAY_PREFIX="${GATEWAY_PREFIX:-/tmp/nginx}"
 GATEWAY_UPSTREAMS="${GATEWAY_UPSTREAMS:?GATEWAY_UPSTREAMS must list the replicas, space-separated host:port}"
 timeout_s="${GATEWAY_RESOLVE_TIMEOUT_S:-120}"
@@ -55,21 +59,28 @@ for upstream in $GATEWAY_UPSTREAMS; do
 done
 
 GATEWAY_UPSTREAMS_BLOCK=""
+GATEWAY_HTTP_UPSTREAMS_BLOCK=""
 for upstream in $GATEWAY_UPSTREAMS; do
-    line="server $upstream max_fails=$max_fails fail_timeout=$fail_timeout;"
+    options="max_fails=$max_fails fail_timeout=$fail_timeout"
+    line="server $upstream $options;"
+    http_line="server ${upstream%:*}:$http_port $options;"
     if [ -z "$GATEWAY_UPSTREAMS_BLOCK" ]; then
         GATEWAY_UPSTREAMS_BLOCK="$line"
+        GATEWAY_HTTP_UPSTREAMS_BLOCK="$http_line"
     else
         GATEWAY_UPSTREAMS_BLOCK="$GATEWAY_UPSTREAMS_BLOCK
         $line"
+        GATEWAY_HTTP_UPSTREAMS_BLOCK="$GATEWAY_HTTP_UPSTREAMS_BLOCK
+        $http_line"
     fi
 done
 export GATEWAY_LISTEN GATEWAY_PREFIX GATEWAY_UPSTREAMS GATEWAY_UPSTREAMS_BLOCK GATEWAY_TLS_CERT GATEWAY_TLS_KEY
+export GATEWAY_HTTP_LISTEN GATEWAY_HTTP_UPSTREAMS_BLOCK
 
 mkdir -p "$GATEWAY_PREFIX"
 # Only these variables are substituted: nginx's own ($http_x_session_id, $request_id, ...) stay as they are.
 # shellcheck disable=SC2016
-envsubst '${GATEWAY_LISTEN} ${GATEWAY_PREFIX} ${GATEWAY_UPSTREAMS} ${GATEWAY_UPSTREAMS_BLOCK} ${GATEWAY_TLS_CERT} ${GATEWAY_TLS_KEY}' \
+envsubst '${GATEWAY_LISTEN} ${GATEWAY_PREFIX} ${GATEWAY_UPSTREAMS} ${GATEWAY_UPSTREAMS_BLOCK} ${GATEWAY_TLS_CERT} ${GATEWAY_TLS_KEY} ${GATEWAY_HTTP_LISTEN} ${GATEWAY_HTTP_UPSTREAMS_BLOCK}' \
     <"$template" >"$GATEWAY_PREFIX/nginx.conf"
 nginx_() { nginx -e stderr -p "$GATEWAY_PREFIX" -c "$GATEWAY_PREFIX/nginx.conf" "$@"; }
 
@@ -108,5 +119,5 @@ watch_addresses() {
 
 nginx_ -t -q
 if [ "$interval_s" != 0 ]; then watch_addresses & fi
-log "listening on $GATEWAY_LISTEN (TLS), upstreams: $GATEWAY_UPSTREAMS"
+log "listening on $GATEWAY_LISTEN (gRPC, TLS) and $GATEWAY_HTTP_LISTEN (HTTP, TLS), upstreams: $GATEWAY_UPSTREAMS"
 exec nginx -e stderr -p "$GATEWAY_PREFIX" -c "$GATEWAY_PREFIX/nginx.conf" -g 'daemon off;'

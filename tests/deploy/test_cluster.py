@@ -17,6 +17,7 @@ import cluster as topology
 import grpc
 import pytest
 import redis
+import requests
 from lstm.v1 import lstm_pb2 as pb
 
 from lstm_client import LstmError, TlsConfig, Unavailable
@@ -349,3 +350,32 @@ def test_cluster_command_writes_state_and_stops_what_it_started(exported, cluste
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_an_http_sequence_through_the_gateway_is_sticky_and_survives_kill_9(running):
+    """Over HTTPS through the gateway: a sequence's requests (sent with ``x-sequence-id``) reach one replica; after
+    kill -9 of that replica the next request continues the sequence on another, giving the text an uninterrupted
+    sequence gives."""
+    url = f"{running.http}/v2/models/charlm/generate"
+    turns = [(PROMPT, 40), *TURNS]
+
+    def request(sequence: int, i: int) -> requests.Response:
+        prompt, length = turns[i]
+        body = {"text_input": prompt, "max_tokens": length, "temperature": 0.8, "seed": 3 + i}
+        body |= {"sequence_id": sequence, "sequence_start": i == 0, "sequence_end": i == len(turns) - 1}
+        headers = {"authorization": f"Bearer {running.token}", "x-sequence-id": str(sequence)}
+        response = requests.post(url, json=body, headers=headers, verify=running.ca, timeout=60)
+        assert response.status_code == 200, response.text
+        return response
+
+    expected = [request(71, i).json()["text_output"] for i in range(len(turns))]
+    first = [request(72, i) for i in range(2)]
+    holder = first[0].headers["x-replica"]
+    assert first[1].headers["x-replica"] == holder  # sticky
+    kill_replica(running, holder)
+    try:
+        rest = [request(72, i) for i in range(2, len(turns))]
+    finally:
+        replace(running, holder, topology.restart(running.replica(holder)))
+    assert all(response.headers["x-replica"] != holder for response in rest)
+    assert [r.json()["text_output"] for r in first + rest] == expected

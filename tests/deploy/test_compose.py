@@ -2,7 +2,8 @@
 replica is killed carries on, on the other one, with the same text, and a restarted replica gets sessions again.
 
 Needs the running stack: ``make compose-test`` (deploy/compose-test.sh) brings it up under Docker or podman and runs
-this file with LSTM_COMPOSE_GATEWAY (host:port of the gateway), LSTM_COMPOSE_PROJECT (the compose project, whose
+this file with LSTM_COMPOSE_GATEWAY (host:port of the gateway), LSTM_COMPOSE_HTTP (its HTTPS base URL),
+LSTM_COMPOSE_PROJECT (the compose project, whose
 containers carry the label com.docker.compose.project) and LSTM_COMPOSE_SECRETS (the stack's secrets folder, made by
 deploy/credentials.py: the CA that signed the gateway's certificate and the tenant ``dev``'s token).
 LSTM_COMPOSE_ENGINE names the container CLI (podman, or docker for a stack brought up with docker compose), which
@@ -19,6 +20,7 @@ from typing import Any
 
 import credentials
 import pytest
+import requests
 
 from lstm_client import Client, TlsConfig
 from lstm_client.errors import Unavailable
@@ -26,6 +28,7 @@ from lstm_client.errors import Unavailable
 from .scenarios import assert_failover, assert_gateway_security, assert_sticky
 
 GATEWAY = os.environ.get("LSTM_COMPOSE_GATEWAY", "")
+HTTP = os.environ.get("LSTM_COMPOSE_HTTP", "")  # the gateway's HTTPS base URL
 PROJECT = os.environ.get("LSTM_COMPOSE_PROJECT", "")
 SECRETS = Path(os.environ.get("LSTM_COMPOSE_SECRETS", "deploy/secrets"))
 ENGINE = os.environ.get("LSTM_COMPOSE_ENGINE", "podman")
@@ -125,3 +128,22 @@ def test_a_restarted_replica_gets_sessions_again() -> None:
     kill("replica-2")
     restart("replica-2")
     assert sessions_reach("replica-2"), "no new session reached replica-2 after its restart"
+
+
+def test_http_through_the_gateway_is_tls_authenticated_and_sticky() -> None:
+    """The HTTP port through the gateway: HTTPS against the stack's CA, the token required, a sequence's requests
+    (with ``x-sequence-id``) on one replica, an OpenAI completion."""
+    ca, auth = str(SECRETS / "ca.pem"), {"authorization": f"Bearer {token()}"}
+    assert requests.get(f"{HTTP}/v2/health/ready", verify=ca, timeout=30).status_code == 200
+    assert requests.get(f"{HTTP}/v1/models", verify=ca, timeout=30).status_code == 401
+    replicas = set()
+    for i in range(3):
+        body = {"text_input": "KING:\n", "max_tokens": 10, "sequence_id": 9, "sequence_start": i == 0}
+        headers = {**auth, "x-sequence-id": "9"}
+        answer = requests.post(f"{HTTP}/v2/models/charlm/generate", json=body, headers=headers, verify=ca, timeout=60)
+        assert answer.status_code == 200, answer.text
+        replicas.add(answer.headers["x-replica"])
+    assert len(replicas) == 1
+    body = {"model": "charlm", "prompt": "KING:\n", "max_tokens": 10, "temperature": 0}
+    completion = requests.post(f"{HTTP}/v1/completions", json=body, headers=auth, verify=ca, timeout=60)
+    assert completion.status_code == 200 and len(completion.json()["choices"][0]["text"]) == 10
