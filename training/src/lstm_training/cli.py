@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     teacher.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
+    summary = commands.add_parser(
+        "summary", help="best dev accuracy of several runs (seeds): each, mean and spread; keep the best"
+    )
+    summary.add_argument("checkpoints", nargs="+", help="the runs' best.pt")
+    summary.add_argument("--compact-best", help="write the run with the best dev accuracy here, compacted (float16)")
+
     compact = commands.add_parser("compact", help="store a checkpoint's weights as float16 (half the size)")
     compact.add_argument("checkpoint", help="a best.pt")
     compact.add_argument("--out", required=True, help="where to write the compact checkpoint")
@@ -278,12 +284,37 @@ def _transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(args: argparse.Namespace) -> int:
+    try:
+        runs = {
+            path: load_checkpoint(path, expected_kind="sentiment")["best"]["val_accuracy"] for path in args.checkpoints
+        }
+    except CheckpointError as error:
+        print(f"lstm-train: {error}", file=sys.stderr)
+        return 2
+    for path, value in runs.items():
+        print(f"{path}: dev accuracy {100 * value:.2f}%")
+    values = torch.tensor(list(runs.values()), dtype=torch.float64) * 100
+    spread = values.std().item() if len(values) > 1 else 0.0
+    print(
+        f"{len(values)} runs: mean {values.mean().item():.2f}%, std {spread:.2f}, "
+        f"min {values.min().item():.2f}%, max {values.max().item():.2f}%"
+    )
+    if args.compact_best:
+        best = max(runs, key=runs.get)
+        compact_checkpoint(best, args.compact_best)
+        print(f"best: {best} -> {args.compact_best}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.model == "teacher":
         return _teacher(args, argv)
     if args.model == "transfer":
         return _transfer(args)
+    if args.model == "summary":
+        return _summary(args)
     if args.model == "compact":
         try:
             compact_checkpoint(args.checkpoint, args.out)

@@ -192,12 +192,21 @@ class DistillationTask(ClassificationTask):
         self.train_logits = transfer["logits"].float()
         self.label_weight = label_weight
         self.embeddings = transfer["embeddings"] if teacher_embeddings else None
+        self.distillation = {
+            "label_weight": label_weight,
+            "teacher_embeddings": teacher_embeddings,
+            "transfer": transfer.get("summary", {}),
+            "augment": transfer.get("augment", {}),
+        }
         if self.embeddings is not None and tuple(self.embeddings.shape) != (config.vocab_size, config.embedding_dim):
             raise ValueError(
                 f"the teacher's embeddings are {tuple(self.embeddings.shape)}, the student's "
                 f"({config.vocab_size}, {config.embedding_dim}): pass --embedding-dim {self.embeddings.shape[1]} "
                 "or --no-teacher-embeddings"
             )
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "distillation": self.distillation}
 
     def build_model(self) -> nn.Module:
         model = SentimentClassifier(self.config)

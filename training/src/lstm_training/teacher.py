@@ -60,7 +60,7 @@ def teacher_tokenizer(model_dir: Path | None = None, max_len: int | None = 64):
 
 @dataclass
 class TeacherConfig:
-    """How the teacher was built: its encoder folder's name, the label count, dropout, the token cap."""
+    """The teacher's head: label count, dropout before it, and the cap on WordPiece tokens per text."""
 
     num_labels: int = 2
     dropout: float = 0.1
@@ -131,6 +131,7 @@ def predict_logits(model: nn.Module, ids: list[list[int]], batch_size: int = 256
 
 
 def accuracy(logits: Tensor, labels: list[int]) -> float:
+    """The fraction of rows whose highest logit is their label."""
     return (logits.argmax(dim=1) == torch.tensor(labels)).float().mean().item()
 
 
@@ -235,7 +236,10 @@ def fine_tune(
             schedule.step()
             step += 1
             if step % 50 == 0:
-                metrics.write(json.dumps({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0]}) + "\n")
+                seconds = round(time.monotonic() - started, 1)
+                record = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0], "seconds": seconds}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             if step % train_config.eval_every == 0 or step == total:
                 evaluate(step)
             if step == total:

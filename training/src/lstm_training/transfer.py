@@ -20,6 +20,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def augment(texts: list[str], config: AugmentConfig) -> list[str]:
     text of ``texts`` or to each other; the same texts and config give the same sentences."""
     rng = random.Random(config.seed)
     frequencies = Counter(word for text in texts for word in text.split())
-    words, weights = list(frequencies), list(frequencies.values())
+    words, cumulative = list(frequencies), list(accumulate(frequencies.values()))
     sources = [text.split() for text in texts if len(text.split()) >= 2]
     if not sources:
         raise ValueError("augmentation needs texts of at least two words")
@@ -72,7 +73,7 @@ def augment(texts: list[str], config: AugmentConfig) -> list[str]:
             if draw < config.p_mask:
                 sentence.append(MASK)
             elif draw < config.p_mask + config.p_substitute:
-                sentence.append(rng.choices(words, weights)[0])
+                sentence.append(rng.choices(words, cum_weights=cumulative)[0])
             else:
                 sentence.append(word)
         if rng.random() < config.p_ngram:
