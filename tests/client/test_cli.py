@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -260,6 +261,16 @@ def new_session(client: Client, before: set[str]) -> pb.Session:
     return session
 
 
+def settled_session(client: Client, before: set[str], timeout_s: float = 10.0) -> pb.Session:
+    """The new session once its stopped turn has settled: the prompt comes back as soon as the client cancels,
+    and the server ends the turn (one model call, the save) just after; a next turn sent meanwhile waits for it."""
+    deadline = time.monotonic() + timeout_s
+    while (session := new_session(client, before)).busy:
+        assert time.monotonic() < deadline, "the stopped turn never settled"
+        time.sleep(0.02)
+    return session
+
+
 def spawn_chat(server, *options: str) -> pexpect.spawn:
     return pexpect.spawn(
         CLI,
@@ -297,8 +308,7 @@ def test_chat_ctrl_c_stops_the_answer_keeps_the_session_and_quits_at_the_prompt(
                 chat.expect(r"(?s).{200}")  # the answer is streaming
                 chat.sendintr()  # Ctrl-C during the answer: stops it
                 chat.expect_exact("you> ")  # and the chat goes on
-                session = new_session(client, before)
-                assert not session.busy
+                session = settled_session(client, before)
                 seen.append((session.session_id, session.tokens_seen))
             chat.sendintr()  # Ctrl-C at the prompt: quits
             chat.expect(pexpect.EOF)
