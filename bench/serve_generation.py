@@ -96,8 +96,6 @@ def start_server(
     command += [
         "--metrics-port",
         "0",
-        "--http-port",
-        "0",
         "--threads",
         str(threads),
         "--log-level",
@@ -106,6 +104,8 @@ def start_server(
         "0",
     ]
     command += ["--model-versions", versions, *extra]
+    # no HTTP port unless ``extra`` names one (a variable, not a flag: a checkout from before the HTTP port ignores it)
+    env = {"LSTM_SERVER_HTTP_PORT": "0", **(env or {})}
     server = cluster.spawn(
         "bench-server", [*prefix, *command], port, Path(tempfile.mkdtemp(prefix="bench-server-")), env
     )
