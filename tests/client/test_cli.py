@@ -9,6 +9,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -271,16 +272,12 @@ def settled_session(client: Client, before: set[str], timeout_s: float = 10.0) -
     return session
 
 
-def quit_at_the_prompt(chat: pexpect.spawn, tries: int = 10) -> None:
-    """Ctrl-C at the prompt until the chat ends (a few tries, a second apart). Python drives GNU readline in its
-    callback mode, where a signal that arrives in a short window of rl_callback_read_char is only processed at the
-    next key (readline 8.2's patch 5, readline82-005, reports and fixes it; a loaded machine widens the window): a
-    person would press Ctrl-C again, and so does this. Exit status 130 still proves a KeyboardInterrupt quit."""
-    for _ in range(tries):
-        chat.sendintr()
-        if chat.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=1) == 0:
-            return
-    raise AssertionError(f"Ctrl-C at the prompt did not end the chat after {tries} tries")
+def as_from_a_shell() -> None:
+    """In the chat's child, before it execs: Ctrl-C as a shell leaves it (SIGINT at its default and not blocked).
+    A signal ignored or blocked in the test process would carry over the exec, and Python then never raises
+    KeyboardInterrupt: the chat would not stop (seen in full runs only, never with tests/client alone)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def spawn_chat(server, *options: str) -> pexpect.spawn:
@@ -290,6 +287,7 @@ def spawn_chat(server, *options: str) -> pexpect.spawn:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         encoding="utf-8",
         timeout=30,
+        preexec_fn=as_from_a_shell,
     )
 
 
@@ -322,7 +320,8 @@ def test_chat_ctrl_c_stops_the_answer_keeps_the_session_and_quits_at_the_prompt(
                 chat.expect_exact("you> ")  # and the chat goes on
                 session = settled_session(client, before)
                 seen.append((session.session_id, session.tokens_seen))
-            quit_at_the_prompt(chat)
+            chat.sendintr()  # Ctrl-C at the prompt: quits
+            chat.expect(pexpect.EOF)
         finally:
             chat.close(force=True)
         assert chat.exitstatus == 130
