@@ -172,6 +172,7 @@ def predictor_pod(service: dict[str, Any]) -> dict[str, Any]:
 def test_kserve_predictors_are_pod_specs_with_the_ports_kserve_expects(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
+    hpa = objects(rendered["cpu"], "HorizontalPodAutoscaler")["lstm-server"]["spec"]
     for name, service in objects(rendered["kserve"], "InferenceService").items():
         assert service["apiVersion"] == "serving.kserve.io/v1beta1"
         predictor = service["spec"]["predictor"]
@@ -182,7 +183,8 @@ def test_kserve_predictors_are_pod_specs_with_the_ports_kserve_expects(
         # One port a predictor: KServe routes gRPC to a port named h2c, HTTP to one named http1.
         (port,) = container["ports"]
         assert port["name"] in ("h2c", "http1"), f"{name}: KServe routes only ports named h2c or http1"
-        assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+        # KServe scales a predictor itself: the same bounds as the plain Deployment's HorizontalPodAutoscaler
+        assert (predictor["minReplicas"], predictor["maxReplicas"]) == (hpa["minReplicas"], hpa["maxReplicas"])
         assert predictor["labels"]["lstm-serving/redis-client"] == "true"
 
 
