@@ -21,6 +21,12 @@ import os
 # "Epoll1Poller ... epoll_wait error: Bad file descriptor") before it execs: grpc/grpc#43055. Without fork support
 # the child just execs the command.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Before anything imports torch: one intra-op thread for the suite's torch (its training, tracing and reference
+# runs, here and in the lstm-train children). The suite's models are tiny, so a second thread gains nothing, and
+# beside any other busy process an OpenMP team on 2 cores waits for its descheduled thread at every parallel
+# region: two training tests took 213 s instead of 6 s beside one niced training run (bench/results/
+# 2026-12-06-suite-time.md). Servers set their own threads (--intra-op-threads), so they are unaffected.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 from pathlib import Path
