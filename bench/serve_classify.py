@@ -13,12 +13,15 @@ over the sentences.
 under ``DIR`` (put first on the server's PYTHONPATH; e.g. a ``git archive`` of
 another commit's ``server/src``) instead of this checkout's: one server per
 source, started together, and ``--rounds`` rounds over them, in the order
-ABBA, BAAB, ... so that noise hits every side alike. With two or more
-sources, the ratio of each to the first is the median of the per-round ratios.
+ABBA, BAAB, ... so that noise hits every side alike. ``--version`` may be
+repeated too (one server per version and source: an old entry against a new
+one). With two or more sides, the ratio of each to the first is the median of
+the per-round ratios, and each side's ceiling is its own version's.
 
     .venv/bin/python bench/serve_classify.py --sentences path/to/sst2/dev.tsv [--models models] [--version 2]
     .venv/bin/python bench/serve_classify.py --sentences path/to/sst2/dev.tsv --version 2 --rounds 6 \\
         --server-src before=/tmp/ab/before/server/src --server-src after=/tmp/ab/after/server/src
+    .venv/bin/python bench/serve_classify.py --sentences path/to/sst2/dev.tsv --version 1 --version 3 --rounds 6
 """
 
 from __future__ import annotations
@@ -125,14 +128,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--version", type=int, default=1, help="the sentiment version served and run in-process")
+    parser.add_argument(
+        "--version", type=int, action="append", help="the sentiment version served and run in-process (default 1)"
+    )
     parser.add_argument("--server-src", action="append", default=[], metavar="LABEL=DIR", help="see above")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--ceiling-passes", type=int, default=3)
     args = parser.parse_args()
     sentences = load_sentences(args.sentences)
-    sources = [tuple(s.split("=", 1)) for s in args.server_src] or [("this checkout", "")]
-    ceiling = in_process(args.models, args.version, sentences, 64, args.threads, args.ceiling_passes)
+    versions = args.version or [1]
+    sources = [
+        (f"{label}, v{version}" if len(versions) > 1 else label, src, version)
+        for label, src in [tuple(s.split("=", 1)) for s in args.server_src] or [("this checkout", "")]
+        for version in versions
+    ]
+    ceilings = {v: in_process(args.models, v, sentences, 64, args.threads, args.ceiling_passes) for v in versions}
     servers, ports = [], []
     rates: list[list[float]] = [[] for _ in sources]
     latencies: list[list[float]] = [[] for _ in sources]
@@ -141,11 +151,11 @@ def main() -> None:
     calls = [[0.0, 0.0] for _ in sources]
     pythonpath = os.environ.get("PYTHONPATH")
     try:
-        for _, src in sources:
+        for _, src, version in sources:
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (src, pythonpath) if p)
             ports.append(cluster.free_port())
             servers.append(
-                start_server(args.models, args.threads, f"sentiment={args.version}", ("--metrics-port", str(ports[-1])))
+                start_server(args.models, args.threads, f"sentiment={version}", ("--metrics-port", str(ports[-1])))
             )
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
@@ -174,24 +184,26 @@ def main() -> None:
             stop_server(server)
     print(
         f"\n{len(sentences)} sentences ({args.sentences if args.sentences.is_file() else 'built-in'}), "
-        f"{args.clients} clients, {args.threads} threads, sentiment version {args.version}, "
+        f"{args.clients} clients, {args.threads} threads, sentiment version(s) {versions}, "
         f"{args.rounds} round(s) of {args.seconds:g} s\n"
     )
     print(
         "| path | sentences/s | p50 ms | p99 ms | server CPU ms / sentence | texts / model call | served / in-process |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for i, (label, _) in enumerate(sources):
+    for i, (label, _, version) in enumerate(sources):
         rate = statistics.median(rates[i])
         print(
             f"| served ({label}), {args.clients} clients x 1 sentence | {rate:,.0f} | "
             f"{1e3 * percentile(latencies[i], 50):.1f} | {1e3 * percentile(latencies[i], 99):.1f} | "
             f"{1e3 * cpu[i] / max(sentences_served[i], 1):.2f} | {calls[i][0] / max(calls[i][1], 1):.1f} | "
-            f"{rate / ceiling:.0%} |"
+            f"{rate / ceilings[version]:.0%} |"
         )
-    print(
-        f"| in-process onnxruntime, batches of 64 (best of {args.ceiling_passes} passes) | {ceiling:,.0f} | | | | | |"
-    )
+    for version, ceiling in ceilings.items():
+        print(
+            f"| in-process onnxruntime, v{version}, batches of 64 (best of {args.ceiling_passes} passes) | "
+            f"{ceiling:,.0f} | | | | | |"
+        )
     for i in range(1, len(sources)):
         ratios = [b / a for a, b in zip(rates[0], rates[i], strict=True)]
         print(
