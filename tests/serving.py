@@ -82,7 +82,7 @@ class ServerThread:
     def run(self, coroutine, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def stop(self, grace: float = 0) -> None:
+    def stop(self, grace: float | None = 0) -> None:
         self.run(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

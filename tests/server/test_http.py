@@ -324,7 +324,9 @@ def test_a_completion_over_the_session_limit_is_429_and_leaves_no_session(start_
     assert requests.post(url, json={**body, "n": 3}, timeout=30).status_code == 200  # its sessions were closed
 
 
-def test_https_with_the_grpc_ports_certificate(start_server, tmp_path):
+def test_https_with_the_grpc_ports_certificate_and_an_idle_client_does_not_hold_the_drain(exported, tmp_path):
+    """An idle keep-alive HTTPS client never answers the server's TLS close_notify: the drain must not wait the
+    grace period for it (it did: uvicorn waited the whole period for every such connection)."""
     import certs
 
     ca = certs.make_ca()
@@ -332,11 +334,16 @@ def test_https_with_the_grpc_ports_certificate(start_server, tmp_path):
     server_cert.write(tmp_path / "cert.pem", tmp_path / "key.pem")
     (tmp_path / "ca.pem").write_bytes(ca.cert_pem())
     port = cluster.free_port()
-    start_server(http_port=port, tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"))
-    secure = requests.get(f"https://localhost:{port}/v1/models", verify=str(tmp_path / "ca.pem"), timeout=30)
-    assert secure.status_code == 200 and {m["id"] for m in secure.json()["data"]} == {"charlm", "sentiment"}
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://localhost:{port}/v1/models", timeout=30)
+    tls = {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
+    running = ServerThread(exported, http_port=port, grace_period_s=60, **tls)
+    with requests.Session() as kept_alive:
+        secure = kept_alive.get(f"https://localhost:{port}/v1/models", verify=str(tmp_path / "ca.pem"), timeout=30)
+        assert secure.status_code == 200 and {m["id"] for m in secure.json()["data"]} == {"charlm", "sentiment"}
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://localhost:{port}/v1/models", timeout=30)
+        started = time.monotonic()
+        running.stop(grace=None)  # the configured 60 s
+        assert time.monotonic() - started < 30, "the drain waited for an idle connection"
 
 
 def test_statuses_follow_grpc_gateway():

@@ -253,7 +253,7 @@ class LstmServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining", extra={"drain_delay_s": self.config.drain_delay_s, "grace_s": grace})
         await asyncio.sleep(self.config.drain_delay_s)  # load balancers see NOT_SERVING before calls are refused
-        await asyncio.gather(self.server.stop(grace), *([self.http.stop()] if self.http is not None else []))
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         if self._reaper:
             self._reaper.cancel()
         await self.sessions.stop()  # every turn saved and its session free

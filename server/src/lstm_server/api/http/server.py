@@ -3,7 +3,9 @@
 The socket is bound when the server is built (a taken port fails the start in one line, as gRPC's does); uvicorn
 serves it from ``start`` on, without signal handlers of its own (the server's handle SIGTERM and SIGINT), and
 ``stop`` drains it with gRPC: no new connection, running requests finish within the grace period, then the rest
-are cancelled. TLS uses the gRPC port's certificate and key (and client CA: verified, see ``auth.py``).
+are cancelled. Once no request runs, the connections left are aborted: a TLS close waits for the client's
+close_notify, which an idle keep-alive client never sends, so uvicorn alone would hold the drain for the whole grace
+period. TLS uses the gRPC port's certificate and key (and client CA: verified, see ``auth.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ class HttpServer:
             access_log=False,
             server_header=False,
             proxy_headers=False,
-            timeout_graceful_shutdown=max(1, round(config.grace_period_s)),
             **tls,
         )
         settings.load()
@@ -66,12 +67,23 @@ class HttpServer:
         await self._server.startup(sockets=[self.socket])
         self._main = asyncio.get_running_loop().create_task(self._server.main_loop())
 
-    async def stop(self) -> None:
-        """Stop accepting, let running requests finish within the grace period, close."""
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let running requests finish within ``grace`` seconds (then cancel them), and close every
+        connection as soon as no request runs."""
         self._server.should_exit = True
         if self._main is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
         if self._server.started:
-            await self._server.shutdown(sockets=[self.socket])
+            self._server.config.timeout_graceful_shutdown = grace
+            shutdown = asyncio.ensure_future(self._server.shutdown(sockets=[self.socket]))
+            state = self._server.server_state  # uvicorn's: its connections and its running requests (tasks)
+            while not shutdown.done():
+                if not state.tasks:
+                    for connection in list(state.connections):
+                        connection.transport.abort()
+                await asyncio.wait([shutdown], timeout=0.05)
+            for connection in list(state.connections):  # past the grace period
+                connection.transport.abort()
+            await shutdown
         self.socket.close()
