@@ -103,7 +103,7 @@ TEACHER_ARGS ?= --epochs 1 --max-len 64 --batch-size 32 --lr 5e-5 --eval-every 2
 AUGMENT ?= 60000
 SEEDS ?= 1 2 3
 STUDENT_ARGS ?= --embedding-dim 384 --hidden-size 256 --dropout 0.3 --batch-size 64 --lr 2e-3 --lr-decay 0.8 \
-  --epochs 8 --patience 3 --label-weight 0.5
+  --epochs 8 --patience 3 --label-weight 0.5 --average-from 3 --threads 1
 STUDENT_VERSION ?= 3
 STUDENT_INT8_VERSION ?= 4
 .PHONY: install-teacher train-teacher transfer-data train-student export-student
