@@ -25,7 +25,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 # runs, here and in the lstm-train children). The suite's models are tiny, so a second thread gains nothing, and
 # beside any other busy process an OpenMP team on 2 cores waits for its descheduled thread at every parallel
 # region: two training tests took 213 s instead of 6 s beside one niced training run (bench/results/
-# 2026-12-06-suite-time.md). Servers set their own threads (--intra-op-threads), so they are unaffected.
+# 2026-12-06-suite-time.md). Servers set their own threads (--threads, --model-threads), so they are unaffected.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
